@@ -1,0 +1,29 @@
+"""gradsift: the per-example view of training.
+
+Five-line example::
+
+    import torch, gradsift as gs
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    loss_fn = torch.nn.CrossEntropyLoss(reduction="none")
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    grads = gs.per_example_gradients(model, loss_fn, x, y)   # name -> [32, *param.shape]
+    print(gs.coherence(grads)["m_coherence"])
+"""
+
+from . import aggregate
+from .coherence import coherence
+from .engine import (
+    per_example,
+    per_example_gradients,
+    per_example_losses,
+    per_example_norms,
+)
+from .errors import DataError, GradsiftError, NonFiniteGradientError, SpecError, UnsupportedModelError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "aggregate", "coherence", "per_example", "per_example_gradients", "per_example_losses",
+    "per_example_norms", "DataError", "GradsiftError", "NonFiniteGradientError", "SpecError",
+    "UnsupportedModelError", "__version__",
+]

@@ -1,0 +1,248 @@
+"""Per-example losses, gradients and gradient norms for any ``nn.Module``.
+
+The general path is :mod:`torch.func`: the model is called as a pure function of its
+parameters (``functional_call``) and ``vmap(grad_and_value(...))`` maps the single-example
+gradient over the batch. The batch is processed in chunks so that the per-example
+intermediate memory stays under a bound.
+
+Conventions
+-----------
+* ``loss_fn(outputs, targets)`` returns *per-example* losses of shape ``[B]``
+  (e.g. ``nn.CrossEntropyLoss(reduction="none")``).
+* Per-example gradients are a ``dict`` mapping parameter name to a tensor of shape
+  ``[B, *param.shape]``. Parameters with ``requires_grad=False`` are skipped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad_and_value, vmap
+
+from .errors import UnsupportedModelError
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+Grads = dict[str, Tensor]
+
+#: Default bound, in bytes, on the per-example gradient memory of one chunk.
+DEFAULT_CHUNK_BYTES = 256 * 2**20
+
+
+@dataclass
+class PerExample:
+    """Result of one per-example pass.
+
+    Attributes:
+        losses: ``[B]`` per-example losses (detached).
+        grads: name -> ``[B, *param.shape]`` per-example gradients (detached).
+        outputs: ``[B, ...]`` model outputs (detached).
+    """
+
+    losses: Tensor
+    grads: Grads
+    outputs: Tensor
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, Tensor]:
+    """Parameters with ``requires_grad=True``, by name (as in ``named_parameters``)."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def check_per_example_safe(model: nn.Module) -> None:
+    """Refuse models whose forward pass mixes examples of a batch.
+
+    BatchNorm in training mode normalizes each example with statistics of the whole
+    batch, so an example's "gradient" depends on the others and per-example
+    gradients (and any guarantee built on them, such as DP) are not defined.
+
+    Raises:
+        UnsupportedModelError: naming the offending layer and the fix.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+            raise UnsupportedModelError(
+                f"layer '{name or type(module).__name__}' ({type(module).__name__}) mixes "
+                "examples of a batch in training mode, so per-example gradients are not "
+                "defined. Replace it with nn.GroupNorm or nn.LayerNorm, or put it in eval "
+                "mode (module.eval()) so that it uses its running statistics."
+            )
+
+
+def _check_batch(inputs: Tensor, targets: Tensor) -> int:
+    if inputs.ndim == 0 or targets.ndim == 0:
+        raise ValueError("inputs and targets must have a leading batch dimension")
+    if inputs.shape[0] != targets.shape[0]:
+        raise ValueError(
+            f"inputs and targets disagree on the batch size: {inputs.shape[0]} vs "
+            f"{targets.shape[0]}"
+        )
+    return int(inputs.shape[0])
+
+
+def auto_chunk_size(model: nn.Module, batch_size: int, max_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """Largest chunk whose per-example gradients fit in ``max_bytes`` (at least 1)."""
+    params = trainable_parameters(model)
+    per_example_bytes = sum(p.numel() * p.element_size() for p in params.values())
+    if per_example_bytes == 0:
+        return max(batch_size, 1)
+    # vmap keeps about two copies of the per-example gradients alive (grad + output).
+    return int(max(1, min(batch_size, max_bytes // (2 * per_example_bytes))))
+
+
+def _single_loss_fn(model: nn.Module, loss_fn: LossFn, frozen: dict[str, Tensor]):
+    def single(params: dict[str, Tensor], x: Tensor, y: Tensor):
+        out = functional_call(model, {**frozen, **params}, (x.unsqueeze(0),))
+        loss = loss_fn(out, y.unsqueeze(0))
+        if loss.ndim > 0:
+            if loss.numel() != 1:
+                raise ValueError(
+                    "loss_fn must return one loss per example (shape [B]); got shape "
+                    f"{tuple(loss.shape)} for a batch of 1. Use reduction='none'."
+                )
+            loss = loss.reshape(())
+        return loss, out.squeeze(0)
+
+    return single
+
+
+def per_example(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    chunk_size: int | None = None,
+) -> PerExample:
+    """Per-example losses, gradients and outputs in one pass (torch.func path).
+
+    Args:
+        model: any module; its parameters with ``requires_grad=False`` are held fixed.
+        loss_fn: ``(outputs [B, ...], targets [B, ...]) -> [B]`` per-example losses.
+        inputs: ``[B, ...]``.
+        targets: ``[B, ...]``.
+        chunk_size: examples per vmap call; ``None`` picks one from a memory bound
+            (:data:`DEFAULT_CHUNK_BYTES`).
+
+    Returns:
+        :class:`PerExample` with ``losses [B]``, ``grads name -> [B, *shape]``,
+        ``outputs [B, ...]``.
+    """
+    check_per_example_safe(model)
+    batch_size = _check_batch(inputs, targets)
+    params = {n: p.detach() for n, p in trainable_parameters(model).items()}
+    frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
+    frozen.update({n: b for n, b in model.named_buffers()})
+    if batch_size == 0:
+        empty = {n: p.new_zeros((0, *p.shape)) for n, p in params.items()}
+        return PerExample(inputs.new_zeros((0,)), empty, inputs.new_zeros((0,)))
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(model, batch_size)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+
+    single = _single_loss_fn(model, loss_fn, frozen)
+    mapped = vmap(
+        grad_and_value(single, has_aux=True), in_dims=(None, 0, 0), randomness="different"
+    )
+    losses, outputs, grads = [], [], {n: [] for n in params}
+    for start in range(0, batch_size, chunk_size):
+        x = inputs[start : start + chunk_size]
+        y = targets[start : start + chunk_size]
+        g, (loss, out) = mapped(params, x, y)
+        losses.append(loss.detach())
+        outputs.append(out.detach())
+        for n in params:
+            grads[n].append(g[n].detach())
+    return PerExample(
+        losses=torch.cat(losses),
+        grads={n: torch.cat(v) if len(v) > 1 else v[0] for n, v in grads.items()},
+        outputs=torch.cat(outputs),
+    )
+
+
+def per_example_losses(model: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Tensor) -> Tensor:
+    """Per-example losses ``[B]`` (no gradients are computed)."""
+    _check_batch(inputs, targets)
+    with torch.no_grad():
+        losses = loss_fn(model(inputs), targets)
+    if losses.shape != (inputs.shape[0],):
+        raise ValueError(
+            f"loss_fn must return per-example losses of shape [B]={inputs.shape[0]}, got "
+            f"{tuple(losses.shape)}. Use reduction='none'."
+        )
+    return losses
+
+
+def per_example_gradients(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    chunk_size: int | None = None,
+) -> Grads:
+    """Per-example gradients: parameter name -> ``[B, *param.shape]``."""
+    return per_example(model, loss_fn, inputs, targets, chunk_size=chunk_size).grads
+
+
+def grad_norms(grads: Grads, *, per_layer: bool = False) -> Tensor | dict[str, Tensor]:
+    """L2 norms of per-example gradients.
+
+    Args:
+        grads: name -> ``[B, *shape]``.
+        per_layer: return name -> ``[B]`` instead of the total ``[B]``.
+    """
+    layer = {n: g.flatten(1).norm(dim=1) for n, g in grads.items()}
+    if per_layer:
+        return layer
+    if not layer:
+        raise ValueError("no gradients given")
+    return torch.stack([v.square() for v in layer.values()]).sum(0).sqrt()
+
+
+def per_example_norms(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    per_layer: bool = False,
+    chunk_size: int | None = None,
+) -> Tensor | dict[str, Tensor]:
+    """Per-example gradient L2 norms, total ``[B]`` or per layer (name -> ``[B]``).
+
+    Gradients are computed chunk by chunk and reduced to norms at once, so the full
+    ``B x P`` matrix never exists.
+    """
+    batch_size = _check_batch(inputs, targets)
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(model, batch_size)
+    parts: list[dict[str, Tensor]] = []
+    for start in range(0, max(batch_size, 1), max(chunk_size, 1)):
+        g = per_example_gradients(
+            model, loss_fn, inputs[start : start + chunk_size], targets[start : start + chunk_size],
+            chunk_size=chunk_size,
+        )
+        parts.append(grad_norms(g, per_layer=True))
+    layer = {n: torch.cat([p[n] for p in parts]) for n in parts[0]}
+    if per_layer:
+        return layer
+    return torch.stack([v.square() for v in layer.values()]).sum(0).sqrt()
+
+
+def batch_gradient(model: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Tensor) -> tuple[Grads, Tensor, Tensor]:
+    """Mean-loss gradient by one ordinary backward pass.
+
+    Returns:
+        (name -> ``param.shape`` gradient of the mean loss, per-example losses ``[B]``,
+        outputs ``[B, ...]``), all detached.
+    """
+    params = trainable_parameters(model)
+    outputs = model(inputs)
+    losses = loss_fn(outputs, targets)
+    g = torch.autograd.grad(losses.mean(), list(params.values()), allow_unused=True)
+    grads = {n: (gi if gi is not None else torch.zeros_like(p)) for (n, p), gi in zip(params.items(), g)}
+    return grads, losses.detach(), outputs.detach()
