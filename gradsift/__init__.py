@@ -27,3 +27,9 @@ __all__ = [
     "per_example_norms", "DataError", "GradsiftError", "NonFiniteGradientError", "SpecError",
     "UnsupportedModelError", "__version__",
 ]
+
+from . import data, models  # noqa: E402
+from .recorders import CoherenceRecorder  # noqa: E402
+from .train import FitResult, Recorder, Trainer, fit  # noqa: E402
+
+__all__ += ["data", "models", "CoherenceRecorder", "FitResult", "Recorder", "Trainer", "fit"]

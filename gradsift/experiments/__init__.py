@@ -1,0 +1,1 @@
+"""Experiments: each one command, one ``summary.json``, one table and one picture."""

@@ -1,0 +1,125 @@
+"""The memorization experiment (Coherent Gradients; Weak and Strong Gradient Directions).
+
+The same MLP is trained on real and on random labels with plain SGD (``mean``),
+winsorized aggregation and M3. With the same budget, SGD fits random labels while the
+robust aggregators, which suppress directions supported by few examples, fit them far
+less; on real labels, whose gradients are coherent, they lose little test accuracy.
+m-coherence on a probe batch shows why: it is high on real labels and near the
+orthogonal baseline (1) on random labels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import data as data_mod
+from ..models import mlp
+from ..plotting import plot_memorization
+from ..recorders import CoherenceRecorder
+from ..store import write_json
+from ..train import fit
+
+
+@dataclass
+class MemorizationConfig:
+    """Settings of the memorization experiment (defaults finish in minutes on 2 cores)."""
+
+    dataset: str = "digits"
+    width: int = 256
+    depth: int = 2
+    epochs: int = 40
+    batch_size: int = 100
+    lr: float = 0.1
+    momentum: float = 0.9
+    winsorize_c: int = 10
+    aggregators: tuple[str, ...] = ("mean", "winsorize", "m3")
+    labels: tuple[str, ...] = ("real", "random")
+    probe_size: int = 100
+    seed: int = 0
+    n_train: int | None = None  # subsample the training set (for quick runs)
+
+    def aggregator_spec(self, name: str) -> str:
+        return {"winsorize": f"winsorize:c={self.winsorize_c}"}.get(name, name)
+
+
+def run_memorization(config: MemorizationConfig, out_dir: str | Path, *, progress: bool | None = None) -> dict:
+    """Run every (labels, aggregator) pair; write ``summary.json`` and ``memorization.png``.
+
+    Returns the summary: ``{"config", "runs": [{labels, aggregator, aggregator_spec,
+    train_acc, test_acc, coherence, train_acc_curve, test_acc_curve, run_dir}], "findings"}``
+    where ``coherence`` is the probe m-coherence at the start of each epoch (index 0 is at
+    initialization).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    train, test = data_mod.load(config.dataset, seed=config.seed)
+    if config.n_train is not None and config.n_train < len(train):
+        train = train.subset(torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed))[: config.n_train].numpy())
+    in_features = int(train.x[0].size)
+    summary: dict = {"config": asdict(config), "runs": []}
+    for labels in config.labels:
+        if labels not in ("real", "random"):
+            raise ValueError(f"labels must be 'real' or 'random', got '{labels}'")
+        tr = train if labels == "real" else data_mod.random_labels(train, seed=config.seed)
+        for name in config.aggregators:
+            spec = config.aggregator_spec(name)
+            torch.manual_seed(config.seed)
+            model = mlp(in_features, train.num_classes, width=config.width, depth=config.depth)
+            run_dir = out / "runs" / f"{labels}-{name}"
+            result = fit(
+                model, tr, test, aggregator=spec,
+                optimizer=f"sgd:lr={config.lr},momentum={config.momentum}",
+                epochs=config.epochs, batch_size=config.batch_size, seed=config.seed,
+                recorders=[CoherenceRecorder(config.probe_size, seed=config.seed)],
+                run_dir=run_dir, progress=progress,
+                config={"experiment": "memorization", "labels": labels, **asdict(config)},
+            )
+            h = result.history
+            summary["runs"].append({
+                "labels": labels, "aggregator": name, "aggregator_spec": spec,
+                "train_acc": float(h["train_acc"].iloc[-1]), "test_acc": float(h["test_acc"].iloc[-1]),
+                "coherence": [float(v) for v in h["m_coherence"]],
+                "train_acc_curve": [float(v) for v in h["train_acc"]],
+                "test_acc_curve": [float(v) for v in h["test_acc"]],
+                "run_dir": str(run_dir.relative_to(out)),
+            })
+            write_json(out / "summary.json", summary)  # partial results survive interruption
+    summary["findings"] = findings(summary)
+    write_json(out / "summary.json", summary)
+    plot_memorization(summary, out / "memorization.png")
+    return summary
+
+
+def findings(summary: dict) -> dict:
+    """The expected effect, checked on this summary's numbers.
+
+    * ``sgd_fits_random``: plain SGD reaches train accuracy >= 0.9 on random labels;
+    * ``<agg>_suppresses_random``: its random-label train accuracy is at most half SGD's;
+    * ``<agg>_real_test_gap``: SGD's real-label test accuracy minus the aggregator's;
+    * ``coherence_real_over_random_first_epochs``: mean ratio over the first 3 epochs.
+    """
+    runs = {(r["labels"], r["aggregator"]): r for r in summary["runs"]}
+    out: dict = {}
+    sgd_rand = runs.get(("random", "mean"))
+    sgd_real = runs.get(("real", "mean"))
+    if sgd_rand:
+        out["sgd_fits_random"] = sgd_rand["train_acc"] >= 0.9
+    for (labels, name), r in runs.items():
+        if name == "mean":
+            continue
+        if labels == "random" and sgd_rand:
+            out[f"{name}_suppresses_random"] = r["train_acc"] <= 0.5 * sgd_rand["train_acc"]
+            out[f"{name}_random_train_acc_ratio"] = r["train_acc"] / max(sgd_rand["train_acc"], 1e-12)
+        if labels == "real" and sgd_real:
+            out[f"{name}_real_test_gap"] = sgd_real["test_acc"] - r["test_acc"]
+    for name in {n for _, n in runs}:
+        real, rand = runs.get(("real", name)), runs.get(("random", name))
+        if real and rand:
+            k = min(3, len(real["coherence"]), len(rand["coherence"]))
+            ratios = [a / b for a, b in zip(real["coherence"][:k], rand["coherence"][:k]) if b > 0]
+            if ratios:
+                out[f"{name}_coherence_real_over_random_first_epochs"] = sum(ratios) / len(ratios)
+    return out

@@ -1,0 +1,59 @@
+"""Small reference models (built by spec, e.g. ``mlp:width=256,depth=2``)."""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+from .errors import SpecError
+from .specs import parse_spec
+
+
+def mlp(in_features: int, num_classes: int, *, width: int = 512, depth: int = 2) -> nn.Sequential:
+    """``Flatten -> [Linear(width) -> ReLU] * depth -> Linear(num_classes)``."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    d = in_features
+    for _ in range(depth):
+        layers += [nn.Linear(d, width), nn.ReLU()]
+        d = width
+    layers.append(nn.Linear(d, num_classes))
+    return nn.Sequential(*layers)
+
+
+def cnn(example_shape: tuple[int, ...], num_classes: int, *, channels: int = 16) -> nn.Sequential:
+    """A small CNN: Conv2d for image examples ``(H, W)``, Conv1d for sequences ``(L,)``.
+
+    Uses GroupNorm (per-example safe), never BatchNorm.
+    """
+    if len(example_shape) == 2:
+        h, w = example_shape
+        return nn.Sequential(
+            nn.Unflatten(1, (1, h, w)),
+            nn.Conv2d(1, channels, 3, padding=1), nn.GroupNorm(4, channels), nn.ReLU(),
+            nn.Conv2d(channels, channels, 3, padding=1, stride=2), nn.ReLU(),
+            nn.Flatten(), nn.Linear(channels * math.ceil(h / 2) * math.ceil(w / 2), num_classes),
+        )
+    if len(example_shape) == 1:
+        (length,) = example_shape
+        return nn.Sequential(
+            nn.Unflatten(1, (1, length)),
+            nn.Conv1d(1, channels, 5, padding=2), nn.GroupNorm(4, channels), nn.ReLU(),
+            nn.Conv1d(channels, channels, 5, padding=2, stride=2), nn.ReLU(),
+            nn.Flatten(), nn.Linear(channels * math.ceil(length / 2), num_classes),
+        )
+    raise SpecError(f"cnn: examples of shape {example_shape} are not supported (use (H, W) or (L,))")
+
+
+def model_from_spec(spec: str, example_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Build ``mlp[:width=..,depth=..]`` or ``cnn[:channels=..]`` for the given data."""
+    name, kwargs = parse_spec(spec)
+    in_features = math.prod(example_shape)
+    try:
+        if name == "mlp":
+            return mlp(in_features, num_classes, **kwargs)
+        if name == "cnn":
+            return cnn(example_shape, num_classes, **kwargs)
+    except TypeError as e:
+        raise SpecError(f"bad options for model '{name}': {e}") from None
+    raise SpecError(f"unknown model '{name}': use mlp or cnn")

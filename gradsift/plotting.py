@@ -1,0 +1,50 @@
+"""Matplotlib figures for experiments (written as PNG, no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .store import atomic_path  # noqa: E402
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Save ``fig`` to ``path`` atomically and close it."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
+    plt.close(fig)
+    return path
+
+
+def plot_memorization(summary: dict, path: str | Path) -> Path:
+    """Train/test accuracy and m-coherence per epoch, one row per label kind."""
+    labels = [lab for lab in ("real", "random") if any(r["labels"] == lab for r in summary["runs"])]
+    fig, axes = plt.subplots(len(labels), 3, figsize=(13, 3.6 * len(labels)), squeeze=False)
+    colors = {"mean": "tab:blue", "winsorize": "tab:orange", "m3": "tab:green"}
+    for row, lab in zip(axes, labels):
+        for run in (r for r in summary["runs"] if r["labels"] == lab):
+            c = colors.get(run["aggregator"])
+            name = run["aggregator_spec"]
+            ep = range(1, len(run["train_acc_curve"]) + 1)
+            row[0].plot(ep, run["train_acc_curve"], color=c, label=name)
+            row[1].plot(ep, run["test_acc_curve"], color=c, label=name)
+            row[2].plot(range(1, len(run["coherence"]) + 1), run["coherence"], color=c, label=name)
+        row[0].set_title(f"{lab} labels: train accuracy")
+        row[1].set_title(f"{lab} labels: test accuracy")
+        row[2].set_title(f"{lab} labels: m-coherence (probe, start of epoch)")
+        row[2].axhline(1.0, color="gray", ls=":", lw=1, label="orthogonal (=1)")
+        row[2].set_yscale("log")
+        for ax in row:
+            ax.set_xlabel("epoch")
+            ax.grid(alpha=0.3)
+        row[0].set_ylim(0, 1.02)
+        row[1].set_ylim(0, 1.02)
+        row[0].legend(fontsize=8)
+        row[2].legend(fontsize=8)
+    fig.suptitle(f"memorization experiment ({summary['config']['dataset']})")
+    return save_figure(fig, path)

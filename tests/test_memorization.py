@@ -1,0 +1,37 @@
+"""The memorization experiment: a short run end to end in the default test run, the full
+default configuration under ``-m slow``."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from gradsift.cli import app
+from gradsift.experiments.memorization import MemorizationConfig, run_memorization
+
+
+def test_short_memorization_end_to_end(tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(app, ["memorization", "--dataset", "digits", "--out", str(tmp_path), "--epochs", "2",
+                            "--width", "32", "--n-train", "300", "-q"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert {(x["labels"], x["aggregator"]) for x in summary["runs"]} == {
+        (lab, agg) for lab in ("real", "random") for agg in ("mean", "winsorize", "m3")
+    }
+    for run in summary["runs"]:
+        assert 0 <= run["train_acc"] <= 1 and 0 <= run["test_acc"] <= 1
+        assert len(run["coherence"]) == 2 and all(c > 0 for c in run["coherence"])
+    assert (tmp_path / "memorization.png").stat().st_size > 10_000
+    assert "memorization on digits" in r.output
+
+
+@pytest.mark.slow
+def test_default_memorization_shows_the_effect(tmp_path):
+    s = run_memorization(MemorizationConfig(), tmp_path, progress=False)
+    f = s["findings"]
+    assert f["sgd_fits_random"]
+    assert f["winsorize_suppresses_random"] and f["m3_suppresses_random"]
+    assert f["winsorize_real_test_gap"] <= 0.03 and f["m3_real_test_gap"] <= 0.03
+    runs = {(r["labels"], r["aggregator"]): r for r in s["runs"]}
+    assert runs[("real", "mean")]["coherence"][0] > 1.5 * runs[("random", "mean")]["coherence"][0]
