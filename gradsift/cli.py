@@ -11,6 +11,7 @@ from typing import Callable, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from .errors import GradsiftError
 
@@ -25,15 +26,29 @@ console = Console(stderr=True)
 out_console = Console()
 
 
+def error(message: str) -> None:
+    """Print ``error: message`` to stderr (no markup in ``message``, no line wrapping)."""
+    console.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
+
+
+# File-system mistakes (a path that is missing, a file where a directory belongs, ...).
+PATH_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
 def user_errors(fn: Callable) -> Callable:
-    """Turn gradsift's user-facing errors (and missing files) into a message and exit code 2."""
+    """Turn gradsift's user-facing errors and file-system mistakes into a message and exit code 2."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (GradsiftError, FileNotFoundError) as e:
-            console.print(f"[bold red]error:[/] {e}")
+        except GradsiftError as e:
+            error(str(e))
+            raise typer.Exit(code=2) from None
+        except PATH_ERRORS as e:
+            where = f": {e.filename}" if getattr(e, "filename", None) else ""
+            what = e.strerror if getattr(e, "strerror", None) else str(e)
+            error(f"{what}{where}. Check the path (and that directories are directories and files are files).")
             raise typer.Exit(code=2) from None
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/]: finished epochs are saved in the run directory")
@@ -42,7 +57,19 @@ def user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+def choice(*allowed: str) -> Callable[[str], str]:
+    """An option callback accepting only ``allowed`` values (a usage error names them)."""
+
+    def check(value: str) -> str:
+        if value is not None and value not in allowed:
+            raise typer.BadParameter(f"'{value}' is not one of: {', '.join(allowed)}")
+        return value
+
+    return check
+
+
 def show_progress(quiet: bool) -> bool:
+    """Progress bars only on a terminal and without ``--quiet``."""
     return not quiet and sys.stderr.isatty()
 
 
@@ -51,13 +78,13 @@ def show_progress(quiet: bool) -> bool:
 def memorization(
     dataset: str = typer.Option("digits", help="digits, mnist1d, or a .npz/.csv file"),
     out: Path = typer.Option(Path("runs/memorization"), "--out", help="output directory"),
-    epochs: int = typer.Option(None, help="epochs per run (default: the experiment's)"),
-    width: int = typer.Option(None, help="MLP hidden width"),
-    lr: float = typer.Option(None, help="SGD learning rate"),
-    momentum: float = typer.Option(None, help="SGD momentum"),
-    batch_size: int = typer.Option(None, help="batch size"),
-    winsorize_c: int = typer.Option(None, "--winsorize-c", help="c of winsorize (values clipped at each end)"),
-    n_train: int = typer.Option(None, help="use only this many training examples"),
+    epochs: int = typer.Option(None, min=1, help="epochs per run (default: the experiment's)"),
+    width: int = typer.Option(None, min=1, help="MLP hidden width"),
+    lr: float = typer.Option(None, min=0.0, help="SGD learning rate"),
+    momentum: float = typer.Option(None, min=0.0, help="SGD momentum"),
+    batch_size: int = typer.Option(None, min=1, help="batch size"),
+    winsorize_c: int = typer.Option(None, "--winsorize-c", min=0, help="c of winsorize (values clipped at each end)"),
+    n_train: int = typer.Option(None, min=1, help="use only this many training examples"),
     seed: int = typer.Option(0, help="random seed"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
@@ -79,7 +106,31 @@ def memorization(
     out_console.print(table)
     for k, v in summary["findings"].items():
         out_console.print(f"  {k}: {v:.3f}" if isinstance(v, float) else f"  {k}: {v}")
-    out_console.print(f"wrote {out / 'summary.json'} and {out / 'memorization.png'}")
+    report = write_experiment_report(out)
+    out_console.print(f"wrote {out / 'summary.json'}, {out / 'memorization.png'} and {report}")
+
+
+def write_experiment_report(out: Path) -> Path:
+    """Write ``out/report.html`` after an experiment command (see ``gradsift report``)."""
+    from .report import write_report
+
+    return write_report(out)
+
+
+@app.command()
+@user_errors
+def report(
+    path: Path = typer.Argument(..., help="a run directory (train --run-dir) or an experiment directory (--out)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML file to write (default: PATH/report.html)"),
+    top_issues: int = typer.Option(12, "--top-issues", min=0, help="how many label issues to draw"),
+) -> None:
+    """Write a self-contained HTML report of a run or experiment directory: configuration,
+    accuracy/loss and m-coherence curves, score histograms, label issues, pruning curves,
+    privacy spent (whatever the directory holds). It needs no network to view."""
+    from .report import write_report
+
+    written = write_report(path, out, top_issues=top_issues)
+    out_console.print(f"wrote {written}")
 
 
 @app.command()
@@ -89,12 +140,12 @@ def train(
     model: str = typer.Option("mlp:width=256", help="mlp[:width=..,depth=..] or cnn[:channels=..]"),
     aggregator: str = typer.Option("mean", help="e.g. mean, winsorize:c=2, m3, rm3, trimmed_mean:fraction=0.1, clip:max_norm=1+mean"),
     optimizer: str = typer.Option("sgd:lr=0.1,momentum=0.9", help="NAME[:k=v,...], e.g. adamw:lr=1e-3"),
-    epochs: int = typer.Option(10, help="number of epochs"),
-    batch_size: int = typer.Option(100, help="batch size"),
-    label_noise: str = typer.Option("none", help="none, symmetric, asymmetric or random"),
-    noise_rate: float = typer.Option(0.0, help="fraction of labels corrupted (symmetric/asymmetric)"),
+    epochs: int = typer.Option(10, min=1, help="number of epochs"),
+    batch_size: int = typer.Option(100, min=1, help="batch size"),
+    label_noise: str = typer.Option("none", callback=choice("none", "symmetric", "asymmetric", "random"), help="none, symmetric, asymmetric or random"),
+    noise_rate: float = typer.Option(0.0, min=0.0, max=1.0, help="fraction of labels corrupted (symmetric/asymmetric)"),
     coherence: bool = typer.Option(True, help="record m-coherence on a probe batch each epoch"),
-    on_nonfinite: str = typer.Option("raise", help="raise or drop examples with NaN/inf gradients"),
+    on_nonfinite: str = typer.Option("raise", callback=choice("raise", "drop"), help="raise or drop examples with NaN/inf gradients"),
     run_dir: Path = typer.Option(Path("runs/train"), "--run-dir", "--out", help="run directory"),
     resume: bool = typer.Option(False, help="continue from the run directory's last checkpoint"),
     seed: int = typer.Option(0, help="random seed"),

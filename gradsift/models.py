@@ -54,6 +54,6 @@ def model_from_spec(spec: str, example_shape: tuple[int, ...], num_classes: int)
             return mlp(in_features, num_classes, **kwargs)
         if name == "cnn":
             return cnn(example_shape, num_classes, **kwargs)
-    except TypeError as e:
-        raise SpecError(f"bad options for model '{name}': {e}") from None
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise SpecError(f"bad options for model '{name}' in '{spec}': {e}") from None
     raise SpecError(f"unknown model '{name}': use mlp or cnn")

@@ -22,6 +22,11 @@ def save_figure(fig, path: str | Path) -> Path:
 
 
 def plot_memorization(summary: dict, path: str | Path) -> Path:
+    """Write :func:`memorization_figure` to ``path``."""
+    return save_figure(memorization_figure(summary), path)
+
+
+def memorization_figure(summary: dict):
     """Train/test accuracy and m-coherence per epoch, one row per label kind."""
     labels = [lab for lab in ("real", "random") if any(r["labels"] == lab for r in summary["runs"])]
     fig, axes = plt.subplots(len(labels), 3, figsize=(13, 3.6 * len(labels)), squeeze=False)
@@ -47,4 +52,4 @@ def plot_memorization(summary: dict, path: str | Path) -> Path:
         row[0].legend(fontsize=8)
         row[2].legend(fontsize=8)
     fig.suptitle(f"memorization experiment ({summary['config']['dataset']})")
-    return save_figure(fig, path)
+    return fig

@@ -21,7 +21,10 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
         for item in _split_top_level(rest):
             key, eq, value = item.partition("=")
             if not eq or not key.strip():
-                raise SpecError(f"malformed option '{item}' in spec '{spec}': expected key=value")
+                raise SpecError(
+                    f"malformed option '{item}' in spec '{spec}': expected key=value, "
+                    f"e.g. '{name}:{key.strip() or 'key'}=1'"
+                )
             try:
                 kwargs[key.strip()] = ast.literal_eval(value.strip())
             except (ValueError, SyntaxError):
@@ -64,8 +67,8 @@ def aggregator_from_spec(spec: str):
             raise SpecError(f"unknown aggregator '{name}' in '{spec}'. Known: {known}")
         try:
             built.append(factory(**kwargs))
-        except TypeError as e:
-            raise SpecError(f"bad options for aggregator '{name}': {e}") from None
+        except (TypeError, ValueError) as e:
+            raise SpecError(f"bad options for aggregator '{name}' in '{spec}': {e}") from None
     return built[0] if len(built) == 1 else aggregate.chain(*built)
 
 

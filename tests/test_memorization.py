@@ -24,6 +24,7 @@ def test_short_memorization_end_to_end(tmp_path):
         assert len(run["coherence"]) == 2 and all(c > 0 for c in run["coherence"])
     assert (tmp_path / "memorization.png").stat().st_size > 10_000
     assert "memorization on digits" in r.output
+    assert (tmp_path / "report.html").stat().st_size > 50_000  # the experiment's report, next to summary.json
 
 
 @pytest.mark.slow

@@ -1,0 +1,76 @@
+"""A self-contained HTML report of a run or experiment directory.
+
+::
+
+    from gradsift.report import write_report
+    write_report("runs/memorization")             # -> runs/memorization/report.html
+
+The page holds everything it shows (CSS inline, plots as base64 PNG data URIs) and refers
+to no URL, so it opens offline and can be mailed as one file. What it shows depends on what
+the directory holds: run configuration, accuracy and loss curves, m-coherence (whole model
+and per layer), histograms of per-example scores, the top label issues with the examples
+drawn, pruning curves, privacy spent; sections without data are left out.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import GradsiftError
+from ..store import atomic_path
+from .experiment import experiment_sections, is_experiment_dir
+from .html import page
+from .run import is_run_dir, run_sections
+
+__all__ = ["build_report", "write_report", "ReportError"]
+
+
+class ReportError(GradsiftError, ValueError):
+    """The path given is not a run or experiment directory."""
+
+
+def build_report(path: str | Path, *, top_issues: int = 12) -> str:
+    """The report of the run or experiment directory ``path`` as an HTML string.
+
+    Args:
+        path: a run directory (``manifest.json``/``metrics.parquet``) or an experiment
+            directory (``summary.json``).
+        top_issues: how many label issues to draw.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ReportError(
+            f"no such directory: {path}. Give a run directory (from `gradsift train --run-dir`) "
+            "or an experiment directory (from `gradsift memorization --out`)."
+        )
+    if not path.is_dir():
+        raise ReportError(f"{path} is a file; give the directory that holds it ({path.parent}).")
+    if top_issues < 0:
+        raise ReportError(f"top_issues must be >= 0, got {top_issues}")
+    if is_experiment_dir(path):
+        kind, sections = experiment_sections(path, top_issues=top_issues)
+        title = f"gradsift {kind}: {path.resolve().name}"
+    elif is_run_dir(path):
+        sections = run_sections(path, top_issues=top_issues)
+        title = f"gradsift run: {path.resolve().name}"
+    else:
+        raise ReportError(
+            f"{path} holds neither summary.json (an experiment) nor manifest.json or metrics.parquet "
+            "(a run). Point `gradsift report` at a directory written by gradsift."
+        )
+    if not sections:
+        raise ReportError(f"{path} holds nothing to report yet (no metrics, scores or results)")
+    return page(title, f"{path.resolve()}", sections)
+
+
+def write_report(path: str | Path, out: str | Path | None = None, *, top_issues: int = 12) -> Path:
+    """Write the report of ``path`` to ``out`` (default ``path/report.html``), atomically."""
+    html_text = build_report(path, top_issues=top_issues)
+    out = Path(out) if out is not None else Path(path) / "report.html"
+    with atomic_path(out) as tmp:
+        tmp.write_text(html_text, encoding="utf-8")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # readable like any file written with open()
+    return out

@@ -1,0 +1,68 @@
+"""User mistakes on the command line give a clear message (what went wrong, what to do) and
+exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from typer.testing import CliRunner
+
+from gradsift.cli import app, show_progress
+
+
+def invoke(*args: str):
+    r = CliRunner().invoke(app, list(args))
+    text = re.sub(r"[\s│╭╮╰╯─]+", " ", r.output)  # rich's box and wrapping, flattened
+    assert "Traceback" not in r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
+    return r.exit_code, text
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train", "--aggregator", "bogus"], "error: unknown aggregator 'bogus' in 'bogus'. Known: clip, "),
+    (["train", "--aggregator", "winsorize:c"], "error: malformed option 'c' in spec 'winsorize:c': expected key=value, e.g. 'winsorize:c=1'"),
+    (["train", "--aggregator", "winsorize:c=-1"], "error: bad options for aggregator 'winsorize' in 'winsorize:c=-1': winsorize: c must be >= 0"),
+    (["train", "--aggregator", "trimmed_mean:fraction=0.7+mean"], "fraction must be in [0, 0.5), got 0.7"),
+    (["train", "--aggregator", "mean:width=3"], "error: bad options for aggregator 'mean'"),
+    (["train", "--optimizer", "sgdd:lr=1", "--epochs", "1"], "error: unknown optimizer 'sgdd'. Known: "),
+    (["train", "--model", "mlp:width=-3", "--epochs", "1"], "error: bad options for model 'mlp' in 'mlp:width=-3'"),
+    (["train", "--model", "resnet", "--epochs", "1"], "error: unknown model 'resnet': use mlp or cnn"),
+    (["train", "--dataset", "imagenet"], "error: unknown data set 'imagenet': use one of digits, mnist1d or a path to a .npz or .csv file"),
+    (["train", "--epochs", "0"], "Invalid value for '--epochs'"),
+    (["train", "--batch-size", "-5"], "Invalid value for '--batch-size'"),
+    (["train", "--noise-rate", "1.5"], "Invalid value for '--noise-rate'"),
+    (["train", "--label-noise", "sym"], "Invalid value for '--label-noise': 'sym' is not one of: none, symmetric, asymmetric, random"),
+    (["train", "--on-nonfinite", "skip"], "Invalid value for '--on-nonfinite': 'skip' is not one of: raise, drop"),
+    (["memorization", "--epochs", "0"], "Invalid value for '--epochs'"),
+    (["memorization", "--winsorize-c", "-1"], "Invalid value for '--winsorize-c'"),
+    (["report", "--top-issues", "-1", "."], "Invalid value for '--top-issues'"),
+])
+def test_bad_values_give_a_message(args, message, tmp_path):
+    code, text = invoke(*args, "--run-dir" if args[0] == "train" else "--out", str(tmp_path / "o"))
+    assert code == 2, text
+    assert message in text, text
+
+
+def test_bad_paths(tmp_path):
+    code, text = invoke("train", "--dataset", str(tmp_path / "nope.npz"), "--run-dir", str(tmp_path / "r"))
+    assert code == 2 and f"error: no such file: {tmp_path / 'nope.npz'}" in text
+    code, text = invoke("report", str(tmp_path / "missing"))
+    assert code == 2 and f"error: no such directory: {tmp_path / 'missing'}. Give a run directory" in text
+    (tmp_path / "afile").write_text("x")
+    code, text = invoke("report", str(tmp_path / "afile"))
+    assert code == 2 and "is a file; give the directory that holds it" in text
+    code, text = invoke("report", str(tmp_path))
+    assert code == 2 and "holds neither summary.json (an experiment) nor manifest.json" in text
+    code, text = invoke("train", "--epochs", "1", "--model", "mlp:width=8", "-q",
+                        "--run-dir", str(tmp_path / "afile" / "run"))
+    assert code == 2 and f"error: Not a directory: {tmp_path / 'afile' / 'run'}. Check the path" in text
+
+
+def test_progress_only_on_a_terminal(monkeypatch):
+    import sys
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    assert show_progress(quiet=False) and not show_progress(quiet=True)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    assert not show_progress(quiet=False)
