@@ -5,6 +5,12 @@ Layout of a run directory::
     RUN/manifest.json      config, versions, seed, status
     RUN/metrics.parquet    one row per epoch (train/test accuracy and loss, recorder metrics)
     RUN/<table>.parquet    other tables written by recorders (e.g. coherence per layer)
+    RUN/<table>/part-*.parquet
+                           an append-only table: one Parquet file per flush (e.g. one per
+                           epoch); read as one table (``read_table``, DuckDB views)
+    RUN/scores.parquet     one row per training example, indexed by ``example_id``: the
+                           per-example scores (see :mod:`gradsift.scores`); writers merge
+                           their columns in (``write_scores``)
     RUN/checkpoint.pt      model, optimizer and aggregator state for resuming
 
 Every file is written atomically (to a temporary file in the same directory, then
@@ -22,7 +28,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pandas as pd
 
@@ -115,11 +121,62 @@ class RunDir:
         write_parquet(path, frame)
         return path
 
+    def append_table(self, name: str, frame: pd.DataFrame, part: str | int) -> Path:
+        """Write one part of the append-only table ``RUN/<name>/part-<part>.parquet``
+        atomically. Writing the same ``part`` again replaces it, so a step that is redone
+        after a resume does not duplicate rows."""
+        label = f"{part:06d}" if isinstance(part, int) else str(part)
+        path = self.path / name / f"part-{label}.parquet"
+        write_parquet(path, frame)
+        return path
+
+    def drop_parts(self, name: str, keep: Callable[[str], bool]) -> None:
+        """Delete the parts of table ``name`` whose label ``keep`` rejects (used on resume
+        to forget parts written after the checkpoint)."""
+        folder = self.path / name
+        if folder.is_dir():
+            for f in folder.glob("part-*.parquet"):
+                if not keep(f.stem[len("part-"):]):
+                    f.unlink()
+
+    def table_names(self) -> list[str]:
+        """Names of the tables in the run directory (single files and part folders)."""
+        names = {p.stem for p in self.path.glob("*.parquet")}
+        names |= {d.name for d in self.path.iterdir() if d.is_dir() and any(d.glob("part-*.parquet"))}
+        return sorted(names)
+
+    def table_files(self, name: str) -> list[Path]:
+        """The Parquet files of table ``name`` (one for a single file, the parts of a folder)."""
+        single = self.path / f"{name}.parquet"
+        if single.exists():
+            return [single]
+        parts = sorted((self.path / name).glob("part-*.parquet")) if (self.path / name).is_dir() else []
+        if not parts:
+            raise FileNotFoundError(f"{self.path} has no table '{name}' ({single.name} or {name}/part-*.parquet)")
+        return parts
+
     def read_table(self, name: str) -> pd.DataFrame:
-        path = self.path / f"{name}.parquet"
-        if not path.exists():
-            raise FileNotFoundError(f"{self.path} has no table '{name}' ({path.name})")
-        return pd.read_parquet(path)
+        files = self.table_files(name)
+        if len(files) == 1:
+            return pd.read_parquet(files[0])
+        return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+
+    def write_scores(self, frame: pd.DataFrame) -> Path:
+        """Merge per-example score columns into ``RUN/scores.parquet`` (atomically).
+
+        ``frame`` has an ``example_id`` column (or index) and one row per example; its
+        columns replace columns of the same name already there, other columns are kept,
+        and rows are outer-joined on ``example_id``.
+        """
+        new = _by_example_id(frame)
+        path = self.path / "scores.parquet"
+        if path.exists():
+            old = pd.read_parquet(path).set_index("example_id")
+            old = old.drop(columns=[c for c in new.columns if c in old.columns])
+            new = old.join(new, how="outer") if len(old.columns) else new.join(old, how="outer")
+        merged = new.sort_index().reset_index()
+        write_parquet(path, merged)
+        return path
 
     @property
     def checkpoint_path(self) -> Path:
@@ -137,3 +194,15 @@ class RunDir:
         if not self.checkpoint_path.exists():
             return None
         return torch.load(self.checkpoint_path, weights_only=False)
+
+
+def _by_example_id(frame: pd.DataFrame) -> pd.DataFrame:
+    if "example_id" in frame.columns:
+        frame = frame.set_index("example_id")
+    elif frame.index.name != "example_id":
+        raise ValueError("a scores frame needs an 'example_id' column or index")
+    if not frame.index.is_unique:
+        raise ValueError("a scores frame must have one row per example_id")
+    frame = frame.copy()
+    frame.index = frame.index.astype("int64")
+    return frame

@@ -1,0 +1,61 @@
+"""EL2N and GraNd early in training, averaged over initializations ("Deep Learning on a
+Data Diet", Paul et al. 2021).
+
+``n_inits`` models (different initializations and batch orders) are trained for a few
+``epochs`` on the full data (all at once with ``torch.func`` when possible), and each
+example's EL2N (``||softmax - onehot||``) and GraNd (per-example gradient norm) are
+averaged over them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..data import Dataset
+from .basic import el2n, grand
+from .members import ModelFn, predict_members, train_members
+
+
+def data_diet_scores(
+    data: Dataset,
+    model_fn: ModelFn,
+    *,
+    n_inits: int = 4,
+    epochs: int = 2,
+    batch_size: int = 64,
+    lr: float = 0.1,
+    momentum: float = 0.9,
+    seed: int = 0,
+    scores: tuple[str, ...] = ("el2n", "grand"),
+    vectorize: bool | None = None,
+) -> pd.DataFrame:
+    """Data Diet scores.
+
+    Args:
+        data: training set (``N`` examples).
+        model_fn: ``k -> nn.Module``, the model for initialization ``k``.
+        n_inits: number of initializations averaged.
+        epochs: training epochs before scoring ("early in training"; 0 scores at init).
+        scores: which of ``el2n``, ``grand`` to compute (GraNd needs per-example gradients).
+
+    Returns:
+        DataFrame indexed by ``example_id`` with the requested columns (means over inits).
+    """
+    x, y = data.tensors()
+    if epochs > 0:
+        masks = torch.ones(n_inits, len(data), dtype=torch.bool)
+        models = train_members(model_fn, x, y, masks, epochs=epochs, batch_size=batch_size, lr=lr,
+                               momentum=momentum, seed=seed, vectorize=vectorize)
+    else:
+        models = [model_fn(k).eval() for k in range(n_inits)]
+    cols: dict[str, np.ndarray] = {}
+    if "el2n" in scores:
+        cols["el2n"] = torch.stack([el2n(o, y) for o in predict_members(models, x)]).mean(0).numpy()
+    if "grand" in scores:
+        cols["grand"] = torch.stack([grand(m, x, y) for m in models]).mean(0).numpy()
+    unknown = set(scores) - {"el2n", "grand"}
+    if unknown:
+        raise ValueError(f"unknown Data Diet score(s): {sorted(unknown)}")
+    return pd.DataFrame(cols, index=pd.Index(data.example_ids, name="example_id"))

@@ -1,0 +1,130 @@
+"""Training-dynamics scores: forgetting events, learning time, cumulative loss.
+
+Pure functions take a history ``[T, N]`` (T presentations/epochs, N examples);
+:class:`DynamicsRecorder` builds that history during :func:`gradsift.fit` from the
+predictions made when each example is presented in its mini-batch (before the step, as in
+Toneva et al.), writes it to ``RUN/dynamics/part-<epoch>.parquet`` and keeps the scores in
+``RUN/scores.parquet``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..train import Recorder, StepInfo, Trainer
+from .basic import margin as _margin
+
+
+def forgetting_events(correct: np.ndarray) -> np.ndarray:
+    """Number of forgetting events per example: transitions correct -> incorrect between
+    consecutive presentations (Toneva et al.).
+
+    Args:
+        correct: ``[T, N]`` bool, correctness at each of ``T`` presentations.
+
+    Returns:
+        ``[N]`` int counts.
+    """
+    c = np.asarray(correct, dtype=bool)
+    if c.shape[0] < 2:
+        return np.zeros(c.shape[1:], dtype=np.int64)
+    return (c[:-1] & ~c[1:]).sum(0).astype(np.int64)
+
+
+def forgetting_score(correct: np.ndarray) -> np.ndarray:
+    """Forgetting events as a hardness score: the count, and ``T`` for examples never
+    classified correctly (ranked above every learned one; at most ``T//2`` events are
+    possible). ``[T, N] bool -> [N]`` int."""
+    c = np.asarray(correct, dtype=bool)
+    score = forgetting_events(c)
+    score[~c.any(0)] = c.shape[0]
+    return score
+
+
+def learning_time(correct: np.ndarray) -> np.ndarray:
+    """First presentation (1-based) from which the example stays correct to the end;
+    ``T + 1`` if it is wrong at the last one. ``[T, N] bool -> [N]`` int."""
+    c = np.asarray(correct, dtype=bool)
+    t = c.shape[0]
+    # stays[t] = correct at every presentation from t on
+    stays = np.flip(np.logical_and.accumulate(np.flip(c, 0), axis=0), 0)
+    first = np.where(stays.any(0), stays.argmax(0) + 1, t + 1)
+    return first.astype(np.int64)
+
+
+def cumulative_loss(losses: np.ndarray) -> np.ndarray:
+    """Cumulative sample loss: sum of the example's loss over presentations. ``[T, N] -> [N]``."""
+    return np.asarray(losses, dtype=np.float64).sum(0)
+
+
+class DynamicsRecorder(Recorder):
+    """Records every example's loss, correctness and margin when it is presented in a
+    mini-batch, and keeps forgetting events, learning time and cumulative loss.
+
+    Run-directory output (see :mod:`gradsift.scores`):
+
+    * ``dynamics/part-<epoch>.parquet``: ``example_id, epoch, loss, correct, margin``
+      (one row per presentation), one part per epoch;
+    * ``scores.parquet`` columns ``label, loss, margin, cum_loss, forgetting_events,
+      forgetting, learning_time`` (``loss``/``margin`` at the last presentation), updated
+      after every epoch.
+
+    After training, :meth:`scores` returns the same columns as a DataFrame indexed by
+    ``example_id``; :attr:`correct` / :attr:`losses` hold the ``[T, N]`` history.
+    """
+
+    def __init__(self) -> None:
+        self.correct: list[np.ndarray] = []
+        self.losses: list[np.ndarray] = []
+        self.margins: list[np.ndarray] = []
+        self._rows: list[pd.DataFrame] = []
+
+    def on_fit_begin(self, trainer: Trainer) -> None:
+        self.ids = trainer.ids.numpy()
+        self.labels = trainer.y.numpy()
+        done = len(self.correct)  # epochs restored from a checkpoint
+        if trainer.run is not None:
+            trainer.run.drop_parts("dynamics", lambda label: int(label) <= done)
+
+    def on_epoch_begin(self, trainer: Trainer, epoch: int) -> None:
+        n = len(self.ids)
+        self._epoch = (np.zeros(n, bool), np.full(n, np.nan), np.full(n, np.nan), np.zeros(n, bool))
+
+    def on_step(self, trainer: Trainer, step: StepInfo) -> None:
+        correct, loss, marg, seen = self._epoch
+        pos = step.positions.numpy()
+        with torch.no_grad():
+            correct[pos] = (step.outputs.argmax(1) == step.targets).numpy()
+            loss[pos] = step.losses.double().numpy()
+            marg[pos] = _margin(step.outputs, step.targets).double().numpy()
+        seen[pos] = True
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int) -> dict:
+        correct, loss, marg, seen = self._epoch
+        self.correct.append(correct)
+        self.losses.append(loss)
+        self.margins.append(marg)
+        if trainer.run is not None:
+            part = pd.DataFrame({"example_id": self.ids[seen], "epoch": epoch, "loss": loss[seen],
+                                 "correct": correct[seen], "margin": marg[seen]})
+            trainer.run.append_table("dynamics", part, epoch)
+            trainer.run.write_scores(self.scores())
+        return {"forgotten": int((self.correct[-2] & ~correct).sum()) if len(self.correct) > 1 else 0}
+
+    def scores(self) -> pd.DataFrame:
+        """Per-example scores so far, indexed by ``example_id``."""
+        c = np.stack(self.correct)
+        lo = np.stack(self.losses)
+        return pd.DataFrame({
+            "label": self.labels, "loss": lo[-1], "margin": self.margins[-1],
+            "cum_loss": np.nansum(lo, 0), "forgetting_events": forgetting_events(c),
+            "forgetting": forgetting_score(c), "learning_time": learning_time(c),
+        }, index=pd.Index(self.ids, name="example_id"))
+
+    def state_dict(self) -> dict:
+        return {"correct": list(self.correct), "losses": list(self.losses), "margins": list(self.margins)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.correct, self.losses, self.margins = (list(state[k]) for k in ("correct", "losses", "margins"))

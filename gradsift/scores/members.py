@@ -1,0 +1,141 @@
+"""Train K small models at once, each on its own subset of the data (for memorization
+scores and Data Diet averages over initializations).
+
+The vectorized path stacks the K models' parameters with
+``torch.func.stack_module_state`` and maps one ``functional_call`` over the member axis
+with ``vmap``: each step feeds member ``k`` a batch from its own subset, the summed loss is
+differentiated once, and a torch optimizer steps the stacked ``[K, ...]`` parameters
+(SGD/momentum/weight decay act elementwise, so this is exactly K independent SGD runs).
+The loop path trains the members one after another with the same batch order and gives
+the same models; it is used when the members' subsets differ in size, when the model has
+buffers that change in training or mixes examples (BatchNorm), or on request.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, stack_module_state, vmap
+
+ModelFn = Callable[[int], nn.Module]
+
+
+def member_batches(mask: Tensor, k: int, epoch: int, batch_size: int, seed: int) -> list[Tensor]:
+    """Positions for member ``k`` in ``epoch``: its subset (``mask [N]`` bool) in a
+    seeded random order, cut into batches of ``batch_size``."""
+    members = torch.nonzero(mask, as_tuple=False).flatten()
+    g = torch.Generator().manual_seed(((seed * 1_000_003 + k) * 10_007 + epoch) % (2**63 - 1))
+    return list(members[torch.randperm(len(members), generator=g)].split(batch_size))
+
+
+def _can_vectorize(models: Sequence[nn.Module], masks: Tensor) -> bool:
+    sizes = masks.sum(1)
+    if not bool((sizes == sizes[0]).all()):
+        return False
+    for m in models[0].modules():
+        if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.Dropout)):
+            return False
+    return True
+
+
+def _optimizer(params, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def train_members(
+    model_fn: ModelFn,
+    x: Tensor,
+    y: Tensor,
+    masks: Tensor,
+    *,
+    epochs: int = 10,
+    batch_size: int = 64,
+    lr: float = 0.1,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    vectorize: bool | None = None,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+) -> list[nn.Module]:
+    """Train ``K`` models, member ``k`` on the examples where ``masks[k]`` is true.
+
+    Args:
+        model_fn: ``k -> nn.Module``, a fresh model for member ``k`` (seed its init by ``k``).
+        x: ``[N, ...]`` inputs; y: ``[N]`` integer labels.
+        masks: ``[K, N]`` bool, member ``k``'s training subset.
+        epochs, batch_size, lr, momentum, weight_decay: plain SGD settings, shared by all.
+        seed: batch order (member ``k``, epoch ``e`` get their own permutation).
+        vectorize: ``True`` forces the vmap path (error if impossible), ``False`` the
+            loop; ``None`` picks vmap when possible.
+        loss_fn: per-example loss ``(logits, y) -> [B]`` (default cross-entropy).
+
+    Returns:
+        The ``K`` trained models (in eval mode).
+    """
+    masks = torch.as_tensor(masks, dtype=torch.bool)
+    if masks.ndim != 2 or masks.shape[1] != len(y):
+        raise ValueError(f"masks must be [K, N={len(y)}], got {tuple(masks.shape)}")
+    if bool((masks.sum(1) == 0).any()):
+        raise ValueError("every member needs at least one training example")
+    loss_fn = loss_fn or nn.CrossEntropyLoss(reduction="none")
+    models = [model_fn(k) for k in range(masks.shape[0])]
+    possible = _can_vectorize(models, masks)
+    if vectorize and not possible:
+        raise ValueError("members cannot be trained with vmap (unequal subset sizes, BatchNorm or Dropout)")
+    if (possible if vectorize is None else vectorize) and len(models) > 1:
+        _train_vmap(models, x, y, masks, epochs, batch_size, lr, momentum, weight_decay, seed, loss_fn)
+    else:
+        for k, model in enumerate(models):
+            _train_one(model, k, x, y, masks[k], epochs, batch_size, lr, momentum, weight_decay, seed, loss_fn)
+    for m in models:
+        m.eval()
+    return models
+
+
+def _train_one(model, k, x, y, mask, epochs, batch_size, lr, momentum, weight_decay, seed, loss_fn) -> None:
+    model.train()
+    opt = _optimizer([p for p in model.parameters() if p.requires_grad], lr, momentum, weight_decay)
+    for epoch in range(1, epochs + 1):
+        for idx in member_batches(mask, k, epoch, batch_size, seed):
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(x[idx]), y[idx]).mean().backward()
+            opt.step()
+
+
+def _train_vmap(models, x, y, masks, epochs, batch_size, lr, momentum, weight_decay, seed, loss_fn) -> None:
+    params, buffers = stack_module_state(models)
+    params = {n: p.detach().clone().requires_grad_(True) for n, p in params.items()}
+    base = copy.deepcopy(models[0]).to("meta")
+
+    def forward(p: dict, b: dict, xb: Tensor) -> Tensor:
+        return functional_call(base, (p, b), (xb,))
+
+    batched = vmap(forward, in_dims=(0, 0, 0))
+    opt = _optimizer(list(params.values()), lr, momentum, weight_decay)
+    n_members = masks.shape[0]
+    for epoch in range(1, epochs + 1):
+        orders = [member_batches(masks[k], k, epoch, batch_size, seed) for k in range(n_members)]
+        for step in range(len(orders[0])):
+            idx = torch.stack([orders[k][step] for k in range(n_members)])  # [K, B]
+            out = batched(params, buffers, x[idx])  # [K, B, C]
+            losses = loss_fn(out.flatten(0, 1), y[idx].flatten()).view(idx.shape)
+            opt.zero_grad(set_to_none=True)
+            losses.mean(1).sum().backward()
+            opt.step()
+    with torch.no_grad():
+        for k, m in enumerate(models):
+            for n, p in m.named_parameters():
+                p.copy_(params[n][k])
+
+
+@torch.no_grad()
+def predict_members(models: Sequence[nn.Module], x: Tensor, batch_size: int = 4096) -> Tensor:
+    """Logits of every member on ``x``: ``[K, N, C]`` (models in eval mode)."""
+    outs = []
+    for m in models:
+        m.eval()
+        outs.append(torch.cat([m(x[s : s + batch_size]) for s in range(0, len(x), batch_size)]))
+    return torch.stack(outs)
