@@ -11,6 +11,7 @@ orthogonal baseline (1) on random labels.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+import sys
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ import torch
 from .. import data as data_mod
 from ..models import mlp
 from ..plotting import plot_memorization
+from ..progress import progress_bar
 from ..recorders import CoherenceRecorder
 from ..store import write_json
 from ..train import fit
@@ -58,39 +60,49 @@ def run_memorization(config: MemorizationConfig, out_dir: str | Path, *, progres
     train, test = data_mod.load(config.dataset, seed=config.seed)
     if config.n_train is not None and config.n_train < len(train):
         train = train.subset(torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed))[: config.n_train].numpy())
-    in_features = int(train.x[0].size)
     summary: dict = {"config": asdict(config), "runs": []}
     for labels in config.labels:
         if labels not in ("real", "random"):
             raise ValueError(f"labels must be 'real' or 'random', got '{labels}'")
-        tr = train if labels == "real" else data_mod.random_labels(train, seed=config.seed)
-        for name in config.aggregators:
-            spec = config.aggregator_spec(name)
-            torch.manual_seed(config.seed)
-            model = mlp(in_features, train.num_classes, width=config.width, depth=config.depth)
-            run_dir = out / "runs" / f"{labels}-{name}"
-            result = fit(
-                model, tr, test, aggregator=spec,
-                optimizer=f"sgd:lr={config.lr},momentum={config.momentum}",
-                epochs=config.epochs, batch_size=config.batch_size, seed=config.seed,
-                recorders=[CoherenceRecorder(config.probe_size, seed=config.seed)],
-                run_dir=run_dir, progress=progress,
-                config={"experiment": "memorization", "labels": labels, **asdict(config)},
-            )
-            h = result.history
-            summary["runs"].append({
-                "labels": labels, "aggregator": name, "aggregator_spec": spec,
-                "train_acc": float(h["train_acc"].iloc[-1]), "test_acc": float(h["test_acc"].iloc[-1]),
-                "coherence": [float(v) for v in h["m_coherence"]],
-                "train_acc_curve": [float(v) for v in h["train_acc"]],
-                "test_acc_curve": [float(v) for v in h["test_acc"]],
-                "run_dir": str(run_dir.relative_to(out)),
-            })
-            write_json(out / "summary.json", summary)  # partial results survive interruption
+    enabled = sys.stderr.isatty() if progress is None else progress
+    with progress_bar(enabled) as bar:
+        overall = bar.add_task("memorization runs", total=len(config.labels) * len(config.aggregators))
+        for labels in config.labels:
+            tr = train if labels == "real" else data_mod.random_labels(train, seed=config.seed)
+            for name in config.aggregators:
+                spec = config.aggregator_spec(name)
+                bar.update(overall, description=f"memorization: {labels} labels, {spec}")
+                summary["runs"].append(_one_run(config, tr, test, labels, name, spec, out, bar if enabled else False))
+                write_json(out / "summary.json", summary)  # partial results survive interruption
+                bar.update(overall, advance=1)
     summary["findings"] = findings(summary)
     write_json(out / "summary.json", summary)
     plot_memorization(summary, out / "memorization.png")
     return summary
+
+
+def _one_run(config: MemorizationConfig, tr, test, labels: str, name: str, spec: str, out: Path, progress) -> dict:
+    """Train one (labels, aggregator) pair; its entry of ``summary["runs"]``."""
+    torch.manual_seed(config.seed)
+    model = mlp(int(tr.x[0].size), tr.num_classes, width=config.width, depth=config.depth)
+    run_dir = out / "runs" / f"{labels}-{name}"
+    result = fit(
+        model, tr, test, aggregator=spec,
+        optimizer=f"sgd:lr={config.lr},momentum={config.momentum}",
+        epochs=config.epochs, batch_size=config.batch_size, seed=config.seed,
+        recorders=[CoherenceRecorder(config.probe_size, seed=config.seed)],
+        run_dir=run_dir, progress=progress,
+        config={"experiment": "memorization", "labels": labels, **asdict(config)},
+    )
+    h = result.history
+    return {
+        "labels": labels, "aggregator": name, "aggregator_spec": spec,
+        "train_acc": float(h["train_acc"].iloc[-1]), "test_acc": float(h["test_acc"].iloc[-1]),
+        "coherence": [float(v) for v in h["m_coherence"]],
+        "train_acc_curve": [float(v) for v in h["train_acc"]],
+        "test_acc_curve": [float(v) for v in h["test_acc"]],
+        "run_dir": str(run_dir.relative_to(out)),
+    }
 
 
 def findings(summary: dict) -> dict:

@@ -26,20 +26,19 @@ RUN_TABLES_NOT_SCORES = {"metrics", "coherence"}
 def read_scores(run: Path) -> pd.DataFrame | None:
     """Per-example scores of a run directory, one row per example (``example_id`` index).
 
-    Uses :func:`gradsift.open_run` when available; otherwise joins every Parquet table
-    of the run directory that has an ``example_id`` column (last row per example).
+    Uses :func:`gradsift.open_run` (``RUN/scores.parquet``) when this gradsift has it;
+    otherwise joins every Parquet table of the run directory that has an ``example_id``
+    column (last row per example).
     """
     try:
         from .. import open_run  # type: ignore[attr-defined]
     except ImportError:
         open_run = None
     if open_run is not None:
-        try:
-            scores = open_run(run).scores()
-        except (FileNotFoundError, KeyError, ValueError):
-            scores = None
-        if scores is not None and len(scores):
-            return scores
+        if not (run / "scores.parquet").exists():
+            return None
+        scores = open_run(run).scores()
+        return scores if len(scores) else None
     frames = []
     for path in sorted(run.glob("*.parquet")):
         if path.stem in RUN_TABLES_NOT_SCORES:
