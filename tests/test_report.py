@@ -22,7 +22,8 @@ from gradsift.models import mlp
 from gradsift.report import ReportError, build_report, write_report
 from gradsift.report import figures
 from gradsift.report.run import privacy_info
-from gradsift.report.sift import pruning_tables
+from gradsift.report.sift import corrupted_ids, pruning_tables
+from gradsift.scores import DynamicsRecorder
 
 EXTERNAL = re.compile(r"""(?:src|href|action|poster|data)\s*=\s*["']?\s*(?:https?:)?//""", re.I)
 URL = re.compile(r"https?://", re.I)
@@ -34,20 +35,18 @@ def plot_ids(html: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    """A tiny real run (digits, 2 epochs) plus the tables later stages add to a run
-    directory: per-example scores, label issues, and DP privacy parameters."""
+    """A tiny real run (digits with 20% symmetric label noise, 2 epochs, per-example scores
+    from the dynamics recorder), plus label issues and DP privacy parameters as later
+    stages add them to a run directory."""
     path = tmp_path_factory.mktemp("report") / "run"
-    train, test = load_digits()
-    train, test = train.subset(np.arange(200)), test.subset(np.arange(100))
-    train = gs.data.symmetric_noise(train, 0.2, seed=0)
+    train, test = load_digits(seed=0)
+    train = gs.data.corrupt(train, "symmetric", 0.2, seed=0)  # as `gradsift train` does
     model = mlp(64, 10, width=16)
-    gs.fit(model, train, test, aggregator="winsorize:c=2", epochs=2, batch_size=50,
-           recorders=[gs.CoherenceRecorder(m=20)], run_dir=path, config={"dataset": "digits"})
+    gs.fit(model, train, test.subset(np.arange(100)), aggregator="mean", optimizer="sgd:lr=0.3,momentum=0.9",
+           epochs=2, batch_size=100, recorders=[gs.CoherenceRecorder(m=20), DynamicsRecorder()], run_dir=path,
+           config={"dataset": "digits", "label_noise": "symmetric", "noise_rate": 0.2})
     rng = np.random.default_rng(0)
-    ids = train.example_ids
-    noisy = train.is_noisy
-    pd.DataFrame({"example_id": ids, "el2n": rng.random(len(ids)) + noisy,
-                  "forgetting": rng.integers(0, 4, len(ids)), "corrupted": noisy}).to_parquet(path / "scores.parquet")
+    ids, noisy = train.example_ids, train.is_noisy
     order = np.argsort(-noisy.astype(float) - 0.1 * rng.random(len(ids)))[:20]
     pd.DataFrame({"example_id": ids[order], "score": np.linspace(1, 0.5, 20),
                   "given_label": train.y[order], "suggested_label": train.clean_y[order]}).to_csv(path / "issues.csv", index=False)
@@ -75,8 +74,11 @@ def test_run_report_has_every_section(run_dir, tmp_path):
     for section in ("config", "privacy", "training", "coherence", "scores", "issues"):
         assert f'id="section-{section}"' in html, section
     ids = plot_ids(html)
-    assert {"accuracy", "loss", "coherence", "coherence-layers", "score-el2n", "score-forgetting",
-            "privacy"} <= set(ids)
+    assert {"accuracy", "loss", "coherence", "coherence-layers", "score-loss", "score-margin", "score-cum-loss",
+            "score-forgetting", "score-learning-time", "privacy"} <= set(ids)
+    assert "score-label" not in ids  # labels are not scores
+    assert "red: examples whose label was corrupted (280)" in html  # recomputed from the recorded recipe
+    assert html.count("<dt>corrupted</dt><dd>yes</dd>") == 12
     assert sum(i.startswith("issue-") for i in ids) == 12  # the top 12 label issues drawn
     assert len(ids) == len(set(ids))
     assert "noise_multiplier" in html and "2.9" in html
@@ -129,6 +131,15 @@ def test_pruning_summary_formats():
         el2n = t["el2n"].sort_values("fraction")
         assert list(el2n["fraction"]) == [0.5, 1.0] and list(el2n["mean"]) == [0.8, 0.9]
     assert pruning_tables({"runs": []}) == {}
+
+
+def test_corrupted_ids_recomputed_only_when_labels_match(run_dir):
+    scores = gs.open_run(run_dir).scores()
+    config = {"dataset": "digits", "label_noise": "symmetric", "noise_rate": 0.2}
+    ids = corrupted_ids(config, 0, scores)
+    assert len(ids) == 280 and ids <= set(scores.index)
+    assert corrupted_ids(config, 1, scores) is None  # another seed: other labels, no overlay
+    assert corrupted_ids({**config, "label_noise": "none"}, 0, scores) is None
 
 
 def test_privacy_info_only_for_dp_runs():
@@ -209,7 +220,7 @@ def test_run_report_in_chromium(browser, run_dir, tmp_path):
     assert {"config", "privacy", "training", "coherence", "scores", "issues"} <= set(state["sections"])
     shown = {p["id"]: p for p in state["plots"]}
     assert set(shown) == set(plot_ids(html))  # every plot of the HTML is in the page
-    assert {"accuracy", "loss", "coherence", "coherence-layers", "score-el2n", "privacy"} <= set(shown)
+    assert {"accuracy", "loss", "coherence", "coherence-layers", "score-loss", "privacy"} <= set(shown)
     assert all(p["n"] == 1 and p["ok"] for p in shown.values()), [p for p in shown.values() if not p["ok"]]
     assert (tmp_path / "run.png").stat().st_size > 20_000
 

@@ -12,7 +12,7 @@ import pandas as pd
 from ..plotting import memorization_figure
 from .html import Section, esc, figure, kv_table, slug, table
 from .run import _flatten, is_run_dir, run_sections
-from .sift import issues_section, pruning_section, read_json
+from .sift import corrupted_ids, issues_section, pruning_section, read_json
 
 
 def is_experiment_dir(path: Path) -> bool:
@@ -112,8 +112,9 @@ def experiment_sections(exp: Path, *, top_issues: int = 12) -> tuple[str, list[S
         findings_section(summary),
         memorization_section(summary),
         pruning_section(summary),
-        issues_section(issues, dataset=config.get("dataset"), seed=int(config.get("seed", 0) or 0),
-                       top=top_issues) if issues is not None else None,
+        issues_section(issues, dataset=config.get("dataset"), seed=int(config.get("seed", 0) or 0), top=top_issues,
+                       corrupted_ids=corrupted_ids(config, int(config.get("seed", 0) or 0)))
+        if issues is not None else None,
         runs_section(exp, summary, top_issues=top_issues),
     ]
     return kind, [s for s in sections if s is not None]

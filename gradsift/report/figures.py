@@ -88,7 +88,14 @@ def score_histogram(values: np.ndarray, name: str, *, flagged: np.ndarray | None
     fig, ax = _axes(4.2, 2.8, epochs=False)
     v = np.asarray(values, dtype=float)
     ok = np.isfinite(v)
-    bins = np.histogram_bin_edges(v[ok], bins=30) if ok.any() else 10
+    bins: np.ndarray | int = 10
+    if ok.any():
+        lo, hi = v[ok].min(), v[ok].max()
+        if np.all(v[ok] == np.round(v[ok])) and hi - lo <= 50:  # counts, epochs: one bar per value
+            bins = np.arange(lo - 0.5, hi + 1.5)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        else:
+            bins = np.histogram_bin_edges(v[ok], bins=30)
     if flagged is not None and flagged[ok].any():
         ax.hist([v[ok & ~flagged], v[ok & flagged]], bins=bins, stacked=True,
                 color=["tab:blue", "tab:red"], label=["clean label", "corrupted label"])

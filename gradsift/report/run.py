@@ -11,7 +11,7 @@ import pandas as pd
 
 from . import figures
 from .html import Section, figure, kv_table, table
-from .sift import issues_section, read_json, read_scores, scores_section
+from .sift import corrupted_ids, issues_section, read_json, read_scores, scores_section
 
 # Names under which a DP run may record its privacy parameters (manifest, or its config).
 PRIVACY_KEYS = ("epsilon", "target_epsilon", "delta", "sigma", "noise_multiplier", "clip_norm",
@@ -135,13 +135,16 @@ def run_sections(run: Path, prefix: str = "", *, top_issues: int = 12) -> list[S
     issues = None
     if (run / "issues.csv").exists():
         issues = pd.read_csv(run / "issues.csv")
+    seed = int(manifest.get("seed", 0) or 0)
+    scores = read_scores(run)
+    corrupted = corrupted_ids(config, seed, scores)
     sections = [
         config_section(manifest, prefix),
         privacy_section(manifest, metrics, prefix),
         training_section(metrics, prefix),
         coherence_section(metrics, coh, prefix),
-        scores_section(read_scores(run), prefix),
-        issues_section(issues, dataset=config.get("dataset"), seed=int(manifest.get("seed", 0) or 0),
-                       top=top_issues, prefix=prefix) if issues is not None else None,
+        scores_section(scores, prefix, corrupted=corrupted),
+        issues_section(issues, dataset=config.get("dataset"), seed=seed, top=top_issues,
+                       corrupted_ids=corrupted, prefix=prefix) if issues is not None else None,
     ]
     return [s for s in sections if s is not None]

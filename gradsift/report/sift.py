@@ -67,9 +67,33 @@ def score_columns(scores: pd.DataFrame) -> list[str]:
     ]
 
 
-def scores_section(scores: pd.DataFrame | None, prefix: str = "") -> Section | None:
-    """A histogram of each per-example score; examples with a corrupted label (when the
-    table says which) stacked in red."""
+def corrupted_ids(config: Mapping[str, Any], seed: int, scores: pd.DataFrame | None = None) -> set[int] | None:
+    """Example ids whose training label the run corrupted on purpose, recomputed from the
+    recorded ``dataset``, ``label_noise``, ``noise_rate`` and ``seed`` (as ``gradsift train``
+    corrupts them, deterministically). ``None`` when the run corrupted nothing, or when the
+    recomputed labels disagree with the ``label`` column of ``scores`` (a different recipe)."""
+    kind, dataset = config.get("label_noise"), config.get("dataset")
+    if not dataset or kind in (None, "", "none") or (kind != "random" and not config.get("noise_rate")):
+        return None
+    from .. import data as data_mod
+
+    try:
+        train, _ = data_mod.load(str(dataset), seed=seed)
+        noisy = data_mod.corrupt(train, str(kind), float(config.get("noise_rate") or 0.0), seed=seed)
+    except Exception:  # the data set moved or the recipe is unknown: no overlay
+        return None
+    if scores is not None and "label" in scores:
+        given = pd.Series(noisy.y, index=noisy.example_ids)
+        shared = scores.index.intersection(given.index)
+        if len(shared) != len(scores) or (given.loc[shared].to_numpy() != scores.loc[shared, "label"].to_numpy()).any():
+            return None
+    return set(noisy.example_ids[noisy.corrupted].tolist())
+
+
+def scores_section(scores: pd.DataFrame | None, prefix: str = "", *,
+                   corrupted: set[int] | None = None) -> Section | None:
+    """A histogram of each per-example score; examples with a corrupted label (from a flag
+    column of the table or the ids in ``corrupted``) stacked in red."""
     if scores is None or not len(scores):
         return None
     cols = score_columns(scores)
@@ -77,6 +101,8 @@ def scores_section(scores: pd.DataFrame | None, prefix: str = "") -> Section | N
         return None
     flag_col = next((c for c in FLAG_COLUMNS if c in scores), None)
     flagged = scores[flag_col].fillna(False).to_numpy(bool) if flag_col else None
+    if flagged is None and corrupted:
+        flagged = scores.index.isin(list(corrupted))
     plots = "".join(
         figure(figures.score_histogram(scores[c].to_numpy(float), c, flagged=flagged),
                f"{prefix}score-{c}", f"distribution of {c} over {len(scores)} examples")
