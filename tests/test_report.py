@@ -232,3 +232,11 @@ def test_experiment_report_in_chromium(browser, experiment_dir, tmp_path):
     assert "memorization" in shown and "run-random-m3-coherence-layers" in shown
     assert len(shown) == 1 + 6 * 4 and all(p["ok"] for p in shown.values())
     assert (tmp_path / "experiment.png").stat().st_size > 20_000
+
+
+def test_score_histograms_bin_integers_per_value():
+    counts = figures.score_histogram(np.array([0, 1, 1, 3, 3, 3.0]), "forgetting").axes[0].patches
+    assert [p.get_height() for p in counts] == [1, 2, 0, 3]
+    stacked = figures.score_histogram(np.random.default_rng(0).random(50), "loss",
+                                      flagged=np.arange(50) < 10).axes[0].patches
+    assert len(stacked) == 60 and sum(p.get_height() for p in stacked[30:]) == 10
