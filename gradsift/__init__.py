@@ -39,3 +39,9 @@ from .run import Run, open_run  # noqa: E402
 from .scores import DynamicsRecorder, TracInRecorder  # noqa: E402
 
 __all__ += ["scores", "Run", "open_run", "DynamicsRecorder", "TracInRecorder"]
+
+from . import actions  # noqa: E402
+from .actions import reweight, select  # noqa: E402
+from .label_issues import find_label_issues, label_issue_scores  # noqa: E402
+
+__all__ += ["actions", "reweight", "select", "find_label_issues", "label_issue_scores"]

@@ -178,6 +178,157 @@ def train(
     out_console.print(f"wrote {run_dir}")
 
 
+@app.command()
+@user_errors
+def issues(
+    dataset: str = typer.Option("digits", help="digits, mnist1d, or a .npz/.csv file"),
+    label_noise: str = typer.Option("none", help="inject noise first: none, symmetric, asymmetric"),
+    noise_rate: float = typer.Option(0.2, help="fraction of labels corrupted when --label-noise is set"),
+    method: str = typer.Option("combined", help="combined, oof_loss, oof_margin, cum_loss or learning_time"),
+    folds: int = typer.Option(5, help="cross-validation folds"),
+    epochs: int = typer.Option(20, help="epochs per fold model"),
+    width: int = typer.Option(128, help="MLP hidden width"),
+    num_issues: int = typer.Option(None, help="how many to flag (default: confident-learning count)"),
+    out: Path = typer.Option(Path("issues.csv"), "--out", help="CSV: example_id, score, given_label, suggested_label"),
+    seed: int = typer.Option(0, help="random seed"),
+) -> None:
+    """Rank likely label issues and write the flagged ones to a CSV, most suspect first.
+
+    Uses a cross-validated small model: out-of-fold loss/margin and training dynamics."""
+    import numpy as np
+
+    from . import data as data_mod
+    from .label_issues import METHODS, find_label_issues
+    from .store import atomic_path
+
+    if method not in METHODS:
+        raise GradsiftError(f"unknown method '{method}': use one of {', '.join(METHODS)}")
+    train_data, _ = data_mod.load(dataset, seed=seed)
+    train_data = data_mod.corrupt(train_data, label_noise, noise_rate, seed=seed)
+    order, details = find_label_issues(train_data.x, train_data.y, num_classes=train_data.num_classes,
+                                       method=method, folds=folds, epochs=epochs, width=width,
+                                       num_issues=num_issues, seed=seed, return_details=True)
+    table = details.iloc[order].copy()
+    table.insert(0, "example_id", train_data.example_ids[order])
+    table = table.drop(columns=["is_issue"])
+    if len(train_data.corrupted):
+        table["corrupted"] = train_data.is_noisy[order]
+    with atomic_path(out) as tmp:
+        table.to_csv(tmp, index=False)
+    msg = f"flagged {len(order)} of {len(train_data)} examples; wrote {out}"
+    if len(train_data.corrupted):
+        from sklearn.metrics import roc_auc_score
+
+        truth = train_data.is_noisy
+        msg += (f"\n  injected {int(truth.sum())} label errors: precision {truth[order].mean():.3f}, "
+                f"recall {truth[order].sum() / truth.sum():.3f}, AUROC {roc_auc_score(truth, details.score):.3f}")
+    out_console.print(msg)
+
+
+@app.command()
+@user_errors
+def scores(
+    dataset: str = typer.Option("digits", help="digits, mnist1d, or a .npz/.csv file"),
+    run_dir: Path = typer.Option(Path("runs/scores"), "--run-dir", "--out", help="run directory to write"),
+    scores: str = typer.Option("el2n,grand,forgetting,memorization",
+                               help="comma list of el2n, grand, memorization, forgetting, loss, cum_loss, learning_time, margin"),
+    label_noise: str = typer.Option("none", help="none, symmetric, asymmetric or random"),
+    noise_rate: float = typer.Option(0.0, help="fraction of labels corrupted"),
+    epochs: int = typer.Option(15, help="training epochs (dynamics, memorization models)"),
+    width: int = typer.Option(128, help="MLP hidden width"),
+    mem_models: int = typer.Option(16, help="models for memorization scores"),
+    seed: int = typer.Option(0, help="random seed"),
+) -> None:
+    """Score every training example; write RUN/scores.parquet (one row per example_id)."""
+    from . import data as data_mod
+    from .experiments.pruning_curve import PruningCurveConfig, compute_scores
+    from .store import RunDir
+
+    config = PruningCurveConfig(dataset=dataset, scores=tuple(_split_list(scores)), epochs=epochs, width=width,
+                                mem_models=mem_models, seed=seed)
+    train_data, _ = data_mod.load(dataset, seed=seed)
+    train_data = data_mod.corrupt(train_data, label_noise, noise_rate, seed=seed)
+    table = compute_scores(config, train_data)
+    if len(train_data.corrupted):
+        table["corrupted"] = train_data.is_noisy
+    run = RunDir(run_dir)
+    run.write_manifest({"command": "scores", "dataset": dataset, "scores": list(config.scores),
+                        "label_noise": label_noise, "noise_rate": noise_rate, "epochs": epochs}, seed=seed)
+    run.write_scores(table)
+    out_console.print(table.describe().T.to_string())
+    out_console.print(f"wrote {run_dir / 'scores.parquet'}")
+
+
+def _split_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+@app.command()
+@user_errors
+def prune(
+    run: Path = typer.Option(..., "--run", help="run directory with scores.parquet"),
+    by: str = typer.Option(..., "--by", help="score column (or random)"),
+    keep: float = typer.Option(..., "--keep", help="fraction of examples to keep"),
+    class_balanced: bool = typer.Option(False, "--class-balanced", help="keep the fraction within every class"),
+    keep_hard: bool = typer.Option(True, "--keep-hard/--keep-easy", help="keep the highest (hard) or lowest (easy) scores"),
+    out: Path = typer.Option(Path("idx.npy"), "--out", help="where to write the kept example_ids (.npy)"),
+    seed: int = typer.Option(0, help="tie-breaking seed"),
+) -> None:
+    """Select a subset of a scored run: write the kept example_ids (sorted) to a .npy file."""
+    import numpy as np
+
+    from .actions import prune_run
+    from .store import atomic_path
+
+    if not 0 <= keep <= 1:
+        raise GradsiftError(f"--keep must be a fraction in [0, 1], got {keep}")
+    ids = prune_run(run, by, keep, class_balanced=class_balanced, prefer="hard" if keep_hard else "easy", seed=seed)
+    with atomic_path(out) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, ids)
+    out_console.print(f"kept {len(ids)} example_ids by {by} ({'hard' if keep_hard else 'easy'}); wrote {out}")
+
+
+@app.command("pruning-curve")
+@user_errors
+def pruning_curve(
+    dataset: str = typer.Option("mnist1d", help="digits, mnist1d, or a .npz/.csv file"),
+    scores: str = typer.Option("el2n,grand,forgetting,memorization,random", help="comma list of scores"),
+    fractions: str = typer.Option("0.3,0.5,0.7,1.0", help="comma list of fractions kept"),
+    seeds: int = typer.Option(2, help="training seeds per point"),
+    epochs: int = typer.Option(15, help="epochs per model"),
+    width: int = typer.Option(128, help="MLP hidden width"),
+    mem_models: int = typer.Option(16, help="models for memorization scores"),
+    keep_hard: bool = typer.Option(True, "--keep-hard/--keep-easy", help="keep the hardest or the easiest"),
+    class_balanced: bool = typer.Option(False, "--class-balanced", help="keep the fraction within every class"),
+    out: Path = typer.Option(Path("runs/pruning"), "--out", help="output directory"),
+    seed: int = typer.Option(0, help="random seed"),
+) -> None:
+    """Accuracy vs fraction of data kept, per score: write summary.json and a plot.
+
+    Scores the training set, keeps fractions of it by each score, retrains with several
+    seeds; summary.json maps score -> fraction -> test accuracy mean/std over seeds."""
+    from .experiments.pruning_curve import PruningCurveConfig, run_pruning_curve
+
+    try:
+        fr = tuple(float(f) for f in _split_list(fractions))
+    except ValueError:
+        raise GradsiftError(f"--fractions must be a comma list of numbers, got '{fractions}'") from None
+    config = PruningCurveConfig(dataset=dataset, scores=tuple(_split_list(scores)), fractions=fr, seeds=seeds,
+                                epochs=epochs, width=width, mem_models=mem_models,
+                                prefer="hard" if keep_hard else "easy", class_balanced=class_balanced, seed=seed)
+    summary = run_pruning_curve(config, out)
+    table = Table(title=f"pruning curve on {dataset}: test accuracy (mean ± std over {seeds} seeds)")
+    table.add_column("score")
+    for f in sorted(fr):
+        table.add_column(f"keep {f:g}", justify="right")
+    for name, by_frac in summary["results"].items():
+        table.add_row(name, *[f"{by_frac[str(f)]['test_acc_mean']:.3f} ± {by_frac[str(f)]['test_acc_std']:.3f}"
+                              for f in sorted(fr)])
+    out_console.print(table)
+    out_console.print(f"wrote {out / 'summary.json'} and {out / 'pruning_curve.png'}")
+
+
 def main() -> None:
     app()
 

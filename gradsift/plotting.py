@@ -53,3 +53,21 @@ def memorization_figure(summary: dict):
         row[2].legend(fontsize=8)
     fig.suptitle(f"memorization experiment ({summary['config']['dataset']})")
     return fig
+
+
+def plot_pruning_curve(summary: dict, path: str | Path) -> Path:
+    """Test accuracy (mean ± std over seeds) against the fraction kept, one line per score."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for name, by_frac in summary["results"].items():
+        fr = sorted(by_frac, key=float)
+        mean = [by_frac[f]["test_acc_mean"] for f in fr]
+        std = [by_frac[f]["test_acc_std"] for f in fr]
+        style = dict(ls="--", color="gray") if name == "random" else {}
+        ax.errorbar([float(f) for f in fr], mean, yerr=std, marker="o", capsize=3, label=name, **style)
+    cfg = summary["config"]
+    ax.set_xlabel("fraction of training data kept")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"pruning curve ({cfg['dataset']}, keep {cfg['prefer']}, {cfg['seeds']} seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)

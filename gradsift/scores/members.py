@@ -59,6 +59,8 @@ def train_members(
     seed: int = 0,
     vectorize: bool | None = None,
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    on_epoch: Callable[[int, int, Tensor], None] | None = None,
+    track: Tensor | None = None,
 ) -> list[nn.Module]:
     """Train ``K`` models, member ``k`` on the examples where ``masks[k]`` is true.
 
@@ -71,6 +73,8 @@ def train_members(
         vectorize: ``True`` forces the vmap path (error if impossible), ``False`` the
             loop; ``None`` picks vmap when possible.
         loss_fn: per-example loss ``(logits, y) -> [B]`` (default cross-entropy).
+        on_epoch: called as ``on_epoch(k, epoch, logits)`` after every epoch of every
+            member with its eval-mode ``logits [M, C]`` on ``track`` (default ``x``).
 
     Returns:
         The ``K`` trained models (in eval mode).
@@ -85,17 +89,32 @@ def train_members(
     possible = _can_vectorize(models, masks)
     if vectorize and not possible:
         raise ValueError("members cannot be trained with vmap (unequal subset sizes, BatchNorm or Dropout)")
+    track = x if track is None else track
     if (possible if vectorize is None else vectorize) and len(models) > 1:
-        _train_vmap(models, x, y, masks, epochs, batch_size, lr, momentum, weight_decay, seed, loss_fn)
+        _train_vmap(models, x, y, masks, epochs, batch_size, lr, momentum, weight_decay, seed, loss_fn,
+                    on_epoch, track)
     else:
         for k, model in enumerate(models):
-            _train_one(model, k, x, y, masks[k], epochs, batch_size, lr, momentum, weight_decay, seed, loss_fn)
+            _train_one(model, k, x, y, masks[k], epochs, batch_size, lr, momentum, weight_decay, seed, loss_fn,
+                       on_epoch, track)
     for m in models:
         m.eval()
     return models
 
 
-def _train_one(model, k, x, y, mask, epochs, batch_size, lr, momentum, weight_decay, seed, loss_fn) -> None:
+def train_members_tracked(model_fn: ModelFn, x: Tensor, y: Tensor, masks: Tensor, *,
+                          track: Tensor | None = None, **kwargs) -> tuple[list[nn.Module], Tensor]:
+    """:func:`train_members` that also returns every member's eval-mode logits on
+    ``track`` (default ``x``) after every epoch: ``[K, T, M, C]``."""
+    history: dict[tuple[int, int], Tensor] = {}
+    models = train_members(model_fn, x, y, masks, track=track,
+                           on_epoch=lambda k, e, out: history.__setitem__((k, e), out), **kwargs)
+    n_members, epochs = len(models), max(e for _, e in history)
+    return models, torch.stack([torch.stack([history[k, e] for e in range(1, epochs + 1)]) for k in range(n_members)])
+
+
+def _train_one(model, k, x, y, mask, epochs, batch_size, lr, momentum, weight_decay, seed, loss_fn,
+               on_epoch=None, track=None) -> None:
     model.train()
     opt = _optimizer([p for p in model.parameters() if p.requires_grad], lr, momentum, weight_decay)
     for epoch in range(1, epochs + 1):
@@ -103,9 +122,15 @@ def _train_one(model, k, x, y, mask, epochs, batch_size, lr, momentum, weight_de
             opt.zero_grad(set_to_none=True)
             loss_fn(model(x[idx]), y[idx]).mean().backward()
             opt.step()
+        if on_epoch is not None:
+            model.eval()
+            with torch.no_grad():
+                on_epoch(k, epoch, model(track))
+            model.train()
 
 
-def _train_vmap(models, x, y, masks, epochs, batch_size, lr, momentum, weight_decay, seed, loss_fn) -> None:
+def _train_vmap(models, x, y, masks, epochs, batch_size, lr, momentum, weight_decay, seed, loss_fn,
+                on_epoch=None, track=None) -> None:
     params, buffers = stack_module_state(models)
     params = {n: p.detach().clone().requires_grad_(True) for n, p in params.items()}
     base = copy.deepcopy(models[0]).to("meta")
@@ -125,6 +150,11 @@ def _train_vmap(models, x, y, masks, epochs, batch_size, lr, momentum, weight_de
             opt.zero_grad(set_to_none=True)
             losses.mean(1).sum().backward()
             opt.step()
+        if on_epoch is not None:
+            with torch.no_grad():
+                out = vmap(forward, in_dims=(0, 0, None))(params, buffers, track)  # [K, M, C]
+            for k in range(n_members):
+                on_epoch(k, epoch, out[k])
     with torch.no_grad():
         for k, m in enumerate(models):
             for n, p in m.named_parameters():

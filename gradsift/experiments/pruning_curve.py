@@ -1,0 +1,149 @@
+"""Pruning curves: test accuracy against the fraction of training data kept, per score.
+
+For each score (``el2n``, ``grand``, ``forgetting``, ``memorization``, ``random``, and any
+of ``loss``, ``cum_loss``, ``learning_time``, ``margin``), the training set is scored once,
+then for each fraction the hardest examples are kept (``prefer="hard"``, as in Data Diet;
+``--keep-easy`` for the other end) and fresh models are trained on the subset with several
+seeds. All models of one fraction have the same subset size, so they train at once with
+``torch.func`` (:func:`gradsift.scores.members.train_members`).
+
+Outputs in ``OUT``:
+
+* ``summary.json``::
+
+      {"config": {...},
+       "results": {score: {fraction (str): {"test_acc_mean": float, "test_acc_std": float,
+                                              "test_acc": [per seed], "n_kept": int}}},
+       "findings": {"best_score_at": {fraction: score}, ...}}
+
+* ``scores.parquet``: the scores used (one row per ``example_id``; the directory is a run
+  directory, so ``gradsift prune --run OUT`` and ``gradsift.open_run(OUT)`` work on it);
+* ``pruning_curve.png``: accuracy vs fraction kept, one line per score (mean ± std).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .. import data as data_mod
+from ..actions import select
+from ..errors import GradsiftError
+from ..scores import (
+    DynamicsRecorder, data_diet_scores, memorization_scores, mlp_factory, predict_members, train_members,
+)
+from ..store import RunDir, write_json
+
+DYNAMICS = ("forgetting", "loss", "cum_loss", "learning_time", "margin", "forgetting_events")
+KNOWN = ("el2n", "grand", "memorization", "random") + DYNAMICS
+
+
+@dataclass
+class PruningCurveConfig:
+    """Settings (defaults finish in minutes on 2 CPU cores for MNIST-1D)."""
+
+    dataset: str = "mnist1d"
+    scores: tuple[str, ...] = ("el2n", "grand", "forgetting", "memorization", "random")
+    fractions: tuple[float, ...] = (0.3, 0.5, 0.7, 1.0)
+    seeds: int = 2
+    width: int = 128
+    epochs: int = 15
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    prefer: str = "hard"
+    class_balanced: bool = False
+    diet_inits: int = 4
+    diet_epochs: int = 2
+    mem_models: int = 16
+    mem_fraction: float = 0.5
+    label_noise: str = "none"
+    noise_rate: float = 0.0
+    seed: int = 0
+
+
+def compute_scores(config: PruningCurveConfig, train: data_mod.Dataset, progress=None) -> pd.DataFrame:
+    """Score ``train`` with every score in ``config.scores``: DataFrame indexed by example_id
+    (``memorization`` is the ``mem`` column, ``random`` needs none)."""
+    unknown = [s for s in config.scores if s not in KNOWN]
+    if unknown:
+        raise GradsiftError(f"unknown score(s) {unknown}: use {', '.join(KNOWN)}")
+    frames = [pd.DataFrame({"label": train.y}, index=pd.Index(train.example_ids, name="example_id"))]
+    mf = mlp_factory(train, width=config.width, seed=config.seed + 1000)
+    train_kw = dict(batch_size=config.batch_size, lr=config.lr, momentum=config.momentum)
+    wanted = set(config.scores)
+    if wanted & {"el2n", "grand"}:
+        frames.append(data_diet_scores(train, mf, n_inits=config.diet_inits, epochs=config.diet_epochs,
+                                       seed=config.seed, scores=tuple(s for s in ("el2n", "grand") if s in wanted),
+                                       **train_kw))
+    if wanted & set(DYNAMICS):
+        from ..train import fit
+
+        rec = DynamicsRecorder()
+        fit(mf(0), train, optimizer=f"sgd:lr={config.lr},momentum={config.momentum},weight_decay={config.weight_decay}",
+            epochs=config.epochs, batch_size=config.batch_size, seed=config.seed, recorders=[rec], progress=False)
+        frames.append(rec.scores().drop(columns=["label"])[[c for c in DYNAMICS if c in wanted]])
+    if "memorization" in wanted:
+        mem = memorization_scores(train, mf, n_models=config.mem_models, fraction=config.mem_fraction,
+                                  epochs=config.epochs, weight_decay=config.weight_decay, seed=config.seed,
+                                  **train_kw)
+        frames.append(mem[["mem", "mem_se"]].rename(columns={"mem": "memorization"}))
+    return pd.concat(frames, axis=1)
+
+
+def run_pruning_curve(config: PruningCurveConfig, out_dir: str | Path) -> dict:
+    """Score, prune, retrain, evaluate; write ``summary.json``, ``scores.parquet`` and the
+    plot (see the module docstring). Returns the summary."""
+    out = Path(out_dir)
+    run = RunDir(out)
+    train, test = data_mod.load(config.dataset, seed=config.seed)
+    train = data_mod.corrupt(train, config.label_noise, config.noise_rate, seed=config.seed)
+    if any(not 0 < f <= 1 for f in config.fractions):
+        raise GradsiftError(f"fractions must be in (0, 1], got {config.fractions}")
+    scores = compute_scores(config, train)
+    run.write_scores(scores)
+    x, y = train.tensors()
+    xt, yt = test.tensors()
+    mf_seed = lambda s: mlp_factory(train, width=config.width, seed=config.seed + s)  # noqa: E731
+    results: dict[str, dict[str, dict]] = {s: {} for s in config.scores}
+    for frac in sorted(config.fractions):
+        names = ["all"] if frac == 1.0 else list(config.scores)
+        masks, who = [], []
+        for name in names:
+            for s in range(config.seeds):
+                if name == "all":
+                    keep = np.arange(len(train))
+                else:
+                    col = "memorization" if name == "memorization" else name
+                    values = np.zeros(len(train)) if name == "random" else scores[col].to_numpy()
+                    keep = select(values, frac, labels=train.y, class_balanced=config.class_balanced,
+                                  prefer="random" if name == "random" else config.prefer, seed=config.seed + s)
+                m = torch.zeros(len(train), dtype=torch.bool)
+                m[torch.from_numpy(keep)] = True
+                masks.append(m)
+                who.append((name, s))
+        sizes = {int(m.sum()) for m in masks}
+        models = train_members(lambda k: mf_seed(who[k][1])(0), x, y, torch.stack(masks), epochs=config.epochs,
+                               batch_size=config.batch_size, lr=config.lr, momentum=config.momentum,
+                               weight_decay=config.weight_decay, seed=config.seed, vectorize=None if len(sizes) == 1 else False)
+        accs = (predict_members(models, xt).argmax(-1) == yt).float().mean(1).numpy()
+        for name in (config.scores if frac == 1.0 else names):
+            a = [float(accs[k]) for k, (n, _) in enumerate(who) if n == (name if frac != 1.0 else "all")]
+            results[name][str(frac)] = {"test_acc_mean": float(np.mean(a)), "test_acc_std": float(np.std(a)),
+                                        "test_acc": a, "n_kept": int(round(frac * len(train)))}
+    best = {}
+    for frac in sorted(config.fractions):
+        if frac < 1.0:
+            best[str(frac)] = max(config.scores, key=lambda s: results[s][str(frac)]["test_acc_mean"])
+    summary = {"config": {**asdict(config), "n_train": len(train), "n_test": len(test)},
+               "results": results, "findings": {"best_score_at": best}}
+    write_json(out / "summary.json", summary)
+    from ..plotting import plot_pruning_curve
+
+    plot_pruning_curve(summary, out / "pruning_curve.png")
+    return summary
