@@ -28,11 +28,11 @@ __all__ = [
     "UnsupportedModelError", "__version__",
 ]
 
-from . import data, models  # noqa: E402
+from . import data, distributed, models  # noqa: E402
 from .recorders import CoherenceRecorder  # noqa: E402
 from .train import FitResult, Recorder, Trainer, fit  # noqa: E402
 
-__all__ += ["data", "models", "CoherenceRecorder", "FitResult", "Recorder", "Trainer", "fit"]
+__all__ += ["data", "distributed", "models", "CoherenceRecorder", "FitResult", "Recorder", "Trainer", "fit"]
 
 from . import scores  # noqa: E402
 from .run import Run, open_run  # noqa: E402

@@ -56,6 +56,12 @@ class Aggregator:
         output: ``"per_example"`` or ``"batch"``.
         per_coordinate: the reduction acts on each coordinate independently (so it can be
             applied layer by layer); ``None`` when it is not such a reduction.
+        kind: the factory's name (``"winsorize"``, ``"clip"``, ...), for code that treats
+            known aggregators specially (e.g. the distributed reductions); ``""`` if none.
+        options: the factory's arguments, e.g. ``{"c": 2}``.
+        parts: the components of a :func:`chain` (its state is the tuple of theirs).
+        example_wise: a per-example -> per-example map that transforms each example on its
+            own (``clip``, ``drop_nonfinite``), so it can run on any shard of a batch.
     """
 
     name: str
@@ -64,6 +70,10 @@ class Aggregator:
     input: Kind
     output: Kind
     per_coordinate: Callable[[Tensor], Tensor] | None = field(default=None, compare=False)
+    kind: str = ""
+    options: dict = field(default_factory=dict, compare=False)
+    parts: tuple["Aggregator", ...] = field(default=(), compare=False)
+    example_wise: bool = False
 
     @property
     def needs_per_example(self) -> bool:
@@ -204,17 +214,18 @@ def _check_finite(grads: Grads, who: str) -> None:
 
 # ---------------------------------------------------------------- aggregators
 
-def _reducer(name: str, fn: Callable[[Tensor], Tensor]) -> Aggregator:
+def _reducer(name: str, fn: Callable[[Tensor], Tensor], kind: str, **options: Any) -> Aggregator:
     def update(grads: Grads, state: State) -> tuple[Grads, State]:
         _check_finite(grads, name)
         return {n: fn(g) for n, g in grads.items()}, state
 
-    return Aggregator(name, lambda params: (), update, "per_example", "batch", per_coordinate=fn)
+    return Aggregator(name, lambda params: (), update, "per_example", "batch", per_coordinate=fn,
+                      kind=kind, options=options)
 
 
 def mean() -> Aggregator:
     """Plain mean of per-example gradients (ordinary SGD direction)."""
-    return _reducer("mean", mean_of)
+    return _reducer("mean", mean_of, "mean")
 
 
 def winsorize(c: int = 1) -> Aggregator:
@@ -222,12 +233,12 @@ def winsorize(c: int = 1) -> Aggregator:
     c = int(c)
     if c < 0:
         raise ValueError(f"winsorize: c must be >= 0, got {c}")
-    return _reducer(f"winsorize(c={c})", lambda x: winsorized_mean(x, c))
+    return _reducer(f"winsorize(c={c})", lambda x: winsorized_mean(x, c), "winsorize", c=c)
 
 
 def m3() -> Aggregator:
     """Coordinate-wise median of the means of 3 groups; see :func:`m3_mean`."""
-    return _reducer("m3", m3_mean)
+    return _reducer("m3", m3_mean, "m3")
 
 
 def trimmed_mean(fraction: float = 0.1) -> Aggregator:
@@ -235,12 +246,13 @@ def trimmed_mean(fraction: float = 0.1) -> Aggregator:
     fraction = float(fraction)
     if not 0.0 <= fraction < 0.5:
         raise ValueError(f"trimmed_mean: fraction must be in [0, 0.5), got {fraction}")
-    return _reducer(f"trimmed_mean(fraction={fraction:g})", lambda x: trimmed_mean_of(x, fraction))
+    return _reducer(f"trimmed_mean(fraction={fraction:g})", lambda x: trimmed_mean_of(x, fraction),
+                    "trimmed_mean", fraction=fraction)
 
 
 def coordinate_median() -> Aggregator:
     """Coordinate-wise median; see :func:`median_of`."""
-    return _reducer("coordinate_median", median_of)
+    return _reducer("coordinate_median", median_of, "coordinate_median")
 
 
 def rm3() -> Aggregator:
@@ -263,7 +275,7 @@ def rm3() -> Aggregator:
             out = {n: median3(current[n], p1[n], p2[n]) for n in current}
         return out, (current, *history[:1])
 
-    return Aggregator("rm3", lambda params: (), update, "batch", "batch")
+    return Aggregator("rm3", lambda params: (), update, "batch", "batch", kind="rm3")
 
 
 def clip(max_norm: float = 1.0, *, per_layer: bool = False) -> Aggregator:
@@ -293,7 +305,8 @@ def clip(max_norm: float = 1.0, *, per_layer: bool = False) -> Aggregator:
         return {n: g * f.view(-1, *([1] * (g.ndim - 1))) for n, g in grads.items()}, state
 
     name = f"clip(max_norm={max_norm:g}{', per_layer' if per_layer else ''})"
-    return Aggregator(name, lambda params: (), update, "per_example", "per_example")
+    return Aggregator(name, lambda params: (), update, "per_example", "per_example", kind="clip",
+                      options={"max_norm": max_norm, "per_layer": per_layer}, example_wise=True)
 
 
 def drop_nonfinite() -> Aggregator:
@@ -311,7 +324,8 @@ def drop_nonfinite() -> Aggregator:
             return grads, state
         return {n: g[keep] for n, g in grads.items()}, state + int((~keep).sum())
 
-    return Aggregator("drop_nonfinite", lambda params: 0, update, "per_example", "per_example")
+    return Aggregator("drop_nonfinite", lambda params: 0, update, "per_example", "per_example",
+                      kind="drop_nonfinite", example_wise=True)
 
 
 def chain(*aggregators: Aggregator) -> Aggregator:
@@ -336,7 +350,8 @@ def chain(*aggregators: Aggregator) -> Aggregator:
         return grads, tuple(new_state)
 
     name = " > ".join(a.name for a in aggregators)
-    return Aggregator(name, init, update, aggregators[0].input, aggregators[-1].output)
+    return Aggregator(name, init, update, aggregators[0].input, aggregators[-1].output,
+                      kind="chain", parts=tuple(aggregators))
 
 
 def write_grads(model: nn.Module, update: Grads) -> None:

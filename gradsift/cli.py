@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .errors import GradsiftError
+from .errors import GradsiftError, SpecError
 
 app = typer.Typer(
     name="gradsift",
@@ -150,8 +150,14 @@ def train(
     resume: bool = typer.Option(False, help="continue from the run directory's last checkpoint"),
     seed: int = typer.Option(0, help="random seed"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+    dist_mode: str = typer.Option("exact", help="under torchrun: exact (same update as one process on the global batch) or local (each rank aggregates its slice, then mean)"),
+    dist_backend: str = typer.Option("auto", help="under torchrun: gloo, nccl or auto (nccl when CUDA is available)"),
+    dist_timeout: float = typer.Option(300.0, help="under torchrun: seconds a rank waits for the others before failing"),
 ) -> None:
-    """Train a model with any aggregator and optimizer; write a run directory."""
+    """Train a model with any aggregator and optimizer; write a run directory.
+
+    Started by torchrun (e.g. ``torchrun --nproc-per-node 2 -m gradsift train ...``) it
+    trains data-parallel: --batch-size is the global batch, rank 0 writes the run directory."""
     import torch
 
     from . import data as data_mod
@@ -161,18 +167,33 @@ def train(
     from .train import fit
 
     agg = aggregator_from_spec(aggregator)  # fail fast on a bad spec, before loading data
+    if dist_mode not in ("exact", "local"):
+        raise SpecError(f"--dist-mode must be exact or local, got '{dist_mode}'")
     train_data, test_data = data_mod.load(dataset, seed=seed)
     train_data = data_mod.corrupt(train_data, label_noise, noise_rate, seed=seed)
     torch.manual_seed(seed)
     net = model_from_spec(model, train_data.shape or train_data.x.shape[1:], train_data.num_classes)
     config = dict(dataset=dataset, model=model, aggregator_spec=aggregator, optimizer_spec=optimizer,
                   label_noise=label_noise, noise_rate=noise_rate, corrupted=len(train_data.corrupted))
-    result = fit(
-        net, train_data, test_data, aggregator=agg, optimizer=optimizer, epochs=epochs,
-        batch_size=batch_size, seed=seed, run_dir=run_dir, resume=resume,
-        recorders=[CoherenceRecorder(seed=seed)] if coherence else [], on_nonfinite=on_nonfinite,
-        progress=show_progress(quiet), config=config,
+    kwargs = dict(
+        aggregator=agg, optimizer=optimizer, epochs=epochs, batch_size=batch_size, seed=seed,
+        run_dir=run_dir, resume=resume, recorders=[CoherenceRecorder(seed=seed)] if coherence else [],
+        on_nonfinite=on_nonfinite, progress=show_progress(quiet), config=config,
     )
+    from .distributed import launched_by_torchrun
+
+    if launched_by_torchrun():
+        from .distributed import fit_distributed, init_from_env
+
+        comm = init_from_env(dist_backend, dist_timeout)
+        try:
+            result = fit_distributed(net, train_data, test_data, comm=comm, mode=dist_mode, **kwargs)
+        finally:
+            comm.close()
+        if comm.rank != 0:
+            return
+    else:
+        result = fit(net, train_data, test_data, **kwargs)
     last = result.history.iloc[-1].to_dict()
     out_console.print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in last.items()}))
     out_console.print(f"wrote {run_dir}")

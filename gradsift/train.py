@@ -195,32 +195,56 @@ class Trainer:
 
     # -------------------------------------------------------------- one step
     def train_step(self, positions: Tensor, epoch: int) -> None:
-        x, y = self.x[positions], self.y[positions]
+        """One optimizer step on the global batch ``positions`` ``[B]``."""
         if len(positions) == 0:
             return
+        mine = self.local_positions(positions)
+        x, y = self.x[mine], self.y[mine]
         grads = None
         if self.needs_per_example:
             pe = per_example(self.model, self.loss_fn, x, y, chunk_size=self.chunk_size)
             losses, outputs, grads = pe.losses, pe.outputs, pe.grads
             if self.aggregator.input == "per_example":
-                update, self.agg_state = self.aggregator.update(grads, self.agg_state)
+                update, self.agg_state = self.aggregate(grads, self.agg_state)
             else:
-                batch = {n: g.mean(0) for n, g in grads.items()}
-                update, self.agg_state = self.aggregator.update(batch, self.agg_state)
+                batch = {n: agg_mod.mean_of(g) for n, g in grads.items()}
+                update, self.agg_state = self.aggregate_batch(batch, len(mine), self.agg_state)
         else:
             batch, losses, outputs = batch_gradient(self.model, self.loss_fn, x, y)
-            update, self.agg_state = self.aggregator.update(batch, self.agg_state)
+            update, self.agg_state = self.aggregate_batch(batch, len(mine), self.agg_state)
         agg_mod.write_grads(self.model, update)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        info = StepInfo(
-            epoch=epoch, step=self.step, positions=positions, example_ids=self.ids[positions],
-            inputs=x, targets=y, losses=losses, outputs=outputs, grads=grads,
-            lr=float(self.optimizer.param_groups[0]["lr"]),
-        )
-        for r in self.recorders:
-            r.on_step(self, info)
+        if self.recorders:
+            info = self.step_info(epoch, positions, losses, outputs, grads)
+            for r in self.recorders:
+                r.on_step(self, info)
         self.step += 1
+
+    # The hooks below are what a distributed trainer (gradsift.distributed) overrides.
+    def local_positions(self, positions: Tensor) -> Tensor:
+        """The part ``[b]`` of the global batch ``positions`` ``[B]`` this process computes
+        (all of it here; a contiguous shard per rank under torch.distributed)."""
+        return positions
+
+    def aggregate(self, grads: dict[str, Tensor], state: Any) -> tuple[dict[str, Tensor], Any]:
+        """Per-example gradients of this process's examples -> (update, new state)."""
+        return self.aggregator.update(grads, state)
+
+    def aggregate_batch(self, batch: dict[str, Tensor], n: int, state: Any) -> tuple[dict[str, Tensor], Any]:
+        """Mean gradient of this process's ``n`` examples -> (update, new state), for
+        aggregators that take batch gradients."""
+        return self.aggregator.update(batch, state)
+
+    def step_info(self, epoch: int, positions: Tensor, losses: Tensor, outputs: Tensor,
+                  grads: dict[str, Tensor] | None) -> StepInfo:
+        """What recorders see: the whole global batch ``positions`` with the losses,
+        outputs and per-example gradients computed for it."""
+        return StepInfo(
+            epoch=epoch, step=self.step, positions=positions, example_ids=self.ids[positions],
+            inputs=self.x[positions], targets=self.y[positions], losses=losses, outputs=outputs,
+            grads=grads, lr=float(self.optimizer.param_groups[0]["lr"]),
+        )
 
     # -------------------------------------------------------------- epochs
     def evaluate(self) -> dict[str, float]:
@@ -247,6 +271,11 @@ class Trainer:
         ckpt = self.run.load_checkpoint()
         if ckpt is None:
             return False
+        self.load_state(ckpt)
+        return True
+
+    def load_state(self, ckpt: dict) -> None:
+        """Restore the state saved by :meth:`_checkpoint`."""
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.agg_state = ckpt["agg_state"]
@@ -256,7 +285,6 @@ class Trainer:
         torch.set_rng_state(ckpt["rng"])
         for r, s in zip(self.recorders, ckpt["recorders"]):
             r.load_state_dict(s)
-        return True
 
     def fit(self, *, resume: bool = False) -> FitResult:
         torch.manual_seed(self.seed)

@@ -1,0 +1,201 @@
+"""Data-parallel training with a per-example view: :class:`DistributedTrainer`.
+
+Every rank holds the model and the whole data set and draws the same global batches
+(the sampler is seeded alike). Rank ``r`` computes the per-example gradients of its
+contiguous slice of each global batch (:func:`~gradsift.distributed.comm.shard_bounds`);
+:class:`~gradsift.distributed.reduce.GlobalAggregation` combines the slices into the
+update one process would compute on the whole global batch; every rank applies it, so
+the replicas stay equal (checked at every epoch end).
+
+Recorders see the whole global batch on every rank (losses and outputs are gathered,
+``B`` and ``B x C`` values a step; per-example gradients only when a recorder asks for
+them, ``B x P``), so per-example tables are the single-process tables, each example once.
+Only rank 0 writes the run directory (manifest, tables, checkpoints); on resume it reads
+the checkpoint and sends it to the others, so no shared file system is needed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..data import Dataset
+from ..train import FitResult, StepInfo, Trainer
+from ..train import evaluate as evaluate_model
+from .comm import Comm, DistributedError, TorchComm, gather_rows, init_from_env, shard_bounds
+from .reduce import GlobalAggregation, Mode
+
+
+class DistributedTrainer(Trainer):
+    """A :class:`~gradsift.train.Trainer` over the ranks of ``comm``.
+
+    Args:
+        comm: the process group; see :func:`~gradsift.distributed.comm.init_from_env`.
+        mode: ``"exact"`` (the single-process result on the global batch) or ``"local"``
+            (each rank aggregates its slice, then the results are averaged).
+        Everything else as :class:`~gradsift.train.Trainer`; ``batch_size`` is the
+        *global* batch size.
+    """
+
+    def __init__(self, model: nn.Module, train: Dataset, test: Dataset | None = None, *,
+                 comm: Comm, mode: Mode = "exact", run_dir: str | Path | None = None,
+                 progress: bool | None = None, config: dict | None = None, **kwargs: Any):
+        self.comm = comm
+        self.rank0 = comm.rank == 0
+        self.device = getattr(comm, "device", torch.device("cpu"))
+        model.to(self.device)
+        config = {**(config or {}), "world_size": comm.world_size, "dist_mode": mode}
+        super().__init__(model, train, test, run_dir=run_dir if self.rank0 else None,
+                         progress=progress if self.rank0 else False, config=config, **kwargs)
+        self.run_path = None if run_dir is None else Path(run_dir)
+        self.global_aggregation = GlobalAggregation(self.aggregator, comm, mode)
+        self.x, self.y = self.x.to(self.device), self.y.to(self.device)
+        self._check_same_data(train)
+        with torch.no_grad():
+            self._out_shape = tuple(model(self.x[:1]).shape[1:]) if len(self.y) else ()
+
+    # ------------------------------------------------------------------ setup checks
+    def _check_same_data(self, train: Dataset) -> None:
+        h = hashlib.sha1()
+        h.update(train.y.tobytes())
+        h.update(train.example_ids.tobytes())
+        mine = (len(train), h.hexdigest()[:16])
+        every = self.comm.all_gather_object(mine)
+        if any(v != every[0] for v in every):
+            raise DistributedError(
+                "the ranks were given different training sets (size, label/id digest per rank: "
+                f"{every}); every rank must load the same data with the same seed"
+            )
+
+    def _sync_replicas(self) -> None:
+        """Make every rank start from rank 0's parameters and buffers."""
+        if isinstance(self.comm, TorchComm):
+            self.comm.broadcast_(list(self.model.parameters()) + list(self.model.buffers()))
+        else:
+            state = self.comm.broadcast_object(self.model.state_dict())
+            self.model.load_state_dict(state)
+
+    def _check_replicas(self) -> None:
+        with torch.no_grad():
+            total = sum(float(p.double().sum()) for p in self.model.parameters())
+        every = self.comm.all_gather_object(total)
+        if any(v != every[0] for v in every):
+            raise DistributedError(
+                f"the model replicas diverged (parameter sums per rank: {every}); a rank "
+                "applied a different update"
+            )
+
+    # ------------------------------------------------------------------ hooks
+    def local_positions(self, positions: Tensor) -> Tensor:
+        lo, hi = shard_bounds(len(positions), self.comm.world_size)[self.comm.rank]
+        return positions[lo:hi]
+
+    def aggregate(self, grads: dict[str, Tensor], state: Any) -> tuple[dict[str, Tensor], Any]:
+        return self.global_aggregation.update(grads, state)
+
+    def aggregate_batch(self, batch: dict[str, Tensor], n: int, state: Any) -> tuple[dict[str, Tensor], Any]:
+        return self.global_aggregation.update_batch(batch, n, state)
+
+    def train_step(self, positions: Tensor, epoch: int) -> None:
+        if hasattr(self.comm, "where"):
+            self.comm.where = f"epoch {epoch}, step {self.step}"
+        super().train_step(positions, epoch)
+
+    def step_info(self, epoch: int, positions: Tensor, losses: Tensor, outputs: Tensor,
+                  grads: dict[str, Tensor] | None) -> StepInfo:
+        sizes = [hi - lo for lo, hi in shard_bounds(len(positions), self.comm.world_size)]
+        if outputs.shape[0] == 0:
+            outputs = outputs.new_zeros((0, *self._out_shape))
+        losses = gather_rows(self.comm, losses.reshape(-1), sizes)
+        outputs = gather_rows(self.comm, outputs, sizes)
+        if grads is not None and any(r.needs_per_example_grads for r in self.recorders):
+            grads = {n: gather_rows(self.comm, g, sizes) for n, g in grads.items()}
+        else:
+            grads = None
+        return super().step_info(epoch, positions, losses, outputs, grads)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        self._check_replicas()
+        splits = {"train": (self.x, self.y)}
+        if self.test_data is not None:
+            xt, yt = self.test_data.tensors()
+            splits["test"] = (xt.to(self.device), yt.to(self.device))
+        row: dict[str, float] = {}
+        for prefix, (x, y) in splits.items():
+            lo, hi = shard_bounds(len(y), self.comm.world_size)[self.comm.rank]
+            r = evaluate_model(self.model, self.loss_fn, x[lo:hi], y[lo:hi])
+            n = hi - lo
+            s = self.comm.all_reduce_sum(torch.tensor([r["acc"] * n, r["loss"] * n, n], dtype=torch.float64))
+            total = max(float(s[2]), 1.0)
+            row[f"{prefix}_acc"] = round(float(s[0])) / total
+            row[f"{prefix}_loss"] = float(s[1]) / total
+        return row
+
+    def resume(self) -> bool:
+        ckpt = self.run.load_checkpoint() if (self.rank0 and self.run is not None) else None
+        ckpt = self.comm.broadcast_object(ckpt)
+        if ckpt is None:
+            return False
+        self.load_state(ckpt)
+        return True
+
+    def fit(self, *, resume: bool = False) -> FitResult:
+        try:
+            self._sync_replicas()
+            result = super().fit(resume=resume)
+        except DistributedError as e:
+            where = ""
+            if self.run_path is not None:
+                where = (f" Finished epochs are saved in {self.run_path}; run the same command "
+                         "with --resume (fit(..., resume=True)) to continue from the last one.")
+                if self.run is not None:
+                    try:
+                        self.run.update_manifest(status="failed", error=str(e))
+                    except OSError:
+                        pass
+            raise DistributedError(f"{e}{where}") from e
+        result.run_dir = self.run_path
+        return result
+
+
+def fit_distributed(
+    model: nn.Module,
+    train: Dataset,
+    test: Dataset | None = None,
+    *,
+    comm: Comm | None = None,
+    mode: Mode = "exact",
+    backend: str = "auto",
+    timeout_s: float = 300.0,
+    resume: bool = False,
+    **kwargs: Any,
+) -> FitResult:
+    """:func:`gradsift.fit` across the ranks of a ``torch.distributed`` job.
+
+    Start it under ``torchrun``; every rank calls it with the same arguments::
+
+        # torchrun --nproc-per-node 2 train.py
+        comm = gs.distributed.init_from_env()          # gloo on CPU, nccl on GPUs
+        result = gs.distributed.fit_distributed(model, train, test, comm=comm,
+                                                aggregator="winsorize:c=5", batch_size=256)
+
+    Args:
+        comm: the process group; ``None`` joins the one torchrun describes
+            (:func:`~gradsift.distributed.comm.init_from_env` with ``backend``, ``timeout_s``).
+        mode: ``"exact"`` or ``"local"``; see :mod:`gradsift.distributed.reduce`.
+        resume, **kwargs: as :func:`gradsift.fit` (``batch_size`` is the global batch).
+
+    Returns:
+        The :class:`~gradsift.train.FitResult`, equal on every rank.
+
+    Raises:
+        DistributedError: a rank died or timed out (the message says where; finished
+            epochs are in the run directory, resume from them).
+    """
+    comm = comm or init_from_env(backend, timeout_s)
+    return DistributedTrainer(model, train, test, comm=comm, mode=mode, **kwargs).fit(resume=resume)
