@@ -126,10 +126,13 @@ def test_pruning_summary_formats():
                          "random": {"0.5": 0.7, "1.0": 0.9}}}
     rows = {"results": [{"score": "el2n", "fraction": 0.5, "test_acc": 0.8, "std": 0.01},
                         {"score": "el2n", "fraction": 1.0, "test_acc": 0.9, "std": 0.0}]}
-    for summary in (nested, rows):
+    written = {"results": {"el2n": {"0.5": {"test_acc_mean": 0.8, "test_acc_std": 0.01, "test_acc": [0.79, 0.81]},
+                                    "1.0": {"test_acc_mean": 0.9, "test_acc_std": 0.0, "test_acc": [0.9, 0.9]}}}}
+    per_seed = {"results": {"el2n": {"0.5": {"test_acc": [0.79, 0.81]}, "1.0": {"test_acc": [0.9]}}}}
+    for summary in (nested, rows, written, per_seed):
         t = pruning_tables(summary)
         el2n = t["el2n"].sort_values("fraction")
-        assert list(el2n["fraction"]) == [0.5, 1.0] and list(el2n["mean"]) == [0.8, 0.9]
+        assert list(el2n["fraction"]) == [0.5, 1.0] and np.allclose(el2n["mean"], [0.8, 0.9])
     assert pruning_tables({"runs": []}) == {}
 
 
@@ -146,6 +149,19 @@ def test_privacy_info_only_for_dp_runs():
     assert privacy_info({"config": {"epochs": 3}}) == {}
     assert privacy_info({"config": {"sigma": 1.0, "delta": 1e-5}, "epsilon": 3.0}) == {
         "epsilon": 3.0, "sigma": 1.0, "delta": 1e-5}
+
+
+def test_issues_csv_report(run_dir, tmp_path):
+    shutil.copy(run_dir / "issues.csv", tmp_path / "issues.csv")
+    r = CliRunner().invoke(app, ["report", str(tmp_path / "issues.csv"), "--dataset", "digits", "--top-issues", "5"])
+    assert r.exit_code == 0, r.output
+    html = (tmp_path / "issues.html").read_text()
+    assert sum(i.startswith("issue-") for i in plot_ids(html)) == 5 and "<h3>Next issues</h3>" in html
+    no_data = build_report(tmp_path / "issues.csv")  # without --dataset: listed, not drawn
+    assert not plot_ids(no_data) and "examples are not drawn" in no_data
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(ReportError, match="no example_id column"):
+        build_report(tmp_path / "other.csv")
 
 
 def test_report_errors(tmp_path):

@@ -22,6 +22,7 @@ from ..store import atomic_path
 from .experiment import experiment_sections, is_experiment_dir
 from .html import page
 from .run import is_run_dir, run_sections
+from .sift import issues_section
 
 __all__ = ["build_report", "write_report", "ReportError"]
 
@@ -30,25 +31,31 @@ class ReportError(GradsiftError, ValueError):
     """The path given is not a run or experiment directory."""
 
 
-def build_report(path: str | Path, *, top_issues: int = 12) -> str:
-    """The report of the run or experiment directory ``path`` as an HTML string.
+def build_report(path: str | Path, *, top_issues: int = 12, dataset: str | None = None, seed: int = 0) -> str:
+    """The report of ``path`` as an HTML string.
 
     Args:
-        path: a run directory (``manifest.json``/``metrics.parquet``) or an experiment
-            directory (``summary.json``).
+        path: a run directory (``manifest.json``/``metrics.parquet``), an experiment
+            directory (``summary.json``), or a label-issues CSV (``gradsift issues --out``).
         top_issues: how many label issues to draw.
+        dataset, seed: for a label-issues CSV, the data set (and split seed) it ranks, so
+            that the examples can be drawn.
     """
     path = Path(path)
     if not path.exists():
         raise ReportError(
-            f"no such directory: {path}. Give a run directory (from `gradsift train --run-dir`) "
-            "or an experiment directory (from `gradsift memorization --out`)."
+            f"no such directory: {path}. Give a run directory (from `gradsift train --run-dir`), "
+            "an experiment directory (from `gradsift memorization --out`) or a label-issues CSV."
         )
-    if not path.is_dir():
-        raise ReportError(f"{path} is a file; give the directory that holds it ({path.parent}).")
     if top_issues < 0:
         raise ReportError(f"top_issues must be >= 0, got {top_issues}")
-    if is_experiment_dir(path):
+    if path.is_file():
+        if path.suffix.lower() != ".csv":
+            raise ReportError(f"{path} is a file; give the directory that holds it ({path.parent}), "
+                              "or a label-issues CSV written by `gradsift issues`.")
+        sections = issues_file_sections(path, dataset=dataset, seed=seed, top=top_issues)
+        title = f"gradsift label issues: {path.name}"
+    elif is_experiment_dir(path):
         kind, sections = experiment_sections(path, top_issues=top_issues)
         title = f"gradsift {kind}: {path.resolve().name}"
     elif is_run_dir(path):
@@ -64,10 +71,33 @@ def build_report(path: str | Path, *, top_issues: int = 12) -> str:
     return page(title, f"{path.resolve()}", sections)
 
 
-def write_report(path: str | Path, out: str | Path | None = None, *, top_issues: int = 12) -> Path:
-    """Write the report of ``path`` to ``out`` (default ``path/report.html``), atomically."""
-    html_text = build_report(path, top_issues=top_issues)
-    out = Path(out) if out is not None else Path(path) / "report.html"
+def issues_file_sections(path: Path, *, dataset: str | None, seed: int = 0, top: int = 12) -> list:
+    """Sections of a label-issues CSV (``example_id, score, given_label, suggested_label``)."""
+    import pandas as pd
+
+    try:
+        issues = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise ReportError(f"{path} is not a readable CSV ({e})") from None
+    if "example_id" not in issues:
+        raise ReportError(f"{path} is not a label-issues table: it has no example_id column "
+                          f"(columns: {', '.join(map(str, issues.columns))})")
+    section = issues_section(issues, dataset=dataset, seed=seed, top=top)
+    return [section] if section is not None else []
+
+
+def default_out(path: str | Path) -> Path:
+    """Where the report of ``path`` goes by default: ``DIR/report.html``, or the CSV's name
+    with ``.html``."""
+    path = Path(path)
+    return path.with_suffix(".html") if path.is_file() else path / "report.html"
+
+
+def write_report(path: str | Path, out: str | Path | None = None, *, top_issues: int = 12,
+                 dataset: str | None = None, seed: int = 0) -> Path:
+    """Write the report of ``path`` to ``out`` (default :func:`default_out`), atomically."""
+    html_text = build_report(path, top_issues=top_issues, dataset=dataset, seed=seed)
+    out = Path(out) if out is not None else default_out(path)
     with atomic_path(out) as tmp:
         tmp.write_text(html_text, encoding="utf-8")
         umask = os.umask(0)

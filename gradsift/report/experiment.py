@@ -12,7 +12,7 @@ import pandas as pd
 from ..plotting import memorization_figure
 from .html import Section, esc, figure, kv_table, slug, table
 from .run import _flatten, is_run_dir, run_sections
-from .sift import corrupted_ids, issues_section, pruning_section, read_json
+from .sift import corrupted_ids, issues_section, pruning_section, read_json, read_scores, scores_section
 
 
 def is_experiment_dir(path: Path) -> bool:
@@ -107,13 +107,16 @@ def experiment_sections(exp: Path, *, top_issues: int = 12) -> tuple[str, list[S
     kind = experiment_kind(summary)
     config = summary.get("config") or {}
     issues = pd.read_csv(exp / "issues.csv") if (exp / "issues.csv").exists() else None
+    seed = int(config.get("seed", 0) or 0)
+    scores = read_scores(exp)
     sections = [
         config_section(summary),
         findings_section(summary),
         memorization_section(summary),
         pruning_section(summary),
-        issues_section(issues, dataset=config.get("dataset"), seed=int(config.get("seed", 0) or 0), top=top_issues,
-                       corrupted_ids=corrupted_ids(config, int(config.get("seed", 0) or 0)))
+        scores_section(scores, corrupted=corrupted_ids(config, seed, scores)),
+        issues_section(issues, dataset=config.get("dataset"), seed=seed, top=top_issues,
+                       corrupted_ids=corrupted_ids(config, seed))
         if issues is not None else None,
         runs_section(exp, summary, top_issues=top_issues),
     ]

@@ -203,8 +203,10 @@ def issues_section(issues: pd.DataFrame, *, dataset: str | None, seed: int = 0, 
 def pruning_tables(summary: Mapping[str, Any]) -> dict[str, pd.DataFrame]:
     """score -> DataFrame(fraction, mean, std) from a pruning-curve summary.
 
-    Accepts ``{"curves"|"results"|"accuracy": {score: {fraction: number | {"mean", "std"}}}}``
-    or a list of rows ``{score, fraction, mean|test_acc, std}``.
+    Accepts ``{"results"|"curves"|"accuracy": {score: {fraction: number | {"test_acc_mean",
+    "test_acc_std"} | {"mean", "std"} | {"test_acc": [per seed]}}}}`` (``gradsift
+    pruning-curve`` writes the first dict form) or a list of rows ``{score, fraction,
+    mean|test_acc, std}``.
     """
     data = next((summary[k] for k in ("curves", "results", "accuracy", "pruning") if k in summary), None)
     out: dict[str, pd.DataFrame] = {}
@@ -219,8 +221,11 @@ def pruning_tables(summary: Mapping[str, Any]) -> dict[str, pd.DataFrame]:
                 except ValueError:
                     continue
                 if isinstance(v, Mapping):
-                    rows.append({"fraction": f, "mean": float(v.get("mean", v.get("test_acc", np.nan))),
-                                 "std": float(v.get("std", 0.0))})
+                    mean = next((v[k] for k in ("test_acc_mean", "mean", "test_acc") if k in v), np.nan)
+                    std = next((v[k] for k in ("test_acc_std", "std") if k in v), None)
+                    if isinstance(mean, (list, tuple)):  # per-seed accuracies
+                        mean, std = float(np.mean(mean)), float(np.std(mean)) if std is None else std
+                    rows.append({"fraction": f, "mean": float(mean), "std": float(std or 0.0)})
                 else:
                     rows.append({"fraction": f, "mean": float(v), "std": 0.0})
             if rows:
