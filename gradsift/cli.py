@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
@@ -263,8 +264,15 @@ def scores(
     width: int = typer.Option(128, help="MLP hidden width"),
     mem_models: int = typer.Option(16, help="models for memorization scores"),
     seed: int = typer.Option(0, help="random seed"),
+    backend: str = typer.Option("local", callback=choice("local", "ray"),
+                                help="where the many-model parts run: local (this process) or ray (Ray tasks)"),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join (e.g. auto, ray://HOST:10001); default: a local ray.init()"),
 ) -> None:
-    """Score every training example; write RUN/scores.parquet (one row per example_id)."""
+    """Score every training example; write RUN/scores.parquet (one row per example_id).
+
+    With --backend ray the models behind el2n/grand and memorization are Ray tasks. Started
+    by torchrun, the ranks share those models and train the dynamics run data-parallel;
+    rank 0 writes. The table is the same either way."""
     from . import data as data_mod
     from .experiments.pruning_curve import PruningCurveConfig, compute_scores
     from .store import RunDir
@@ -273,7 +281,10 @@ def scores(
                                 mem_models=mem_models, seed=seed)
     train_data, _ = data_mod.load(dataset, seed=seed)
     train_data = data_mod.corrupt(train_data, label_noise, noise_rate, seed=seed)
-    table = compute_scores(config, train_data)
+    with many_model_backend(backend, ray_address) as (runner, comm):
+        table = compute_scores(config, train_data, backend=runner, comm=comm)
+    if comm is not None and comm.rank != 0:
+        return
     if len(train_data.corrupted):
         table["corrupted"] = train_data.is_noisy
     run = RunDir(run_dir)
@@ -282,6 +293,32 @@ def scores(
     run.write_scores(table)
     out_console.print(table.describe().T.to_string())
     out_console.print(f"wrote {run_dir / 'scores.parquet'}")
+
+
+@contextlib.contextmanager
+def many_model_backend(name: str, address: str | None):
+    """``(backend, comm)`` for a many-model command: Ray tasks, torchrun ranks (when started
+    by torchrun; then ``comm`` is the process group) or this process."""
+    from .distributed import launched_by_torchrun
+    from .distributed.backends import RankBackend, RayBackend, backend_from_spec
+
+    if launched_by_torchrun():
+        if name == "ray":
+            raise GradsiftError("choose one: torchrun or --backend ray")
+        from .distributed import init_from_env
+
+        comm = init_from_env()
+        try:
+            yield RankBackend(comm), comm
+        finally:
+            comm.close()
+        return
+    runner = backend_from_spec(name, address=address)
+    try:
+        yield runner, None
+    finally:
+        if isinstance(runner, RayBackend):
+            runner.close()
 
 
 def _split_list(text: str) -> list[str]:
@@ -328,6 +365,9 @@ def pruning_curve(
     class_balanced: bool = typer.Option(False, "--class-balanced", help="keep the fraction within every class"),
     out: Path = typer.Option(Path("runs/pruning"), "--out", help="output directory"),
     seed: int = typer.Option(0, help="random seed"),
+    backend: str = typer.Option("local", callback=choice("local", "ray"),
+                                help="where the many-model parts run: local (this process) or ray (Ray tasks)"),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join (e.g. auto, ray://HOST:10001); default: a local ray.init()"),
 ) -> None:
     """Accuracy vs fraction of data kept, per score: write summary.json and a plot.
 
@@ -342,7 +382,12 @@ def pruning_curve(
     config = PruningCurveConfig(dataset=dataset, scores=tuple(_split_list(scores)), fractions=fr, seeds=seeds,
                                 epochs=epochs, width=width, mem_models=mem_models,
                                 prefer="hard" if keep_hard else "easy", class_balanced=class_balanced, seed=seed)
-    summary = run_pruning_curve(config, out)
+    from .distributed import launched_by_torchrun
+
+    if launched_by_torchrun():
+        raise GradsiftError("pruning-curve does not run under torchrun; use --backend ray to spread its models")
+    with many_model_backend(backend, ray_address) as (runner, _):
+        summary = run_pruning_curve(config, out, backend=runner)
     table = Table(title=f"pruning curve on {dataset}: test accuracy (mean ± std over {seeds} seeds)")
     table.add_column("score")
     for f in sorted(fr):

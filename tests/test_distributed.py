@@ -207,3 +207,24 @@ def test_gradsift_train_under_torchrun_matches_one_process(tmp_path):
     assert one.exit_code == 0, one.output
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "two" / "metrics.parquet"),
                                   pd.read_parquet(tmp_path / "one" / "metrics.parquet"), atol=1e-5, rtol=1e-4)
+
+
+def test_scores_with_two_ranks_equal_one_rank(tmp_path):
+    """`gradsift scores` under torchrun: the memorization models are spread over the ranks,
+    the training-dynamics run is data-parallel, rank 0 writes one table (each example once)."""
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from gradsift.cli import app
+
+    from ._dist import torchrun
+
+    args = ["scores", "--scores", "el2n,forgetting,cum_loss,memorization", "--epochs", "2", "--width", "16",
+            "--mem-models", "3"]
+    r = torchrun(["-m", "gradsift", *args, "--run-dir", str(tmp_path / "two")], nproc=2, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = CliRunner().invoke(app, [*args, "--run-dir", str(tmp_path / "one")])
+    assert one.exit_code == 0, one.output
+    two = pd.read_parquet(tmp_path / "two" / "scores.parquet")
+    assert two.example_id.is_unique and len(two) == len(pd.read_parquet(tmp_path / "one" / "scores.parquet"))
+    pd.testing.assert_frame_equal(two, pd.read_parquet(tmp_path / "one" / "scores.parquet"), atol=1e-5, rtol=1e-4)

@@ -24,6 +24,7 @@ Outputs in ``OUT``:
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -67,9 +68,14 @@ class PruningCurveConfig:
     seed: int = 0
 
 
-def compute_scores(config: PruningCurveConfig, train: data_mod.Dataset, progress=None) -> pd.DataFrame:
+def compute_scores(config: PruningCurveConfig, train: data_mod.Dataset, progress=None, *,
+                   backend=None, comm=None) -> pd.DataFrame:
     """Score ``train`` with every score in ``config.scores``: DataFrame indexed by example_id
-    (``memorization`` is the ``mem`` column, ``random`` needs none)."""
+    (``memorization`` is the ``mem`` column, ``random`` needs none).
+
+    ``backend`` trains the many-model scores (Data Diet inits, memorization subsets) in
+    parallel tasks (:mod:`gradsift.distributed.backends`); ``comm`` (under torchrun) trains
+    the training-dynamics run data-parallel. Either way the table equals the in-process one."""
     unknown = [s for s in config.scores if s not in KNOWN]
     if unknown:
         raise GradsiftError(f"unknown score(s) {unknown}: use {', '.join(KNOWN)}")
@@ -80,10 +86,14 @@ def compute_scores(config: PruningCurveConfig, train: data_mod.Dataset, progress
     if wanted & {"el2n", "grand"}:
         frames.append(data_diet_scores(train, mf, n_inits=config.diet_inits, epochs=config.diet_epochs,
                                        seed=config.seed, scores=tuple(s for s in ("el2n", "grand") if s in wanted),
-                                       **train_kw))
+                                       backend=backend, **train_kw))
     if wanted & set(DYNAMICS):
         from ..train import fit
 
+        if comm is not None:
+            from ..distributed import fit_distributed
+
+            fit = partial(fit_distributed, comm=comm)  # noqa: F811
         rec = DynamicsRecorder()
         fit(mf(0), train, optimizer=f"sgd:lr={config.lr},momentum={config.momentum},weight_decay={config.weight_decay}",
             epochs=config.epochs, batch_size=config.batch_size, seed=config.seed, recorders=[rec], progress=False)
@@ -91,21 +101,25 @@ def compute_scores(config: PruningCurveConfig, train: data_mod.Dataset, progress
     if "memorization" in wanted:
         mem = memorization_scores(train, mf, n_models=config.mem_models, fraction=config.mem_fraction,
                                   epochs=config.epochs, weight_decay=config.weight_decay, seed=config.seed,
-                                  **train_kw)
+                                  backend=backend, **train_kw)
         frames.append(mem[["mem", "mem_se"]].rename(columns={"mem": "memorization"}))
     return pd.concat(frames, axis=1)
 
 
-def run_pruning_curve(config: PruningCurveConfig, out_dir: str | Path) -> dict:
+def run_pruning_curve(config: PruningCurveConfig, out_dir: str | Path, *, backend=None) -> dict:
     """Score, prune, retrain, evaluate; write ``summary.json``, ``scores.parquet`` and the
-    plot (see the module docstring). Returns the summary."""
+    plot (see the module docstring). Returns the summary.
+
+    ``backend`` (e.g. Ray, :mod:`gradsift.distributed.backends`) trains the scoring models
+    and the (score, seed) models of each fraction in parallel tasks; the summary is the
+    same as in this process."""
     out = Path(out_dir)
     run = RunDir(out)
     train, test = data_mod.load(config.dataset, seed=config.seed)
     train = data_mod.corrupt(train, config.label_noise, config.noise_rate, seed=config.seed)
     if any(not 0 < f <= 1 for f in config.fractions):
         raise GradsiftError(f"fractions must be in (0, 1], got {config.fractions}")
-    scores = compute_scores(config, train)
+    scores = compute_scores(config, train, backend=backend)
     run.write_scores(scores)
     x, y = train.tensors()
     xt, yt = test.tensors()
@@ -130,7 +144,8 @@ def run_pruning_curve(config: PruningCurveConfig, out_dir: str | Path) -> dict:
         sizes = {int(m.sum()) for m in masks}
         models = train_members(lambda k: mf_seed(who[k][1])(0), x, y, torch.stack(masks), epochs=config.epochs,
                                batch_size=config.batch_size, lr=config.lr, momentum=config.momentum,
-                               weight_decay=config.weight_decay, seed=config.seed, vectorize=None if len(sizes) == 1 else False)
+                               weight_decay=config.weight_decay, seed=config.seed, vectorize=None if len(sizes) == 1 else False,
+                               backend=backend)
         accs = (predict_members(models, xt).argmax(-1) == yt).float().mean(1).numpy()
         for name in (config.scores if frac == 1.0 else names):
             a = [float(accs[k]) for k, (n, _) in enumerate(who) if n == (name if frac != 1.0 else "all")]

@@ -30,6 +30,7 @@ def data_diet_scores(
     seed: int = 0,
     scores: tuple[str, ...] = ("el2n", "grand"),
     vectorize: bool | None = None,
+    backend=None,
 ) -> pd.DataFrame:
     """Data Diet scores.
 
@@ -39,6 +40,7 @@ def data_diet_scores(
         n_inits: number of initializations averaged.
         epochs: training epochs before scoring ("early in training"; 0 scores at init).
         scores: which of ``el2n``, ``grand`` to compute (GraNd needs per-example gradients).
+        backend: where to train the models (:mod:`gradsift.distributed.backends`).
 
     Returns:
         DataFrame indexed by ``example_id`` with the requested columns (means over inits).
@@ -47,7 +49,7 @@ def data_diet_scores(
     if epochs > 0:
         masks = torch.ones(n_inits, len(data), dtype=torch.bool)
         models = train_members(model_fn, x, y, masks, epochs=epochs, batch_size=batch_size, lr=lr,
-                               momentum=momentum, seed=seed, vectorize=vectorize)
+                               momentum=momentum, seed=seed, vectorize=vectorize, backend=backend)
     else:
         models = [model_fn(k).eval() for k in range(n_inits)]
     cols: dict[str, np.ndarray] = {}

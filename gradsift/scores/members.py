@@ -14,11 +14,14 @@ buffers that change in training or mixes examples (BatchNorm), or on request.
 from __future__ import annotations
 
 import copy
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
+
+if TYPE_CHECKING:
+    from ..distributed.backends import Backend
 
 ModelFn = Callable[[int], nn.Module]
 
@@ -61,6 +64,9 @@ def train_members(
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
     on_epoch: Callable[[int, int, Tensor], None] | None = None,
     track: Tensor | None = None,
+    member_ids: Sequence[int] | None = None,
+    backend: "Backend | None" = None,
+    members_per_task: int | None = None,
 ) -> list[nn.Module]:
     """Train ``K`` models, member ``k`` on the examples where ``masks[k]`` is true.
 
@@ -75,6 +81,14 @@ def train_members(
         loss_fn: per-example loss ``(logits, y) -> [B]`` (default cross-entropy).
         on_epoch: called as ``on_epoch(k, epoch, logits)`` after every epoch of every
             member with its eval-mode ``logits [M, C]`` on ``track`` (default ``x``).
+        member_ids: the members' ids ``k`` (default ``0..K-1``): they pick the model
+            (``model_fn(k)``) and the batch order, so a slice of a larger job trains its
+            members exactly as the whole job would.
+        backend: where to train (:mod:`gradsift.distributed.backends`: in this process,
+            Ray tasks, torchrun ranks). Members go in tasks of ``members_per_task``
+            (default: one task per member with vmap off, else spread over the workers)
+            and each task trains exactly as this process would train those members
+            (same ids, same path), so the models do not depend on the backend.
 
     Returns:
         The ``K`` trained models (in eval mode).
@@ -84,18 +98,29 @@ def train_members(
         raise ValueError(f"masks must be [K, N={len(y)}], got {tuple(masks.shape)}")
     if bool((masks.sum(1) == 0).any()):
         raise ValueError("every member needs at least one training example")
+    ids = list(range(masks.shape[0])) if member_ids is None else [int(k) for k in member_ids]
+    if len(ids) != masks.shape[0]:
+        raise ValueError(f"member_ids has {len(ids)} ids for {masks.shape[0]} members")
+    kwargs = dict(epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                  seed=seed, vectorize=vectorize, loss_fn=loss_fn)
+    if backend is not None:
+        if on_epoch is not None:
+            raise ValueError("on_epoch callbacks cannot run on a backend; train in this process")
+        from ..distributed.backends import run_members
+
+        return run_members(backend, model_fn, x, y, masks, ids, members_per_task, kwargs)
     loss_fn = loss_fn or nn.CrossEntropyLoss(reduction="none")
-    models = [model_fn(k) for k in range(masks.shape[0])]
+    models = [model_fn(k) for k in ids]
     possible = _can_vectorize(models, masks)
     if vectorize and not possible:
         raise ValueError("members cannot be trained with vmap (unequal subset sizes, BatchNorm or Dropout)")
     track = x if track is None else track
-    if (possible if vectorize is None else vectorize) and len(models) > 1:
+    if vectorize or (vectorize is None and possible and len(models) > 1):
         _train_vmap(models, x, y, masks, epochs, batch_size, lr, momentum, weight_decay, seed, loss_fn,
-                    on_epoch, track)
+                    on_epoch, track, ids)
     else:
-        for k, model in enumerate(models):
-            _train_one(model, k, x, y, masks[k], epochs, batch_size, lr, momentum, weight_decay, seed, loss_fn,
+        for i, (k, model) in enumerate(zip(ids, models)):
+            _train_one(model, k, x, y, masks[i], epochs, batch_size, lr, momentum, weight_decay, seed, loss_fn,
                        on_epoch, track)
     for m in models:
         m.eval()
@@ -130,7 +155,7 @@ def _train_one(model, k, x, y, mask, epochs, batch_size, lr, momentum, weight_de
 
 
 def _train_vmap(models, x, y, masks, epochs, batch_size, lr, momentum, weight_decay, seed, loss_fn,
-                on_epoch=None, track=None) -> None:
+                on_epoch=None, track=None, ids=None) -> None:
     params, buffers = stack_module_state(models)
     params = {n: p.detach().clone().requires_grad_(True) for n, p in params.items()}
     base = copy.deepcopy(models[0]).to("meta")
@@ -141,8 +166,9 @@ def _train_vmap(models, x, y, masks, epochs, batch_size, lr, momentum, weight_de
     batched = vmap(forward, in_dims=(0, 0, 0))
     opt = _optimizer(list(params.values()), lr, momentum, weight_decay)
     n_members = masks.shape[0]
+    ids = list(range(n_members)) if ids is None else ids
     for epoch in range(1, epochs + 1):
-        orders = [member_batches(masks[k], k, epoch, batch_size, seed) for k in range(n_members)]
+        orders = [member_batches(masks[i], ids[i], epoch, batch_size, seed) for i in range(n_members)]
         for step in range(len(orders[0])):
             idx = torch.stack([orders[k][step] for k in range(n_members)])  # [K, B]
             out = batched(params, buffers, x[idx])  # [K, B, C]
@@ -153,8 +179,8 @@ def _train_vmap(models, x, y, masks, epochs, batch_size, lr, momentum, weight_de
         if on_epoch is not None:
             with torch.no_grad():
                 out = vmap(forward, in_dims=(0, 0, None))(params, buffers, track)  # [K, M, C]
-            for k in range(n_members):
-                on_epoch(k, epoch, out[k])
+            for i in range(n_members):
+                on_epoch(ids[i], epoch, out[i])
     with torch.no_grad():
         for k, m in enumerate(models):
             for n, p in m.named_parameters():

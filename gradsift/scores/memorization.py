@@ -68,10 +68,14 @@ def memorization_scores(
     weight_decay: float = 0.0,
     seed: int = 0,
     vectorize: bool | None = None,
+    backend=None,
 ) -> pd.DataFrame:
     """Train ``n_models`` models on random ``fraction``-subsets of ``data`` (all at once
     with ``torch.func`` when the model allows, see :func:`~gradsift.scores.members.train_members`)
     and estimate memorization.
+
+    ``backend`` (:mod:`gradsift.distributed.backends`, e.g. Ray) trains the models in
+    parallel tasks; the scores are the same as in this process for the same seeds.
 
     Returns:
         DataFrame indexed by ``example_id``: ``mem, mem_se, p_in, p_out, n_in, n_out``.
@@ -79,7 +83,8 @@ def memorization_scores(
     x, y = data.tensors()
     masks = subset_masks(len(data), n_models, fraction, seed)
     models = train_members(model_fn, x, y, masks, epochs=epochs, batch_size=batch_size, lr=lr,
-                           momentum=momentum, weight_decay=weight_decay, seed=seed, vectorize=vectorize)
+                           momentum=momentum, weight_decay=weight_decay, seed=seed, vectorize=vectorize,
+                           backend=backend)
     correct = (predict_members(models, x).argmax(-1) == y).numpy()
     out = memorization_estimate(masks.numpy(), correct)
     out.index = pd.Index(data.example_ids, name="example_id")
