@@ -17,6 +17,17 @@ The per-coordinate reductions are also exposed as pure tensor functions
 (:func:`winsorized_mean`, :func:`m3_mean`, ...) over ``[B, ...] -> [...]`` so that a
 layer-by-layer engine can apply them as soon as one layer's gradients are ready.
 
+Side inputs: an aggregator that needs more than the gradients (Sven needs the
+per-example losses, group masking the examples' positions) lists them in ``needs``,
+e.g. ``("losses",)``, and takes them as keyword arguments of ``update``: each a tensor
+whose first axis is the batch (``[B]``). Call aggregators through :func:`apply`, which
+passes each one only what it declares::
+
+    update, state = gs.aggregate.apply(agg, grads, state, losses=losses, positions=idx)
+
+:func:`fit <gradsift.train.fit>` supplies ``losses``, ``outputs``, ``targets``,
+``positions`` (in the training set) and ``example_ids``.
+
 Non-finite values: every reducer raises :class:`~gradsift.errors.NonFiniteGradientError`
 when a per-example gradient holds NaN or inf. Put :func:`drop_nonfinite` first in a
 ``chain`` to drop those examples instead. An empty batch (B = 0) gives a zero update.
@@ -40,8 +51,11 @@ Kind = Literal["per_example", "batch"]
 __all__ = [
     "Aggregator", "mean", "winsorize", "m3", "rm3", "trimmed_mean", "coordinate_median",
     "clip", "drop_nonfinite", "chain", "write_grads", "winsorized_mean", "m3_mean",
-    "trimmed_mean_of", "median_of", "clip_factors", "REDUCERS",
+    "trimmed_mean_of", "median_of", "clip_factors", "REDUCERS", "apply", "SIDE_INPUTS",
 ]
+
+#: Side inputs a training loop can give aggregators (see ``Aggregator.needs``).
+SIDE_INPUTS = ("losses", "outputs", "targets", "positions", "example_ids")
 
 
 @dataclass(frozen=True)
@@ -62,6 +76,8 @@ class Aggregator:
         parts: the components of a :func:`chain` (its state is the tuple of theirs).
         example_wise: a per-example -> per-example map that transforms each example on its
             own (``clip``, ``drop_nonfinite``), so it can run on any shard of a batch.
+        needs: names of per-example side inputs (from :data:`SIDE_INPUTS`) that
+            ``update`` takes as keyword arguments, each ``[B, ...]``; empty for most.
     """
 
     name: str
@@ -74,6 +90,7 @@ class Aggregator:
     options: dict = field(default_factory=dict, compare=False)
     parts: tuple["Aggregator", ...] = field(default=(), compare=False)
     example_wise: bool = False
+    needs: tuple[str, ...] = ()
 
     @property
     def needs_per_example(self) -> bool:
@@ -342,16 +359,54 @@ def chain(*aggregators: Aggregator) -> Aggregator:
     def init(params: Grads) -> State:
         return tuple(a.init(params) for a in aggregators)
 
-    def update(grads: Grads, state: State) -> tuple[Grads, State]:
+    needs = tuple(dict.fromkeys(n for a in aggregators for n in a.needs))
+
+    def update(grads: Grads, state: State, **extras: Tensor) -> tuple[Grads, State]:
         new_state = []
+        batch = _batch_size(grads)
         for a, s in zip(aggregators, state):
-            grads, s = a.update(grads, s)
+            if a.needs and a.input == "per_example" and _batch_size(grads) != batch:
+                raise ValueError(
+                    f"chain: {a.name} needs per-example {', '.join(a.needs)} but an earlier "
+                    "aggregator changed the batch (e.g. drop_nonfinite), so they no longer line "
+                    "up with the gradients; do not combine them"
+                )
+            grads, s = apply(a, grads, s, **extras)
             new_state.append(s)
         return grads, tuple(new_state)
 
     name = " > ".join(a.name for a in aggregators)
     return Aggregator(name, init, update, aggregators[0].input, aggregators[-1].output,
-                      kind="chain", parts=tuple(aggregators))
+                      kind="chain", parts=tuple(aggregators), needs=needs)
+
+
+def _batch_size(grads: Grads) -> int | None:
+    first = next(iter(grads.values()), None)
+    return None if first is None or first.ndim == 0 else int(first.shape[0])
+
+
+def apply(agg: Aggregator, grads: Grads, state: State, **extras: Tensor) -> tuple[Grads, State]:
+    """Run ``agg.update`` with the side inputs it declares in ``agg.needs``.
+
+    Args:
+        agg: any aggregator.
+        grads: name -> ``[B, *shape]`` (or ``shape`` for batch-input aggregators).
+        state: its state.
+        **extras: side inputs by name (``losses=[B]``, ``positions=[B]``, ...); those
+            the aggregator does not need are ignored.
+
+    Raises:
+        ValueError: a side input the aggregator needs is missing.
+    """
+    if not agg.needs:
+        return agg.update(grads, state)
+    missing = [n for n in agg.needs if extras.get(n) is None]
+    if missing:
+        raise ValueError(
+            f"aggregator {agg.name} needs the per-example {', '.join(missing)}; pass them as "
+            f"keyword arguments (gs.aggregate.apply(agg, grads, state, {missing[0]}=...))"
+        )
+    return agg.update(grads, state, **{n: extras[n] for n in agg.needs})
 
 
 def write_grads(model: nn.Module, update: Grads) -> None:

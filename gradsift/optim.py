@@ -1,7 +1,10 @@
-"""Optimizers by spec: ``"sgd:lr=0.1,momentum=0.9"``, ``"adamw:lr=1e-3"``.
+"""Optimizers by spec: ``"sgd:lr=0.1,momentum=0.9"``, ``"adamw:lr=1e-3"``, ``"lion:lr=1e-4"``.
 
-gradsift never steps parameters itself: it writes ``.grad`` and a torch optimizer steps.
-Names resolve case-insensitively against ``torch.optim``.
+gradsift never steps parameters itself: it writes ``.grad`` and any torch optimizer steps.
+Names resolve case-insensitively against ``torch.optim`` first, then against the
+``pytorch-optimizer`` package's registry (``pytorch_optimizer.load_optimizer``: DiffGrad,
+AdamP, Lion, AdEMAMix, MADGRAD and over a hundred more), when it is installed
+(``pip install pytorch-optimizer``).
 """
 
 from __future__ import annotations
@@ -23,13 +26,42 @@ def _torch_optimizers() -> dict[str, type]:
     return out
 
 
+def _pytorch_optimizer_names() -> list[str]:
+    try:
+        import pytorch_optimizer
+    except ImportError:
+        return []
+    return sorted(pytorch_optimizer.get_supported_optimizers())
+
+
+def available_optimizers() -> dict[str, list[str]]:
+    """Optimizer names by source: ``{"torch": [...], "pytorch_optimizer": [...]}``."""
+    return {"torch": sorted(_torch_optimizers()), "pytorch_optimizer": _pytorch_optimizer_names()}
+
+
 def optimizer_class(name: str) -> type:
-    """The optimizer class for ``name`` (e.g. ``sgd``, ``adam``, ``adamw``)."""
+    """The optimizer class for ``name``: ``torch.optim`` first (``sgd``, ``adam``,
+    ``adamw``, ...), then ``pytorch_optimizer`` (``lion``, ``ademamix``, ``madgrad``, ...)."""
     table = _torch_optimizers()
-    key = name.lower().replace("_", "")
-    if key not in table:
-        raise SpecError(f"unknown optimizer '{name}'. Known: {', '.join(sorted(table))}")
-    return table[key]
+    key = name.lower().replace("-", "_")
+    if key.replace("_", "") in table:
+        return table[key.replace("_", "")]
+    try:
+        import pytorch_optimizer
+    except ImportError:
+        pytorch_optimizer = None
+    if pytorch_optimizer is not None:
+        for candidate in dict.fromkeys((key, key.replace("_", ""))):
+            try:
+                return pytorch_optimizer.load_optimizer(candidate)
+            except (NotImplementedError, ImportError, KeyError):
+                continue
+    hint = "" if pytorch_optimizer is not None else " (pip install pytorch-optimizer for more)"
+    known = ", ".join(sorted(table))
+    raise SpecError(
+        f"unknown optimizer '{name}'. torch.optim has: {known}; pytorch_optimizer has "
+        f"{len(_pytorch_optimizer_names())} more (gs.optim.available_optimizers()){hint}"
+    )
 
 
 def optimizer_from_spec(spec: str, params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:

@@ -149,6 +149,7 @@ class Trainer:
         chunk_size: int | None = None,
         progress: bool | None = None,
         config: dict | None = None,
+        privacy: Any = None,
     ):
         if epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -159,6 +160,27 @@ class Trainer:
         self.model = model
         self.train_data, self.test_data = train, test
         self.loss_fn = loss_fn or nn.CrossEntropyLoss(reduction="none")
+        self.privacy_plan = None
+        self.privacy_report: dict | None = None  # kept current by PrivacyRecorder
+        self.step_on_empty = False
+        if privacy is not None:
+            from .privacy import PrivacyRecorder, check_private_model, check_sampler, PrivacyConfigError
+
+            if not (aggregator == "mean" or getattr(aggregator, "name", None) == "mean"):
+                raise PrivacyConfigError(
+                    f"privacy= sets the aggregator (clip + noise); aggregator={aggregator!r} would "
+                    "change the sensitivity analysis. Leave aggregator at 'mean'."
+                )
+            check_private_model(model)
+            self.privacy_plan = privacy.plan(len(train), batch_size=batch_size, epochs=epochs)
+            if sampler is not None:
+                check_sampler(sampler, self.privacy_plan.sample_rate)
+            else:
+                sampler = self.privacy_plan.sampler(seed)
+            aggregator = self.privacy_plan.aggregator()
+            recorders = [*recorders, PrivacyRecorder(self.privacy_plan)]
+            # an empty Poisson batch is still a step of the analysed mechanism (pure noise)
+            self.step_on_empty = True
         self.aggregator = aggregator_from_spec(aggregator) if isinstance(aggregator, str) else aggregator
         if self.aggregator.output != "batch":
             raise ValueError(
@@ -196,7 +218,7 @@ class Trainer:
     # -------------------------------------------------------------- one step
     def train_step(self, positions: Tensor, epoch: int) -> None:
         """One optimizer step on the global batch ``positions`` ``[B]``."""
-        if len(positions) == 0:
+        if len(positions) == 0 and not self.step_on_empty:
             return
         mine = self.local_positions(positions)
         x, y = self.x[mine], self.y[mine]
@@ -204,14 +226,18 @@ class Trainer:
         if self.needs_per_example:
             pe = per_example(self.model, self.loss_fn, x, y, chunk_size=self.chunk_size)
             losses, outputs, grads = pe.losses, pe.outputs, pe.grads
+            extras = dict(losses=losses, outputs=outputs, targets=y, positions=mine,
+                          example_ids=self.ids[mine])
             if self.aggregator.input == "per_example":
-                update, self.agg_state = self.aggregate(grads, self.agg_state)
+                update, self.agg_state = self.aggregate(grads, self.agg_state, **extras)
             else:
                 batch = {n: agg_mod.mean_of(g) for n, g in grads.items()}
-                update, self.agg_state = self.aggregate_batch(batch, len(mine), self.agg_state)
+                update, self.agg_state = self.aggregate_batch(batch, len(mine), self.agg_state, **extras)
         else:
             batch, losses, outputs = batch_gradient(self.model, self.loss_fn, x, y)
-            update, self.agg_state = self.aggregate_batch(batch, len(mine), self.agg_state)
+            extras = dict(losses=losses, outputs=outputs, targets=y, positions=mine,
+                          example_ids=self.ids[mine])
+            update, self.agg_state = self.aggregate_batch(batch, len(mine), self.agg_state, **extras)
         agg_mod.write_grads(self.model, update)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -227,14 +253,15 @@ class Trainer:
         (all of it here; a contiguous shard per rank under torch.distributed)."""
         return positions
 
-    def aggregate(self, grads: dict[str, Tensor], state: Any) -> tuple[dict[str, Tensor], Any]:
-        """Per-example gradients of this process's examples -> (update, new state)."""
-        return self.aggregator.update(grads, state)
+    def aggregate(self, grads: dict[str, Tensor], state: Any, **extras: Tensor) -> tuple[dict[str, Tensor], Any]:
+        """Per-example gradients of this process's examples -> (update, new state).
+        ``extras``: the side inputs of :data:`gradsift.aggregate.SIDE_INPUTS` (``[b]`` each)."""
+        return agg_mod.apply(self.aggregator, grads, state, **extras)
 
-    def aggregate_batch(self, batch: dict[str, Tensor], n: int, state: Any) -> tuple[dict[str, Tensor], Any]:
+    def aggregate_batch(self, batch: dict[str, Tensor], n: int, state: Any, **extras: Tensor) -> tuple[dict[str, Tensor], Any]:
         """Mean gradient of this process's ``n`` examples -> (update, new state), for
         aggregators that take batch gradients."""
-        return self.aggregator.update(batch, state)
+        return agg_mod.apply(self.aggregator, batch, state, **extras)
 
     def step_info(self, epoch: int, positions: Tensor, losses: Tensor, outputs: Tensor,
                   grads: dict[str, Tensor] | None) -> StepInfo:
@@ -366,6 +393,10 @@ def fit(
         sampler: ``epoch -> iterable of [B] index tensors``; default shuffled batches.
         chunk_size: per-example engine chunk size (``None``: from a memory bound).
         progress: show a progress bar (default: when stderr is a terminal).
+        privacy: a :class:`~gradsift.privacy.DPSGD` to train with DP-SGD: sets the
+            aggregator (clip + noise) and Poisson sampling, refuses models and samplers that
+            break the guarantee, and adds ``epsilon`` to the history and a ``privacy`` block
+            (epsilon, delta, sigma, C, q, steps) to the manifest.
 
     Returns:
         :class:`FitResult` with ``history`` (a DataFrame, one row per epoch).

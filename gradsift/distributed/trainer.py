@@ -52,6 +52,10 @@ class DistributedTrainer(Trainer):
         super().__init__(model, train, test, run_dir=run_dir if self.rank0 else None,
                          progress=progress if self.rank0 else False, config=config, **kwargs)
         self.run_path = None if run_dir is None else Path(run_dir)
+        if self.privacy_plan is not None or self.aggregator.needs:
+            what = "DP-SGD (privacy=)" if self.privacy_plan is not None else (
+                f"aggregator {self.aggregator.name}, which needs per-example {', '.join(self.aggregator.needs)}")
+            raise DistributedError(f"{what} is not supported under torch.distributed yet; train in one process")
         self.global_aggregation = GlobalAggregation(self.aggregator, comm, mode)
         self.x, self.y = self.x.to(self.device), self.y.to(self.device)
         self._check_same_data(train)
@@ -94,10 +98,10 @@ class DistributedTrainer(Trainer):
         lo, hi = shard_bounds(len(positions), self.comm.world_size)[self.comm.rank]
         return positions[lo:hi]
 
-    def aggregate(self, grads: dict[str, Tensor], state: Any) -> tuple[dict[str, Tensor], Any]:
+    def aggregate(self, grads: dict[str, Tensor], state: Any, **extras: Tensor) -> tuple[dict[str, Tensor], Any]:
         return self.global_aggregation.update(grads, state)
 
-    def aggregate_batch(self, batch: dict[str, Tensor], n: int, state: Any) -> tuple[dict[str, Tensor], Any]:
+    def aggregate_batch(self, batch: dict[str, Tensor], n: int, state: Any, **extras: Tensor) -> tuple[dict[str, Tensor], Any]:
         return self.global_aggregation.update_batch(batch, n, state)
 
     def train_step(self, positions: Tensor, epoch: int) -> None:
