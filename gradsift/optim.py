@@ -59,8 +59,9 @@ def optimizer_class(name: str) -> type:
     hint = "" if pytorch_optimizer is not None else " (pip install pytorch-optimizer for more)"
     known = ", ".join(sorted(table))
     raise SpecError(
-        f"unknown optimizer '{name}'. torch.optim has: {known}; pytorch_optimizer has "
-        f"{len(_pytorch_optimizer_names())} more (gs.optim.available_optimizers()){hint}"
+        f"unknown optimizer '{name}'. Known: {known} (torch.optim), and "
+        f"{len(_pytorch_optimizer_names())} from pytorch_optimizer (gs.optim.available_optimizers())"
+        f"{hint}"
     )
 
 
