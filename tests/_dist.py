@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -65,6 +66,13 @@ def run_threads(world_size: int, fn: Callable[[ThreadComm], Any]) -> list[Any]:
             results[rank] = fn(ThreadComm(world, rank))
         except BaseException as e:  # noqa: BLE001 - handed back to the test
             results[rank] = e
+            # Ranks released by the barrier that last tripped may not have left it yet
+            # (state 1, "draining"); breaking it now would raise BrokenBarrierError in them
+            # instead of letting them reach their own error. Wait for them, then break it
+            # for ranks that wait in a later collective.
+            deadline = time.monotonic() + 5.0
+            while getattr(world.barrier, "_state", 0) == 1 and time.monotonic() < deadline:
+                time.sleep(0.001)
             world.barrier.abort()
 
     threads = [threading.Thread(target=target, args=(r,)) for r in range(world_size)]
