@@ -273,6 +273,14 @@ class Trainer:
             grads=grads, lr=float(self.optimizer.param_groups[0]["lr"]),
         )
 
+    def map_examples(self, fn: Callable[[Tensor], Any]) -> Any:
+        """Per-example values over the whole training set: ``fn(positions [b])`` returns a
+        ``[b, ...]`` tensor (or a tuple of them, ``None`` allowed); the result holds the
+        values of all ``N`` examples in position order. Here ``fn`` sees every position;
+        under torch.distributed each rank computes its shard and the shards are gathered,
+        so recorders that score the whole data set (e.g. TracIn) split the work."""
+        return fn(torch.arange(len(self.y)))
+
     # -------------------------------------------------------------- epochs
     def evaluate(self) -> dict[str, float]:
         row = {f"train_{k}": v for k, v in evaluate(self.model, self.loss_fn, self.x, self.y).items()}

@@ -60,7 +60,7 @@ class LossLog(Recorder):
 def fit(spec: str, run_dir=None, epochs=EPOCHS, distributed=False, comm=None, **kw):
     tr, te = data()
     kwargs = dict(aggregator=spec, optimizer="sgd:lr=0.3,momentum=0.9", epochs=epochs, batch_size=BATCH,
-                  seed=1, run_dir=run_dir, recorders=[LossLog(), gs.CoherenceRecorder(m=16)], progress=False, **kw)
+                  seed=1, run_dir=run_dir, recorders=[LossLog(), gs.CoherenceRecorder(m=16), gs.DynamicsRecorder(), gs.TracInRecorder()], progress=False, **kw)
     if distributed:
         return gs.distributed.fit_distributed(model(), tr, te, comm=comm, **kwargs)
     return gs.fit(model(), tr, te, **kwargs)

@@ -156,6 +156,11 @@ def test_two_gloo_ranks_train_like_one_process(tmp_path):
         pd.testing.assert_frame_equal(m2, m1, atol=1e-5, rtol=1e-4)
         pd.testing.assert_frame_equal(pd.read_parquet(two_dir / "coherence.parquet"),
                                       pd.read_parquet(one_dir / "coherence.parquet"), atol=1e-4, rtol=1e-4)
+        scores2 = pd.read_parquet(two_dir / "scores.parquet")  # dynamics + TracIn (sharded over ranks)
+        assert len(scores2) == w.N_TRAIN and scores2.example_id.is_unique and "self_influence" in scores2
+        pd.testing.assert_frame_equal(scores2, pd.read_parquet(one_dir / "scores.parquet"), atol=1e-5, rtol=1e-4)
+        dyn2 = pd.read_parquet(two_dir / "dynamics")
+        pd.testing.assert_frame_equal(dyn2, pd.read_parquet(one_dir / "dynamics"), atol=1e-5, rtol=1e-4)
         manifest = (two_dir / "manifest.json").read_text()
         assert '"world_size": 2' in manifest and '"status": "finished"' in manifest
 
@@ -228,3 +233,30 @@ def test_scores_with_two_ranks_equal_one_rank(tmp_path):
     two = pd.read_parquet(tmp_path / "two" / "scores.parquet")
     assert two.example_id.is_unique and len(two) == len(pd.read_parquet(tmp_path / "one" / "scores.parquet"))
     pd.testing.assert_frame_equal(two, pd.read_parquet(tmp_path / "one" / "scores.parquet"), atol=1e-5, rtol=1e-4)
+
+
+def test_map_examples_gathers_shards_in_order_even_with_empty_shards():
+    import numpy as np
+
+    from gradsift.data import load_digits
+    from gradsift.distributed import DistributedTrainer
+    from gradsift.models import mlp
+
+    tr, _ = load_digits()
+    tr = tr.subset(np.arange(2))  # 3 ranks, 2 examples: rank 2's shard is empty
+
+    def rank(comm):
+        torch.manual_seed(0)
+        t = DistributedTrainer(mlp(64, 10, width=4), tr, comm=comm, epochs=1, batch_size=2)
+        calls = []
+
+        def fn(pos):
+            calls.append(len(pos))
+            return pos.float()[:, None] * 2, None, t.y[pos]
+
+        return t.map_examples(fn), calls
+
+    for (values, none, labels), calls in run_threads(3, rank):
+        assert values.flatten().tolist() == [0.0, 2.0] and none is None
+        assert labels.tolist() == tr.y.tolist()
+        assert calls in ([1], [])

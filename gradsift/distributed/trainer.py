@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -121,6 +121,27 @@ class DistributedTrainer(Trainer):
         else:
             grads = None
         return super().step_info(epoch, positions, losses, outputs, grads)
+
+    def map_examples(self, fn: Callable[[Tensor], Any]) -> Any:
+        n, w = len(self.y), self.comm.world_size
+        bounds = shard_bounds(n, w)
+        sizes = [hi - lo for lo, hi in bounds]
+        lo, hi = bounds[self.comm.rank]
+        out = fn(torch.arange(lo, hi, device=self.y.device)) if hi > lo else None
+        parts = None if out is None else (out if isinstance(out, tuple) else (out,))
+        desc = None if parts is None else (
+            isinstance(out, tuple), [None if p is None else (tuple(p.shape[1:]), p.dtype) for p in parts])
+        described = [d for d in self.comm.all_gather_object(desc) if d is not None]
+        if not described:  # no examples at all
+            return fn(torch.arange(0, device=self.y.device))
+        is_tuple, metas = described[0]
+        parts = parts or [None] * len(metas)
+        gathered = [
+            None if meta is None else gather_rows(
+                self.comm, p if p is not None else torch.zeros((0, *meta[0]), dtype=meta[1]), sizes)
+            for p, meta in zip(parts, metas)
+        ]
+        return tuple(gathered) if is_tuple else gathered[0]
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

@@ -101,8 +101,10 @@ class TracInRecorder(Recorder):
 
     def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
         lr = float(trainer.optimizer.param_groups[0]["lr"])
-        s, c = tracin_checkpoint(trainer.model, trainer.x, trainer.y, lr=lr, x_test=self.test_x,
-                                 y_test=self.test_y, loss_fn=trainer.loss_fn)
+        # map_examples: under torch.distributed each rank scores its shard of the data
+        s, c = trainer.map_examples(lambda pos: tracin_checkpoint(
+            trainer.model, trainer.x[pos], trainer.y[pos], lr=lr, x_test=self.test_x,
+            y_test=self.test_y, loss_fn=trainer.loss_fn))
         self.self_influence = s if self.self_influence is None else self.self_influence + s
         if c is not None:
             self.influence = c if self.influence is None else self.influence + c
