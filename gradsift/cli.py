@@ -15,6 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .errors import GradsiftError, SpecError
+from .progress import progress_scope
 
 app = typer.Typer(
     name="gradsift",
@@ -234,15 +235,18 @@ def train(
 @user_errors
 def issues(
     dataset: str = typer.Option("digits", help="digits, mnist1d, or a .npz/.csv file"),
-    label_noise: str = typer.Option("none", help="inject noise first: none, symmetric, asymmetric"),
-    noise_rate: float = typer.Option(0.2, help="fraction of labels corrupted when --label-noise is set"),
+    label_noise: str = typer.Option("none", callback=choice("none", "symmetric", "asymmetric", "random"),
+                                    help="inject noise first: none, symmetric, asymmetric"),
+    noise_rate: float = typer.Option(0.2, min=0.0, max=1.0, help="fraction of labels corrupted when --label-noise is set"),
     method: str = typer.Option("combined", help="combined, oof_loss, oof_margin, cum_loss or learning_time"),
-    folds: int = typer.Option(5, help="cross-validation folds"),
-    epochs: int = typer.Option(20, help="epochs per fold model"),
-    width: int = typer.Option(128, help="MLP hidden width"),
-    num_issues: int = typer.Option(None, help="how many to flag (default: confident-learning count)"),
-    out: Path = typer.Option(Path("issues.csv"), "--out", help="CSV: example_id, score, given_label, suggested_label"),
+    folds: int = typer.Option(5, min=2, help="cross-validation folds"),
+    epochs: int = typer.Option(20, min=1, help="epochs per fold model"),
+    width: int = typer.Option(128, min=1, help="MLP hidden width"),
+    num_issues: int = typer.Option(None, min=0, help="how many to flag (default: confident-learning count)"),
+    out: Path = typer.Option(Path("issues.csv"), "--out", help="CSV: example_id, score, given_label, suggested_label "
+                             "(and an HTML report beside it, same name with .html)"),
     seed: int = typer.Option(0, help="random seed"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
     """Rank likely label issues and write the flagged ones to a CSV, most suspect first.
 
@@ -257,9 +261,10 @@ def issues(
         raise GradsiftError(f"unknown method '{method}': use one of {', '.join(METHODS)}")
     train_data, _ = data_mod.load(dataset, seed=seed)
     train_data = data_mod.corrupt(train_data, label_noise, noise_rate, seed=seed)
-    order, details = find_label_issues(train_data.x, train_data.y, num_classes=train_data.num_classes,
-                                       method=method, folds=folds, epochs=epochs, width=width,
-                                       num_issues=num_issues, seed=seed, return_details=True)
+    with progress_scope(show_progress(quiet)):
+        order, details = find_label_issues(train_data.x, train_data.y, num_classes=train_data.num_classes,
+                                           method=method, folds=folds, epochs=epochs, width=width,
+                                           num_issues=num_issues, seed=seed, return_details=True)
     table = details.iloc[order].copy()
     table.insert(0, "example_id", train_data.example_ids[order])
     table = table.drop(columns=["is_issue"])
@@ -267,7 +272,10 @@ def issues(
         table["corrupted"] = train_data.is_noisy[order]
     with atomic_path(out) as tmp:
         table.to_csv(tmp, index=False)
-    msg = f"flagged {len(order)} of {len(train_data)} examples; wrote {out}"
+    from .report import write_report
+
+    report = write_report(out, dataset=dataset, seed=seed)
+    msg = f"flagged {len(order)} of {len(train_data)} examples; wrote {out} and {report}"
     if len(train_data.corrupted):
         from sklearn.metrics import roc_auc_score
 
@@ -284,15 +292,17 @@ def scores(
     run_dir: Path = typer.Option(Path("runs/scores"), "--run-dir", "--out", help="run directory to write"),
     scores: str = typer.Option("el2n,grand,forgetting,memorization",
                                help="comma list of el2n, grand, memorization, forgetting, loss, cum_loss, learning_time, margin"),
-    label_noise: str = typer.Option("none", help="none, symmetric, asymmetric or random"),
-    noise_rate: float = typer.Option(0.0, help="fraction of labels corrupted"),
-    epochs: int = typer.Option(15, help="training epochs (dynamics, memorization models)"),
-    width: int = typer.Option(128, help="MLP hidden width"),
-    mem_models: int = typer.Option(16, help="models for memorization scores"),
+    label_noise: str = typer.Option("none", callback=choice("none", "symmetric", "asymmetric", "random"),
+                                    help="none, symmetric, asymmetric or random"),
+    noise_rate: float = typer.Option(0.0, min=0.0, max=1.0, help="fraction of labels corrupted"),
+    epochs: int = typer.Option(15, min=1, help="training epochs (dynamics, memorization models)"),
+    width: int = typer.Option(128, min=1, help="MLP hidden width"),
+    mem_models: int = typer.Option(16, min=2, help="models for memorization scores"),
     seed: int = typer.Option(0, help="random seed"),
     backend: str = typer.Option("local", callback=choice("local", "ray"),
                                 help="where the many-model parts run: local (this process) or ray (Ray tasks)"),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join (e.g. auto, ray://HOST:10001); default: a local ray.init()"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
     """Score every training example; write RUN/scores.parquet (one row per example_id).
 
@@ -307,7 +317,8 @@ def scores(
                                 mem_models=mem_models, seed=seed)
     train_data, _ = data_mod.load(dataset, seed=seed)
     train_data = data_mod.corrupt(train_data, label_noise, noise_rate, seed=seed)
-    with many_model_backend(backend, ray_address) as (runner, comm):
+    with many_model_backend(backend, ray_address) as (runner, comm), \
+            progress_scope(show_progress(quiet) and (comm is None or comm.rank == 0)):
         table = compute_scores(config, train_data, backend=runner, comm=comm)
     if comm is not None and comm.rank != 0:
         return
@@ -383,10 +394,10 @@ def pruning_curve(
     dataset: str = typer.Option("mnist1d", help="digits, mnist1d, or a .npz/.csv file"),
     scores: str = typer.Option("el2n,grand,forgetting,memorization,random", help="comma list of scores"),
     fractions: str = typer.Option("0.3,0.5,0.7,1.0", help="comma list of fractions kept"),
-    seeds: int = typer.Option(2, help="training seeds per point"),
-    epochs: int = typer.Option(15, help="epochs per model"),
-    width: int = typer.Option(128, help="MLP hidden width"),
-    mem_models: int = typer.Option(16, help="models for memorization scores"),
+    seeds: int = typer.Option(2, min=1, help="training seeds per point"),
+    epochs: int = typer.Option(15, min=1, help="epochs per model"),
+    width: int = typer.Option(128, min=1, help="MLP hidden width"),
+    mem_models: int = typer.Option(16, min=2, help="models for memorization scores"),
     keep_hard: bool = typer.Option(True, "--keep-hard/--keep-easy", help="keep the hardest or the easiest"),
     class_balanced: bool = typer.Option(False, "--class-balanced", help="keep the fraction within every class"),
     out: Path = typer.Option(Path("runs/pruning"), "--out", help="output directory"),
@@ -394,6 +405,7 @@ def pruning_curve(
     backend: str = typer.Option("local", callback=choice("local", "ray"),
                                 help="where the many-model parts run: local (this process) or ray (Ray tasks)"),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join (e.g. auto, ray://HOST:10001); default: a local ray.init()"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
     """Accuracy vs fraction of data kept, per score: write summary.json and a plot.
 
@@ -412,7 +424,7 @@ def pruning_curve(
 
     if launched_by_torchrun():
         raise GradsiftError("pruning-curve does not run under torchrun; use --backend ray to spread its models")
-    with many_model_backend(backend, ray_address) as (runner, _):
+    with many_model_backend(backend, ray_address) as (runner, _), progress_scope(show_progress(quiet)):
         summary = run_pruning_curve(config, out, backend=runner)
     table = Table(title=f"pruning curve on {dataset}: test accuracy (mean ± std over {seeds} seeds)")
     table.add_column("score")
@@ -422,7 +434,8 @@ def pruning_curve(
         table.add_row(name, *[f"{by_frac[str(f)]['test_acc_mean']:.3f} ± {by_frac[str(f)]['test_acc_std']:.3f}"
                               for f in sorted(fr)])
     out_console.print(table)
-    out_console.print(f"wrote {out / 'summary.json'} and {out / 'pruning_curve.png'}")
+    report = write_experiment_report(out)
+    out_console.print(f"wrote {out / 'summary.json'}, {out / 'pruning_curve.png'} and {report}")
 
 
 def main() -> None:

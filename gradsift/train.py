@@ -201,7 +201,11 @@ class Trainer:
         self.run = RunDir(run_dir) if run_dir is not None else None
         self.sampler = sampler or shuffled_batches(len(train), batch_size, seed)
         self.chunk_size = chunk_size
-        self.progress = sys.stderr.isatty() if progress is None else progress
+        if progress is None:  # nest in the command's display, else show one on a terminal
+            from .progress import current
+
+            progress = current() or sys.stderr.isatty()
+        self.progress = progress
         self.config = dict(config or {})
         self.agg_state = self.aggregator.init({n: p.detach() for n, p in params.items()})
         self.history: list[dict[str, Any]] = []
@@ -400,7 +404,8 @@ def fit(
         on_nonfinite: ``"raise"`` (default) or ``"drop"`` examples whose gradient is NaN/inf.
         sampler: ``epoch -> iterable of [B] index tensors``; default shuffled batches.
         chunk_size: per-example engine chunk size (``None``: from a memory bound).
-        progress: show a progress bar (default: when stderr is a terminal).
+        progress: show a progress bar (default: nested in the current display of
+            :func:`gradsift.progress.progress_scope`, else when stderr is a terminal).
         privacy: a :class:`~gradsift.privacy.DPSGD` to train with DP-SGD: sets the
             aggregator (clip + noise) and Poisson sampling, refuses models and samplers that
             break the guarantee, and adds ``epsilon`` to the history and a ``privacy`` block

@@ -37,6 +37,14 @@ def invoke(*args: str):
     (["memorization", "--epochs", "0"], "Invalid value for '--epochs'"),
     (["memorization", "--winsorize-c", "-1"], "Invalid value for '--winsorize-c'"),
     (["report", "--top-issues", "-1", "."], "Invalid value for '--top-issues'"),
+    (["issues", "--folds", "1"], "Invalid value for '--folds'"),
+    (["issues", "--label-noise", "flip"], "Invalid value for '--label-noise': 'flip' is not one of"),
+    (["scores", "--scores", "el2n,bogus"], "error: unknown score(s) ['bogus']: use el2n, grand, memorization, random"),
+    (["scores", "--mem-models", "1"], "Invalid value for '--mem-models'"),
+    (["pruning-curve", "--fractions", "0.5,abc"], "error: --fractions must be a comma list of numbers, got '0.5,abc'"),
+    (["pruning-curve", "--fractions", "0,0.5", "--dataset", "digits"], "error: fractions must be in (0, 1], got (0.0, 0.5)"),
+    (["pruning-curve", "--seeds", "0"], "Invalid value for '--seeds'"),
+    (["prune", "--run", ".", "--by", "el2n", "--keep", "2"], "error: --keep must be a fraction in [0, 1], got 2.0"),
 ])
 def test_bad_values_give_a_message(args, message, tmp_path):
     code, text = invoke(*args, "--run-dir" if args[0] == "train" else "--out", str(tmp_path / "o"))

@@ -171,6 +171,44 @@ def test_report_errors(tmp_path):
         build_report(tmp_path)
 
 
+@pytest.fixture(scope="module")
+def pruning_dir(tmp_path_factory) -> Path:
+    """A tiny pruning-curve experiment written by the CLI (which writes its report)."""
+    out = tmp_path_factory.mktemp("report") / "pruning"
+    r = CliRunner().invoke(app, ["pruning-curve", "--dataset", "digits", "--scores", "el2n,forgetting,random",
+                                 "--fractions", "0.5,1.0", "--seeds", "1", "--epochs", "1", "--width", "8",
+                                 "--out", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def issues_csv(tmp_path_factory) -> Path:
+    """Label issues of noisy digits written by the CLI (which writes issues.html beside)."""
+    out = tmp_path_factory.mktemp("report") / "issues.csv"
+    r = CliRunner().invoke(app, ["issues", "--dataset", "digits", "--label-noise", "symmetric", "--noise-rate", "0.2",
+                                 "--folds", "2", "--epochs", "2", "--width", "16", "--out", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_pruning_curve_report_written_by_the_command(pruning_dir):
+    html = (pruning_dir / "report.html").read_text()
+    assert "gradsift pruning-curve" in html
+    for section in ("config", "findings", "pruning", "scores"):
+        assert f'id="section-{section}"' in html
+    assert {"pruning", "score-el2n", "score-forgetting"} <= set(plot_ids(html))
+    assert re.search(r'<table id="pruning-table">.*<td>random</td>', html)
+    assert not URL.search(html)
+
+
+def test_issues_report_written_by_the_command(issues_csv):
+    html = issues_csv.with_suffix(".html").read_text()
+    assert sum(i.startswith("issue-") for i in plot_ids(html)) == 12
+    assert "<dt>given</dt>" in html and "<dt>suggested</dt>" in html and "<dt>corrupted</dt>" in html
+    assert not URL.search(html)
+
+
 # ------------------------------------------------------------------ headless Chromium
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -256,3 +294,15 @@ def test_score_histograms_bin_integers_per_value():
     stacked = figures.score_histogram(np.random.default_rng(0).random(50), "loss",
                                       flagged=np.arange(50) < 10).axes[0].patches
     assert len(stacked) == 60 and sum(p.get_height() for p in stacked[30:]) == 10
+
+
+def test_pruning_and_issues_reports_in_chromium(browser, pruning_dir, issues_csv, tmp_path):
+    for page, shot, expected in ((pruning_dir / "report.html", "pruning.png", {"pruning", "score-el2n"}),
+                                 (issues_csv.with_suffix(".html"), "issues.png", set())):
+        state = open_and_check(browser, page, tmp_path / shot)
+        assert state["console"] == [] and state["external"] == []
+        shown = {p["id"]: p for p in state["plots"]}
+        assert expected <= set(shown) and all(p["ok"] for p in shown.values())
+        assert set(shown) == set(plot_ids(page.read_text()))
+        assert (tmp_path / shot).stat().st_size > 20_000
+    assert sum(i.startswith("issue-") for i in shown) == 12

@@ -34,6 +34,7 @@ import torch
 from .. import data as data_mod
 from ..actions import select
 from ..errors import GradsiftError
+from ..progress import task
 from ..scores import (
     DynamicsRecorder, data_diet_scores, memorization_scores, mlp_factory, predict_members, train_members,
 )
@@ -125,32 +126,34 @@ def run_pruning_curve(config: PruningCurveConfig, out_dir: str | Path, *, backen
     xt, yt = test.tensors()
     mf_seed = lambda s: mlp_factory(train, width=config.width, seed=config.seed + s)  # noqa: E731
     results: dict[str, dict[str, dict]] = {s: {} for s in config.scores}
-    for frac in sorted(config.fractions):
-        names = ["all"] if frac == 1.0 else list(config.scores)
-        masks, who = [], []
-        for name in names:
-            for s in range(config.seeds):
-                if name == "all":
-                    keep = np.arange(len(train))
-                else:
-                    col = "memorization" if name == "memorization" else name
-                    values = np.zeros(len(train)) if name == "random" else scores[col].to_numpy()
-                    keep = select(values, frac, labels=train.y, class_balanced=config.class_balanced,
-                                  prefer="random" if name == "random" else config.prefer, seed=config.seed + s)
-                m = torch.zeros(len(train), dtype=torch.bool)
-                m[torch.from_numpy(keep)] = True
-                masks.append(m)
-                who.append((name, s))
-        sizes = {int(m.sum()) for m in masks}
-        models = train_members(lambda k: mf_seed(who[k][1])(0), x, y, torch.stack(masks), epochs=config.epochs,
-                               batch_size=config.batch_size, lr=config.lr, momentum=config.momentum,
-                               weight_decay=config.weight_decay, seed=config.seed, vectorize=None if len(sizes) == 1 else False,
-                               backend=backend)
-        accs = (predict_members(models, xt).argmax(-1) == yt).float().mean(1).numpy()
-        for name in (config.scores if frac == 1.0 else names):
-            a = [float(accs[k]) for k, (n, _) in enumerate(who) if n == (name if frac != 1.0 else "all")]
-            results[name][str(frac)] = {"test_acc_mean": float(np.mean(a)), "test_acc_std": float(np.std(a)),
-                                        "test_acc": a, "n_kept": int(round(frac * len(train)))}
+    with task("pruning curve: retraining per fraction kept", len(config.fractions)) as advance:
+        for frac in sorted(config.fractions):
+            names = ["all"] if frac == 1.0 else list(config.scores)
+            masks, who = [], []
+            for name in names:
+                for s in range(config.seeds):
+                    if name == "all":
+                        keep = np.arange(len(train))
+                    else:
+                        col = "memorization" if name == "memorization" else name
+                        values = np.zeros(len(train)) if name == "random" else scores[col].to_numpy()
+                        keep = select(values, frac, labels=train.y, class_balanced=config.class_balanced,
+                                      prefer="random" if name == "random" else config.prefer, seed=config.seed + s)
+                    m = torch.zeros(len(train), dtype=torch.bool)
+                    m[torch.from_numpy(keep)] = True
+                    masks.append(m)
+                    who.append((name, s))
+            sizes = {int(m.sum()) for m in masks}
+            models = train_members(lambda k: mf_seed(who[k][1])(0), x, y, torch.stack(masks), epochs=config.epochs,
+                                   batch_size=config.batch_size, lr=config.lr, momentum=config.momentum,
+                                   weight_decay=config.weight_decay, seed=config.seed, vectorize=None if len(sizes) == 1 else False,
+                                   backend=backend)
+            accs = (predict_members(models, xt).argmax(-1) == yt).float().mean(1).numpy()
+            for name in (config.scores if frac == 1.0 else names):
+                a = [float(accs[k]) for k, (n, _) in enumerate(who) if n == (name if frac != 1.0 else "all")]
+                results[name][str(frac)] = {"test_acc_mean": float(np.mean(a)), "test_acc_std": float(np.std(a)),
+                                            "test_acc": a, "n_kept": int(round(frac * len(train)))}
+            advance()
     best = {}
     for frac in sorted(config.fractions):
         if frac < 1.0:

@@ -193,7 +193,7 @@ def issues_section(issues: pd.DataFrame, *, dataset: str | None, seed: int = 0, 
     rest = ranked.iloc[top:top + 40]
     more = ""
     if len(rest):
-        cols = [c for c in ("example_id", score_c, given_c, sugg_c) if c]
+        cols = [c for c in ("example_id", score_c, given_c, sugg_c, "corrupted" if "corrupted" in rest else None) if c]
         more = "<h3>Next issues</h3>" + table(cols, rest[cols].itertuples(index=False))
     return Section(f"{prefix}issues", "Label issues", head + f'<div class="cards">{"".join(cards)}</div>' + more)
 

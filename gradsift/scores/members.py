@@ -20,6 +20,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
+from ..progress import task
+
 if TYPE_CHECKING:
     from ..distributed.backends import Backend
 
@@ -108,20 +110,25 @@ def train_members(
             raise ValueError("on_epoch callbacks cannot run on a backend; train in this process")
         from ..distributed.backends import run_members
 
-        return run_members(backend, model_fn, x, y, masks, ids, members_per_task, kwargs)
+        with task(f"training {len(ids)} models on {type(backend).__name__}", len(ids)) as advance:
+            models = run_members(backend, model_fn, x, y, masks, ids, members_per_task, kwargs)
+            advance(len(ids))
+        return models
     loss_fn = loss_fn or nn.CrossEntropyLoss(reduction="none")
     models = [model_fn(k) for k in ids]
     possible = _can_vectorize(models, masks)
     if vectorize and not possible:
         raise ValueError("members cannot be trained with vmap (unequal subset sizes, BatchNorm or Dropout)")
     track = x if track is None else track
-    if vectorize or (vectorize is None and possible and len(models) > 1):
-        _train_vmap(models, x, y, masks, epochs, batch_size, lr, momentum, weight_decay, seed, loss_fn,
-                    on_epoch, track, ids)
-    else:
-        for i, (k, model) in enumerate(zip(ids, models)):
-            _train_one(model, k, x, y, masks[i], epochs, batch_size, lr, momentum, weight_decay, seed, loss_fn,
-                       on_epoch, track)
+    vmapped = bool(vectorize or (vectorize is None and possible and len(models) > 1))
+    with task(f"training {len(models)} models{' (vmap)' if vmapped else ''}", len(models) * epochs) as advance:
+        if vmapped:
+            _train_vmap(models, x, y, masks, epochs, batch_size, lr, momentum, weight_decay, seed, loss_fn,
+                        on_epoch, track, ids, advance)
+        else:
+            for i, (k, model) in enumerate(zip(ids, models)):
+                _train_one(model, k, x, y, masks[i], epochs, batch_size, lr, momentum, weight_decay, seed, loss_fn,
+                           on_epoch, track, advance)
     for m in models:
         m.eval()
     return models
@@ -139,7 +146,7 @@ def train_members_tracked(model_fn: ModelFn, x: Tensor, y: Tensor, masks: Tensor
 
 
 def _train_one(model, k, x, y, mask, epochs, batch_size, lr, momentum, weight_decay, seed, loss_fn,
-               on_epoch=None, track=None) -> None:
+               on_epoch=None, track=None, advance=lambda n=1: None) -> None:
     model.train()
     opt = _optimizer([p for p in model.parameters() if p.requires_grad], lr, momentum, weight_decay)
     for epoch in range(1, epochs + 1):
@@ -147,6 +154,7 @@ def _train_one(model, k, x, y, mask, epochs, batch_size, lr, momentum, weight_de
             opt.zero_grad(set_to_none=True)
             loss_fn(model(x[idx]), y[idx]).mean().backward()
             opt.step()
+        advance()
         if on_epoch is not None:
             model.eval()
             with torch.no_grad():
@@ -155,7 +163,7 @@ def _train_one(model, k, x, y, mask, epochs, batch_size, lr, momentum, weight_de
 
 
 def _train_vmap(models, x, y, masks, epochs, batch_size, lr, momentum, weight_decay, seed, loss_fn,
-                on_epoch=None, track=None, ids=None) -> None:
+                on_epoch=None, track=None, ids=None, advance=lambda n=1: None) -> None:
     params, buffers = stack_module_state(models)
     params = {n: p.detach().clone().requires_grad_(True) for n, p in params.items()}
     base = copy.deepcopy(models[0]).to("meta")
@@ -176,6 +184,7 @@ def _train_vmap(models, x, y, masks, epochs, batch_size, lr, momentum, weight_de
             opt.zero_grad(set_to_none=True)
             losses.mean(1).sum().backward()
             opt.step()
+        advance(n_members)
         if on_epoch is not None:
             with torch.no_grad():
                 out = vmap(forward, in_dims=(0, 0, None))(params, buffers, track)  # [K, M, C]
