@@ -36,8 +36,7 @@ def plot_ids(html: str) -> list[str]:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     """A tiny real run (digits with 20% symmetric label noise, 2 epochs, per-example scores
-    from the dynamics recorder), plus label issues and DP privacy parameters as later
-    stages add them to a run directory."""
+    from the dynamics recorder), plus a label-issues table."""
     path = tmp_path_factory.mktemp("report") / "run"
     train, test = load_digits(seed=0)
     train = gs.data.corrupt(train, "symmetric", 0.2, seed=0)  # as `gradsift train` does
@@ -50,11 +49,18 @@ def run_dir(tmp_path_factory) -> Path:
     order = np.argsort(-noisy.astype(float) - 0.1 * rng.random(len(ids)))[:20]
     pd.DataFrame({"example_id": ids[order], "score": np.linspace(1, 0.5, 20),
                   "given_label": train.y[order], "suggested_label": train.clean_y[order]}).to_csv(path / "issues.csv", index=False)
-    gs.store.RunDir(path).update_manifest(privacy={"epsilon": 2.9, "delta": 1e-5, "noise_multiplier": 1.1,
-                                                   "clip_norm": 1.0, "sampling_rate": 0.25, "steps": 8})
-    metrics = pd.read_parquet(path / "metrics.parquet")
-    metrics["epsilon"] = [1.8, 2.9]
-    metrics.to_parquet(path / "metrics.parquet")
+    return path
+
+
+@pytest.fixture(scope="module")
+def dp_run_dir(tmp_path_factory) -> Path:
+    """A tiny DP-SGD run (digits, 2 epochs, noise multiplier 1): the manifest's privacy block
+    and the per-epoch epsilon come from the privacy accountant."""
+    path = tmp_path_factory.mktemp("report") / "dp"
+    train, test = load_digits()
+    gs.fit(mlp(64, 10, width=16), train.subset(np.arange(400)), test.subset(np.arange(100)),
+           optimizer="sgd:lr=0.5", epochs=2, batch_size=50, run_dir=path, config={"dataset": "digits"},
+           privacy=gs.privacy.DPSGD(delta=1e-3, noise_multiplier=1.0, seed=0))
     return path
 
 
@@ -71,19 +77,29 @@ def experiment_dir(tmp_path_factory) -> Path:
 def test_run_report_has_every_section(run_dir, tmp_path):
     out = write_report(run_dir, tmp_path / "r.html")
     html = out.read_text()
-    for section in ("config", "privacy", "training", "coherence", "scores", "issues"):
+    for section in ("config", "training", "coherence", "scores", "issues"):
         assert f'id="section-{section}"' in html, section
+    assert 'id="section-privacy"' not in html  # not a DP run
     ids = plot_ids(html)
     assert {"accuracy", "loss", "coherence", "coherence-layers", "score-loss", "score-margin", "score-cum-loss",
-            "score-forgetting", "score-learning-time", "privacy"} <= set(ids)
+            "score-forgetting", "score-learning-time"} <= set(ids)
     assert "score-label" not in ids  # labels are not scores
     assert "red: examples whose label was corrupted (280)" in html  # recomputed from the recorded recipe
     assert html.count("<dt>corrupted</dt><dd>yes</dd>") == 12
     assert sum(i.startswith("issue-") for i in ids) == 12  # the top 12 label issues drawn
     assert len(ids) == len(set(ids))
-    assert "noise_multiplier" in html and "2.9" in html
     assert not URL.search(html) and not EXTERNAL.search(html)
     assert out.stat().st_mode & 0o044  # readable by others, like any written file
+
+
+def test_dp_report_shows_the_privacy_spent(dp_run_dir):
+    spent = json.loads((dp_run_dir / "manifest.json").read_text())["privacy"]
+    metrics = pd.read_parquet(dp_run_dir / "metrics.parquet")
+    assert metrics["epsilon"].iloc[-1] == pytest.approx(spent["epsilon"]) and spent["steps"] > 0
+    html = build_report(dp_run_dir)
+    assert html.index('id="section-privacy"') < html.index('id="section-training"')  # right after the config
+    assert f"ε = {spent['epsilon']:.3g} spent at δ = 0.001 (σ = 1, C = 1, q = 0.125, {spent['steps']} steps)" in html
+    assert "privacy" in plot_ids(html) and '<table id="privacy-table">' in html
 
 
 def test_sections_follow_the_directory_contents(run_dir, tmp_path):
@@ -91,9 +107,6 @@ def test_sections_follow_the_directory_contents(run_dir, tmp_path):
     bare.mkdir()
     for name in ("manifest.json", "metrics.parquet"):
         shutil.copy(run_dir / name, bare / name)
-    manifest = json.loads((bare / "manifest.json").read_text())
-    del manifest["privacy"]
-    (bare / "manifest.json").write_text(json.dumps(manifest))
     html = build_report(bare)
     assert 'id="section-training"' in html and 'id="section-coherence"' in html  # from metrics' m_coherence
     for absent in ("privacy", "scores", "issues"):
@@ -271,10 +284,10 @@ def test_run_report_in_chromium(browser, run_dir, tmp_path):
     assert state["console"] == []
     assert state["external"] == []
     assert state["title"].startswith("gradsift run")
-    assert {"config", "privacy", "training", "coherence", "scores", "issues"} <= set(state["sections"])
+    assert {"config", "training", "coherence", "scores", "issues"} <= set(state["sections"])
     shown = {p["id"]: p for p in state["plots"]}
     assert set(shown) == set(plot_ids(html))  # every plot of the HTML is in the page
-    assert {"accuracy", "loss", "coherence", "coherence-layers", "score-loss", "privacy"} <= set(shown)
+    assert {"accuracy", "loss", "coherence", "coherence-layers", "score-loss"} <= set(shown)
     assert all(p["n"] == 1 and p["ok"] for p in shown.values()), [p for p in shown.values() if not p["ok"]]
     assert (tmp_path / "run.png").stat().st_size > 20_000
 
@@ -296,8 +309,10 @@ def test_score_histograms_bin_integers_per_value():
     assert len(stacked) == 60 and sum(p.get_height() for p in stacked[30:]) == 10
 
 
-def test_pruning_and_issues_reports_in_chromium(browser, pruning_dir, issues_csv, tmp_path):
-    for page, shot, expected in ((pruning_dir / "report.html", "pruning.png", {"pruning", "score-el2n"}),
+def test_dp_pruning_and_issues_reports_in_chromium(browser, dp_run_dir, pruning_dir, issues_csv, tmp_path):
+    dp_html = write_report(dp_run_dir, tmp_path / "dp.html")
+    for page, shot, expected in ((dp_html, "dp.png", {"privacy", "accuracy", "loss"}),
+                                 (pruning_dir / "report.html", "pruning.png", {"pruning", "score-el2n"}),
                                  (issues_csv.with_suffix(".html"), "issues.png", set())):
         state = open_and_check(browser, page, tmp_path / shot)
         assert state["console"] == [] and state["external"] == []

@@ -32,6 +32,7 @@ section { margin-top: 24px; }
 h2 { font-size: 18px; border-bottom: 1px solid var(--line); padding-bottom: 4px; }
 h3 { font-size: 15px; margin: 18px 0 6px; }
 .note { color: var(--muted); margin: 4px 0 10px; }
+.headline { font-size: 16px; font-weight: 600; margin: 6px 0; }
 .plots { display: flex; flex-wrap: wrap; gap: 16px; align-items: flex-start; }
 figure.plot { margin: 0; background: #fff; border: 1px solid var(--line); border-radius: 6px; padding: 8px; }
 figure.plot img { display: block; max-width: 100%; height: auto; }

@@ -10,7 +10,7 @@ from typing import Any, Mapping
 import pandas as pd
 
 from . import figures
-from .html import Section, figure, kv_table, table
+from .html import Section, esc, figure, kv_table, table
 from .sift import corrupted_ids, issues_section, read_json, read_scores, scores_section
 
 # Names under which a DP run may record its privacy parameters (manifest, or its config).
@@ -105,14 +105,32 @@ def privacy_info(manifest: Mapping[str, Any]) -> dict[str, Any]:
     return found if ("epsilon" in found or "sigma" in found or "noise_multiplier" in found) else {}
 
 
+def privacy_headline(info: Mapping[str, Any]) -> str:
+    """``ε = 3.05 spent at δ = 1e-05 (σ = 1.1, C = 1, q = 0.01, 500 steps)`` from what is known."""
+    eps = info.get("epsilon")
+    head = f"ε = {eps:.3g} spent" if isinstance(eps, (int, float)) else "ε not recorded"
+    if info.get("delta") is not None:
+        head += f" at δ = {info['delta']:g}"
+    parts = []
+    for label, keys in (("σ", ("noise_multiplier", "sigma")), ("C", ("max_norm", "clip_norm", "max_grad_norm")),
+                        ("q", ("sample_rate", "sampling_rate"))):
+        value = next((info[k] for k in keys if info.get(k) is not None), None)
+        if value is not None:
+            parts.append(f"{label} = {value:g}" if isinstance(value, (int, float)) else f"{label} = {value}")
+    if info.get("steps") is not None:
+        parts.append(f"{info['steps']} steps")
+    return head + (f" ({', '.join(parts)})" if parts else "")
+
+
 def privacy_section(manifest: Mapping[str, Any], metrics: pd.DataFrame | None, prefix: str = "") -> Section | None:
     """Epsilon spent, delta, noise multiplier, clip norm, sampling rate, steps; the epsilon
     curve when the metrics record it per epoch."""
     info = privacy_info(manifest)
     if not info:
         return None
-    body = ('<p class="note">Differentially private training: (epsilon, delta) spent, as computed '
-            "by the accountant from the noise multiplier, sampling rate and steps.</p>")
+    body = f'<p class="headline" id="{prefix}privacy-headline">{esc(privacy_headline(info))}</p>'
+    body += ('<p class="note">Differentially private training (DP-SGD): (epsilon, delta) spent, as computed '
+             "by the accountant from the noise multiplier, the sampling rate and the steps taken.</p>")
     body += kv_table(info, table_id=f"{prefix}privacy-table")
     if metrics is not None and "epsilon" in metrics and metrics["epsilon"].notna().any():
         target = info.get("target_epsilon")
