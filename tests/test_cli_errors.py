@@ -37,6 +37,8 @@ def invoke(*args: str):
     (["memorization", "--epochs", "0"], "Invalid value for '--epochs'"),
     (["memorization", "--winsorize-c", "-1"], "Invalid value for '--winsorize-c'"),
     (["report", "--top-issues", "-1", "."], "Invalid value for '--top-issues'"),
+    (["train", "--dp"], "--dp needs --target-epsilon or --noise-multiplier"),
+    (["train", "--dp", "--target-epsilon", "-1", "--epochs", "1"], "error: target_epsilon must be > 0, got -1.0"),
     (["issues", "--folds", "1"], "Invalid value for '--folds'"),
     (["issues", "--label-noise", "flip"], "Invalid value for '--label-noise': 'flip' is not one of"),
     (["scores", "--scores", "el2n,bogus"], "error: unknown score(s) ['bogus']: use el2n, grand, memorization, random"),
