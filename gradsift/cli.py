@@ -148,6 +148,7 @@ def train(
     optimizer: str = typer.Option("sgd:lr=0.1,momentum=0.9", help="NAME[:k=v,...] from torch.optim or pytorch_optimizer, e.g. adamw:lr=1e-3, lion:lr=1e-4"),
     epochs: int = typer.Option(10, min=1, help="number of epochs"),
     batch_size: int = typer.Option(100, min=1, help="batch size"),
+    lr_schedule: Optional[str] = typer.Option(None, "--lr-schedule", help="epoch-wise torch.optim.lr_scheduler by spec, e.g. multisteplr:milestones=(30,),gamma=0.1 or cosine:T_max=50"),
     label_noise: str = typer.Option("none", callback=choice("none", "symmetric", "asymmetric", "random"), help="none, symmetric, asymmetric or random"),
     noise_rate: float = typer.Option(0.0, min=0.0, max=1.0, help="fraction of labels corrupted (symmetric/asymmetric)"),
     coherence: bool = typer.Option(True, help="record m-coherence on a probe batch each epoch"),
@@ -204,6 +205,7 @@ def train(
         aggregator=agg, optimizer=optimizer, epochs=epochs, batch_size=batch_size, seed=seed,
         run_dir=run_dir, resume=resume, recorders=[CoherenceRecorder(seed=seed)] if coherence else [],
         on_nonfinite=on_nonfinite, progress=show_progress(quiet), config=config, privacy=privacy,
+        lr_schedule=lr_schedule,
     )
     from .distributed import launched_by_torchrun
 

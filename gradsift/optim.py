@@ -73,3 +73,25 @@ def optimizer_from_spec(spec: str, params: Iterable[torch.Tensor]) -> torch.opti
         return cls(list(params), **kwargs)
     except (TypeError, ValueError) as e:
         raise SpecError(f"bad options for optimizer '{name}': {e}") from None
+
+
+def scheduler_from_spec(spec: str, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    """Build an epoch-wise learning-rate scheduler from ``torch.optim.lr_scheduler`` by spec,
+    e.g. ``"multisteplr:milestones=(50,),gamma=0.1"`` or ``"cosineannealinglr:T_max=60"``
+    (names are case-insensitive; ``step``/``multistep``/``cosine`` are accepted too)."""
+    name, kwargs = parse_spec(spec)
+    sched = torch.optim.lr_scheduler
+    table = {
+        n.lower(): getattr(sched, n) for n in dir(sched)
+        if isinstance(getattr(sched, n), type) and issubclass(getattr(sched, n), sched.LRScheduler)
+    }
+    table.update({"step": sched.StepLR, "multistep": sched.MultiStepLR, "cosine": sched.CosineAnnealingLR})
+    key = name.replace("_", "")
+    if key not in table:
+        raise SpecError(f"unknown lr schedule '{name}'. Known: {', '.join(sorted(table))}")
+    if "milestones" in kwargs and not isinstance(kwargs["milestones"], (list, tuple)):
+        kwargs["milestones"] = [kwargs["milestones"]]
+    try:
+        return table[key](optimizer, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise SpecError(f"bad options for lr schedule '{name}': {e}") from None

@@ -28,7 +28,7 @@ from . import aggregate as agg_mod
 from .aggregate import Aggregator
 from .data import Dataset
 from .engine import batch_gradient, check_per_example_safe, per_example, trainable_parameters
-from .optim import optimizer_from_spec
+from .optim import optimizer_from_spec, scheduler_from_spec
 from .specs import aggregator_from_spec
 from .store import RunDir
 
@@ -150,6 +150,7 @@ class Trainer:
         progress: bool | None = None,
         config: dict | None = None,
         privacy: Any = None,
+        lr_schedule: str | None = None,
     ):
         if epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -196,6 +197,7 @@ class Trainer:
             self.optimizer = optimizer
         else:
             self.optimizer = optimizer(params.values())
+        self.scheduler = scheduler_from_spec(lr_schedule, self.optimizer) if lr_schedule else None
         self.epochs, self.batch_size, self.seed = epochs, batch_size, seed
         self.recorders = list(recorders)
         self.run = RunDir(run_dir) if run_dir is not None else None
@@ -301,6 +303,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(), "agg_state": self.agg_state,
             "history": self.history, "recorders": [r.state_dict() for r in self.recorders],
             "rng": torch.get_rng_state(),
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
         })
 
     def resume(self) -> bool:
@@ -318,6 +321,8 @@ class Trainer:
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.agg_state = ckpt["agg_state"]
+        if self.scheduler is not None and ckpt.get("scheduler") is not None:
+            self.scheduler.load_state_dict(ckpt["scheduler"])
         self.history = list(ckpt["history"])
         self.step = ckpt["step"]
         self.start_epoch = ckpt["epoch"] + 1
@@ -332,7 +337,8 @@ class Trainer:
             self.run.write_manifest(
                 {**self.config, "aggregator": self.aggregator.name, "epochs": self.epochs,
                  "batch_size": self.batch_size, "optimizer": repr(self.optimizer.__class__.__name__),
-                 "optimizer_defaults": _plain(self.optimizer.defaults)},
+                 "optimizer_defaults": _plain(self.optimizer.defaults),
+                 "lr_schedule": None if self.scheduler is None else type(self.scheduler).__name__},
                 seed=self.seed, status="running", n_train=len(self.train_data),
             )
         for r in self.recorders:
@@ -352,10 +358,13 @@ class Trainer:
                 for positions in self.sampler(epoch):
                     self.train_step(positions, epoch)
                 row["step"] = self.step
+                row["lr"] = float(self.optimizer.param_groups[0]["lr"])
                 row.update(self.evaluate())
                 for r in self.recorders:
                     row.update(r.on_epoch_end(self, epoch) or {})
                 self.history.append(row)
+                if self.scheduler is not None:
+                    self.scheduler.step()
                 if self.run is not None:
                     self.run.write_table("metrics", pd.DataFrame(self.history))
                     self._checkpoint(epoch)
@@ -406,6 +415,8 @@ def fit(
         chunk_size: per-example engine chunk size (``None``: from a memory bound).
         progress: show a progress bar (default: nested in the current display of
             :func:`gradsift.progress.progress_scope`, else when stderr is a terminal).
+        lr_schedule: an epoch-wise ``torch.optim.lr_scheduler`` by spec, e.g.
+            ``"multisteplr:milestones=(50,),gamma=0.1"``; stepped after every epoch.
         privacy: a :class:`~gradsift.privacy.DPSGD` to train with DP-SGD: sets the
             aggregator (clip + noise) and Poisson sampling, refuses models and samplers that
             break the guarantee, and adds ``epsilon`` to the history and a ``privacy`` block

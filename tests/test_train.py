@@ -105,3 +105,16 @@ def test_cli_train_and_errors(tmp_path):
     r = runner.invoke(app, ["train", "--dataset", str(tmp_path / "nope.npz"), "--run-dir", str(tmp_path / "x")])
     assert r.exit_code == 2 and "no such file" in r.output
     assert "Traceback" not in r.output
+
+
+def test_lr_schedule_and_resume(digits_small, tmp_path):
+    tr, _ = digits_small
+    kw = dict(aggregator="mean", optimizer="sgd:lr=0.1", epochs=4, batch_size=100,
+              lr_schedule="multisteplr:milestones=(2,),gamma=0.1")
+    full = gs.fit(make_model(), tr, **kw).history
+    np.testing.assert_allclose(full.lr, [0.1, 0.1, 0.01, 0.01])
+    gs.fit(make_model(), tr, **{**kw, "epochs": 2}, run_dir=tmp_path / "r")
+    resumed = gs.fit(make_model(), tr, **kw, run_dir=tmp_path / "r", resume=True).history
+    pd.testing.assert_frame_equal(resumed, full)
+    with pytest.raises(gs.SpecError, match="unknown lr schedule"):
+        gs.fit(make_model(), tr, lr_schedule="warpdrive")
