@@ -34,7 +34,7 @@ import torch
 from .. import data as data_mod
 from ..actions import select
 from ..errors import GradsiftError
-from ..progress import task
+from ..progress import current, task
 from ..scores import (
     DynamicsRecorder, data_diet_scores, memorization_scores, mlp_factory, predict_members, train_members,
 )
@@ -97,7 +97,8 @@ def compute_scores(config: PruningCurveConfig, train: data_mod.Dataset, progress
             fit = partial(fit_distributed, comm=comm)  # noqa: F811
         rec = DynamicsRecorder()
         fit(mf(0), train, optimizer=f"sgd:lr={config.lr},momentum={config.momentum},weight_decay={config.weight_decay}",
-            epochs=config.epochs, batch_size=config.batch_size, seed=config.seed, recorders=[rec], progress=False)
+            epochs=config.epochs, batch_size=config.batch_size, seed=config.seed, recorders=[rec],
+            progress=current() or False)  # epochs shown in the command's display, if any
         frames.append(rec.scores().drop(columns=["label"])[[c for c in DYNAMICS if c in wanted]])
     if "memorization" in wanted:
         mem = memorization_scores(train, mf, n_models=config.mem_models, fraction=config.mem_fraction,
