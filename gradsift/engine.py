@@ -1,9 +1,21 @@
 """Per-example losses, gradients and gradient norms for any ``nn.Module``.
 
-The general path is :mod:`torch.func`: the model is called as a pure function of its
-parameters (``functional_call``) and ``vmap(grad_and_value(...))`` maps the single-example
-gradient over the batch. The batch is processed in chunks so that the per-example
-intermediate memory stays under a bound.
+Two paths compute the same thing (``method=``):
+
+* ``"hooks"`` (:mod:`gradsift.fastpath`): one batched forward and backward pass; layer
+  activations and output gradients give each supported layer's per-example gradients in
+  closed form (Linear, Conv1d/2d, Embedding, LayerNorm, GroupNorm, RMSNorm), and norms by
+  ghost norms without forming the gradients.
+* ``"vmap"``: :mod:`torch.func`; the model is called as a pure function of its parameters
+  (``functional_call``) and ``vmap(grad_and_value(...))`` maps the single-example gradient
+  over the batch. Works for any module.
+* ``"auto"`` (default): hooks when every trainable parameter belongs to a supported layer
+  (and is used only in that layer's ``forward``), otherwise torch.func for the *whole*
+  model. Both give the same gradients up to float rounding.
+
+The batch is processed in chunks so that the per-example memory stays under a bound.
+:func:`aggregated_gradient` goes further: it reduces each layer's per-example gradients
+as soon as they exist, so the full ``B x P`` matrix is never held.
 
 Conventions
 -----------
@@ -16,16 +28,19 @@ Conventions
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
+from . import fastpath
 from .errors import UnsupportedModelError
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Grads = dict[str, Tensor]
+Method = Literal["auto", "hooks", "vmap"]
+METHODS = ("auto", "hooks", "vmap")
 
 #: Default bound, in bytes, on the per-example gradient memory of one chunk.
 DEFAULT_CHUNK_BYTES = 256 * 2**20
@@ -108,6 +123,26 @@ def _single_loss_fn(model: nn.Module, loss_fn: LossFn, frozen: dict[str, Tensor]
     return single
 
 
+def _resolve_method(model: nn.Module, method: str) -> str:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "auto":
+        return "vmap" if fastpath.unsupported_layers(model) else "hooks"
+    if method == "hooks":
+        fastpath.check_hookable(model)
+    return method
+
+
+def _chunks(batch_size: int, chunk_size: int) -> list[slice]:
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return [slice(s, s + chunk_size) for s in range(0, batch_size, chunk_size)]
+
+
+def _cat(parts: list[Tensor]) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def per_example(
     model: nn.Module,
     loss_fn: LossFn,
@@ -115,22 +150,56 @@ def per_example(
     targets: Tensor,
     *,
     chunk_size: int | None = None,
+    method: Method = "auto",
 ) -> PerExample:
-    """Per-example losses, gradients and outputs in one pass (torch.func path).
+    """Per-example losses, gradients and outputs in one pass.
 
     Args:
         model: any module; its parameters with ``requires_grad=False`` are held fixed.
         loss_fn: ``(outputs [B, ...], targets [B, ...]) -> [B]`` per-example losses.
         inputs: ``[B, ...]``.
         targets: ``[B, ...]``.
-        chunk_size: examples per vmap call; ``None`` picks one from a memory bound
+        chunk_size: examples per pass; ``None`` picks one from a memory bound
             (:data:`DEFAULT_CHUNK_BYTES`).
+        method: ``"auto"`` (hooks where every trainable layer is supported, else
+            torch.func), ``"hooks"`` (raise if unsupported) or ``"vmap"`` (torch.func).
 
     Returns:
         :class:`PerExample` with ``losses [B]``, ``grads name -> [B, *shape]``,
         ``outputs [B, ...]``.
     """
     check_per_example_safe(model)
+    batch_size = _check_batch(inputs, targets)
+    resolved = _resolve_method(model, method)
+    if resolved == "hooks" and batch_size > 0:
+        if chunk_size is None:
+            chunk_size = auto_chunk_size(model, batch_size)
+        try:
+            parts = [
+                fastpath.hook_per_example(model, loss_fn, inputs[s], targets[s])
+                for s in _chunks(batch_size, chunk_size)
+            ]
+        except fastpath.NotHookable:
+            if method == "hooks":
+                raise
+        else:
+            return PerExample(
+                losses=_cat([p[0] for p in parts]),
+                grads={n: _cat([p[1][n] for p in parts]) for n in parts[0][1]},
+                outputs=_cat([p[2] for p in parts]),
+            )
+    return _vmap_per_example(model, loss_fn, inputs, targets, chunk_size=chunk_size)
+
+
+def _vmap_per_example(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    chunk_size: int | None = None,
+) -> PerExample:
+    """torch.func path of :func:`per_example`."""
     batch_size = _check_batch(inputs, targets)
     params = {n: p.detach() for n, p in trainable_parameters(model).items()}
     frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
@@ -183,9 +252,10 @@ def per_example_gradients(
     targets: Tensor,
     *,
     chunk_size: int | None = None,
+    method: Method = "auto",
 ) -> Grads:
     """Per-example gradients: parameter name -> ``[B, *param.shape]``."""
-    return per_example(model, loss_fn, inputs, targets, chunk_size=chunk_size).grads
+    return per_example(model, loss_fn, inputs, targets, chunk_size=chunk_size, method=method).grads
 
 
 def grad_norms(grads: Grads, *, per_layer: bool = False) -> Tensor | dict[str, Tensor]:
@@ -211,21 +281,37 @@ def per_example_norms(
     *,
     per_layer: bool = False,
     chunk_size: int | None = None,
+    method: Method = "auto",
 ) -> Tensor | dict[str, Tensor]:
-    """Per-example gradient L2 norms, total ``[B]`` or per layer (name -> ``[B]``).
+    """Per-example gradient L2 norms, total ``[B]`` or per parameter (name -> ``[B]``).
 
-    Gradients are computed chunk by chunk and reduced to norms at once, so the full
-    ``B x P`` matrix never exists.
+    With hooks (see :func:`per_example`), Linear/Conv/Embedding norms are ghost norms:
+    computed from activations and output gradients without forming per-example
+    gradients (one forward and one backward pass). With torch.func, gradients are
+    computed chunk by chunk and reduced to norms at once, so the full ``B x P`` matrix
+    never exists.
     """
+    check_per_example_safe(model)
     batch_size = _check_batch(inputs, targets)
+    resolved = _resolve_method(model, method)
+    if resolved == "hooks" and batch_size > 0:
+        try:
+            _, sq, _ = fastpath.hook_norms_sq(model, loss_fn, inputs, targets)
+        except fastpath.NotHookable:
+            if method == "hooks":
+                raise
+        else:
+            if per_layer:
+                return {n: v.sqrt() for n, v in sq.items()}
+            return torch.stack(list(sq.values())).sum(0).sqrt()
     if chunk_size is None:
         chunk_size = auto_chunk_size(model, batch_size)
     parts: list[dict[str, Tensor]] = []
     for start in range(0, max(batch_size, 1), max(chunk_size, 1)):
-        g = per_example_gradients(
+        g = _vmap_per_example(
             model, loss_fn, inputs[start : start + chunk_size], targets[start : start + chunk_size],
             chunk_size=chunk_size,
-        )
+        ).grads
         parts.append(grad_norms(g, per_layer=True))
     layer = {n: torch.cat([p[n] for p in parts]) for n in parts[0]}
     if per_layer:
@@ -246,3 +332,102 @@ def batch_gradient(model: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: T
     g = torch.autograd.grad(losses.mean(), list(params.values()), allow_unused=True)
     grads = {n: (gi if gi is not None else torch.zeros_like(p)) for (n, p), gi in zip(params.items(), g)}
     return grads, losses.detach(), outputs.detach()
+
+
+@dataclass
+class Aggregated:
+    """Result of :func:`aggregated_gradient`.
+
+    Attributes:
+        update: name -> ``param.shape`` update direction (write it with
+            :func:`gradsift.aggregate.write_grads`, then step any optimizer).
+        losses: ``[B]`` per-example losses (detached).
+        outputs: ``[B, ...]`` model outputs (detached).
+        state: the aggregator's new state.
+        fused: whether the layer-by-layer path ran (else per-example gradients were
+            formed for the whole model, then aggregated).
+    """
+
+    update: Grads
+    losses: Tensor
+    outputs: Tensor
+    state: Any
+    fused: bool
+
+
+def aggregated_gradient(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: Tensor,
+    targets: Tensor,
+    aggregator: Any,
+    state: Any = None,
+    *,
+    method: Method = "auto",
+    fuse: bool = True,
+    chunk_size: int | None = None,
+) -> Aggregated:
+    """Aggregate per-example gradients into one update, layer by layer where possible.
+
+    For aggregators ``[drop_nonfinite] > [clip] > reducer > [batch-level steps]``, with
+    ``reducer`` per coordinate (mean, winsorize, trimmed_mean, coordinate_median, m3), on
+    a hookable model (see :func:`per_example`), each layer's per-example gradients are
+    formed, clipped (by total norms from ghost norms), reduced and freed in turn: peak
+    memory about ``B x (largest layer)``; ``mean`` and ``clip > mean`` never form them at
+    all. Any other aggregator or model runs unfused: :func:`per_example`, then
+    ``aggregator.update``. Both give the same update up to float rounding.
+
+    Args:
+        model, loss_fn, inputs, targets: as for :func:`per_example`.
+        aggregator: an :class:`~gradsift.aggregate.Aggregator` (or a spec string such as
+            ``"clip:max_norm=1+winsorize:c=2"``, see :mod:`gradsift.specs`).
+        state: the aggregator's state; ``None`` initializes it.
+        method: ``"auto"``, ``"hooks"`` or ``"vmap"`` (``"vmap"`` never fuses).
+        fuse: ``False`` forces the unfused path (for checks and benchmarks).
+        chunk_size: for the unfused path, as in :func:`per_example`.
+
+    Returns:
+        :class:`Aggregated` ``(update, losses, outputs, state, fused)``.
+    """
+    from . import fused as fused_mod
+    from .aggregate import Aggregator
+
+    if isinstance(aggregator, str):
+        from .specs import aggregator_from_spec
+
+        aggregator = aggregator_from_spec(aggregator)
+    if not isinstance(aggregator, Aggregator):
+        raise TypeError(f"aggregator must be an Aggregator or a spec string, got {type(aggregator)}")
+    if aggregator.output != "batch":
+        raise ValueError(
+            f"aggregator {aggregator.name} gives per-example gradients; chain a reducer such as "
+            "gs.aggregate.mean() after it"
+        )
+    check_per_example_safe(model)
+    _check_batch(inputs, targets)
+    if state is None:
+        state = aggregator.init({n: p.detach() for n, p in trainable_parameters(model).items()})
+    p = fused_mod.plan(aggregator) if fuse else None
+    if p is not None and inputs.shape[0] > 0 and _resolve_method(model, method) == "hooks":
+        try:
+            rec = fastpath.record(model, loss_fn, inputs, targets)
+        except fastpath.NotHookable:
+            if method == "hooks":
+                raise
+        else:
+            update = fused_mod.fused_update(model, rec, p)
+            if update is not None:
+                update, state = fused_mod.run_tail(p, update, state)
+                return Aggregated(update, rec.losses, rec.outputs, state, fused=True)
+    pe = per_example(model, loss_fn, inputs, targets, chunk_size=chunk_size, method=method)
+    if aggregator.input == "per_example":
+        grads = pe.grads
+    else:
+        grads = {n: g.mean(0) for n, g in pe.grads.items()}
+    extras = {"losses": pe.losses, "outputs": pe.outputs, "targets": targets}
+    needs = getattr(aggregator, "needs", ())
+    if needs:
+        update, state = aggregator.update(grads, state, **{k: extras[k] for k in needs if k in extras})
+    else:
+        update, state = aggregator.update(grads, state)
+    return Aggregated(update, pe.losses, pe.outputs, state, fused=False)
