@@ -265,7 +265,7 @@ def grad_norms(grads: Grads, *, per_layer: bool = False) -> Tensor | dict[str, T
         grads: name -> ``[B, *shape]``.
         per_layer: return name -> ``[B]`` instead of the total ``[B]``.
     """
-    layer = {n: g.flatten(1).norm(dim=1) for n, g in grads.items()}
+    layer = {n: g.reshape(g.shape[0], -1).norm(dim=1) for n, g in grads.items()}
     if per_layer:
         return layer
     if not layer:
