@@ -120,8 +120,13 @@ def winsorized_mean(x: Tensor, c: int) -> Tensor:
     (Chatterjee, "Coherent Gradients", ICLR 2020). ``c = 0`` is the mean.
 
     When ``B < 2c + 1`` the bounds would cross; ``c`` is then lowered to ``(B - 1) // 2``,
-    which is the coordinate median (the limit of winsorizing). Selection uses ``topk``
-    on ``c + 1`` values per end, not a full sort.
+    which is the coordinate median (the limit of winsorizing).
+
+    Computed by selection, never by sorting the batch: the result is
+    ``(sum - top_c - bottom_c + c * u + c * l) / B`` with ``u``/``l`` the ``(c+1)``-th
+    largest/smallest values. For ``c <= 3`` these come from a pairwise tournament of
+    element-wise max/min over cache-sized column blocks (:func:`batch_extremes`), which is
+    several times faster than ``topk`` along the batch axis; larger ``c`` uses ``topk``.
     """
     if c < 0:
         raise ValueError(f"c must be >= 0, got {c}")
@@ -132,9 +137,94 @@ def winsorized_mean(x: Tensor, c: int) -> Tensor:
     c = min(c, (b - 1) // 2)
     if c == 0:
         return x.mean(0)
-    upper = torch.topk(x, c + 1, dim=0, largest=True, sorted=True).values[-1]
-    lower = torch.topk(x, c + 1, dim=0, largest=False, sorted=True).values[-1]
-    return torch.minimum(torch.maximum(x, lower), upper).mean(0)
+    flat = x.reshape(b, -1)
+    if c > _TOURNAMENT_MAX_C:
+        top = torch.topk(flat, c + 1, dim=0, largest=True, sorted=True).values
+        bottom = torch.topk(flat, c + 1, dim=0, largest=False, sorted=True).values
+        out = flat.sum(0) - top[:c].sum(0) - bottom[:c].sum(0) + c * (top[c] + bottom[c])
+        return (out / b).view(x.shape[1:])
+    out = flat.new_empty(flat.shape[1])
+    block = max(1, _BLOCK_ELEMENTS // b)
+    for start in range(0, flat.shape[1], block):
+        part = flat[:, start : start + block]
+        top, bottom = batch_extremes(part, c + 1)
+        acc = part.sum(0)
+        for t in top[:c]:
+            acc -= t
+        for t in bottom[:c]:
+            acc -= t
+        acc += c * (top[c] + bottom[c])
+        out[start : start + block] = acc / b
+    return out.view(x.shape[1:])
+
+
+#: Largest ``c`` winsorized by the tournament (its cost grows like c^2); above, topk.
+_TOURNAMENT_MAX_C = 3
+#: Elements per column block of the tournament (about 4 MB of float32: cache-sized).
+_BLOCK_ELEMENTS = 1 << 20
+
+
+def _merge_sorted(a: list[Tensor], b: list[Tensor], k: int, largest: bool) -> list[Tensor]:
+    """The k largest (or smallest) of two per-coordinate sorted lists, sorted.
+
+    The j-th largest of the union is ``max_i min(a_i, b_{j-i})`` over the splits with
+    ``a_0 = b_0 = +inf`` (the terms with ``a_0``/``b_0`` are just ``b_j``/``a_j``).
+    """
+    better, worse = (torch.maximum, torch.minimum) if largest else (torch.minimum, torch.maximum)
+    out = []
+    for j in range(1, min(k, len(a) + len(b)) + 1):
+        best: Tensor | None = None
+        for i in range(0, j + 1):
+            if i > len(a) or j - i > len(b):
+                continue
+            if i == 0:
+                term = b[j - 1]
+            elif i == j:
+                term = a[j - 1]
+            else:
+                term = worse(a[i - 1], b[j - i - 1])
+            best = term if best is None else better(best, term)
+        out.append(best)
+    return out
+
+
+def batch_extremes(x: Tensor, k: int) -> tuple[list[Tensor], list[Tensor]]:
+    """Per-coordinate k largest (descending) and k smallest (ascending) over axis 0.
+
+    A pairwise tournament: the two halves of the batch are merged element-wise with
+    max/min (one op per output element at the first level, ``O(k^2)`` after), so the
+    work is a few passes over ``x``, all on contiguous rows.
+
+    Args:
+        x: ``[B, N]`` with ``B >= k``.
+
+    Returns:
+        (``k`` tensors ``[N]``, largest first; ``k`` tensors ``[N]``, smallest first).
+    """
+    m = x.shape[0]
+    if m < k:
+        raise ValueError(f"need at least k={k} rows, got {m}")
+    top: list[Tensor] = [x]
+    bottom: list[Tensor] = [x]
+    leftovers: list[tuple[list[Tensor], list[Tensor]]] = []
+    first = True
+    while m > 1:
+        h = m // 2
+        if m % 2:
+            leftovers.append(([t[2 * h :] for t in top], [t[2 * h :] for t in bottom]))
+        if first:
+            hi = torch.maximum(x[:h], x[h : 2 * h])
+            lo = torch.minimum(x[:h], x[h : 2 * h])
+            top, bottom = [hi, lo][:k], [lo, hi][:k]
+            first = False
+        else:
+            top = _merge_sorted([t[:h] for t in top], [t[h : 2 * h] for t in top], k, True)
+            bottom = _merge_sorted([t[:h] for t in bottom], [t[h : 2 * h] for t in bottom], k, False)
+        m = h
+    for lt, lb in reversed(leftovers):
+        top = _merge_sorted(top, lt, k, True)
+        bottom = _merge_sorted(bottom, lb, k, False)
+    return [t[0] for t in top], [t[0] for t in bottom]
 
 
 def _group_slices(b: int, groups: int) -> list[slice]:

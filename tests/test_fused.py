@@ -89,6 +89,7 @@ PEAK_SCRIPT = textwrap.dedent(
     from torch import nn
     from gradsift import aggregate as A
     from gradsift.engine import aggregated_gradient
+    torch.set_num_threads(1)  # the cores are shared; oversubscribed threads crawl
     torch.manual_seed(0)
     width, depth, b = 512, 8, 32
     layers = []
@@ -116,10 +117,10 @@ def peak(mode: str) -> dict:
 
 
 def test_fused_peak_memory_stays_near_one_layer():
-    """Peak RSS growth: fused < 4 x (B x largest layer) < B x all parameters <= unfused."""
+    """Peak RSS growth: fused < 2.5 x (B x largest layer) < B x all parameters <= unfused."""
     fused, unfused = peak("fused"), peak("unfused")
     assert fused["fused"] and not unfused["fused"]
-    bound = 4 * fused["largest"]
+    bound = 2.5 * fused["largest"]
     assert bound < fused["total"]  # the bound separates the two paths
     assert fused["peak"] < bound, fused
     assert unfused["peak"] >= unfused["total"], unfused
