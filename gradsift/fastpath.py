@@ -516,3 +516,66 @@ def recording_norms_sq(model: nn.Module, rec: Recording) -> Grads:
         if p.requires_grad and n not in out:
             out[n] = p.new_zeros(b)
     return out
+
+
+#: Elements of one per-example gradient block in :func:`layer_reduced` (4 MB of float32).
+BLOCK_ELEMENTS = 1 << 20
+
+
+def layer_reduced(
+    cap: Capture,
+    reducer: Callable[[Tensor], Tensor],
+    factors: Callable[[str], Tensor | None],
+) -> Grads | None:
+    """Per-coordinate reduction of one layer's per-example gradients, block by block.
+
+    For Linear/Conv the per-example weight gradients are formed a block of output
+    channels at a time (about :data:`BLOCK_ELEMENTS` values, so the block stays in cache
+    and no ``B x layer`` tensor is ever allocated) and reduced at once; other layers form
+    their (small) per-example gradients whole.
+
+    Args:
+        reducer: ``[B, ...] -> [...]`` acting on each coordinate independently.
+        factors: local parameter name -> per-example scale ``[B]`` (clipping) or ``None``.
+
+    Returns:
+        local name -> ``param.shape``, or ``None`` if a per-example gradient is not finite.
+    """
+    m = cap.module
+    if not cap.inputs:
+        return {}
+    if not isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+        out: Grads = {}
+        for local, g in layer_grads(cap).items():
+            f = factors(local)
+            if f is not None:
+                g = g * f.view(-1, *([1] * (g.ndim - 1)))
+            if not bool(torch.isfinite(g.sum())):
+                return None
+            out[local] = reducer(g)
+        return out
+    own = _own_trainable(m)
+    A, D = _positions(cap)  # type: ignore[misc]
+    b, groups, _, k = A.shape
+    o = D.shape[3]
+    out = {}
+    if "weight" in own:
+        f = factors("weight")
+        Dw = D if f is None else D * f.view(-1, 1, 1, 1).to(D.dtype)
+        w = D.new_empty(groups, o, k)
+        rows = max(1, BLOCK_ELEMENTS // max(1, b * groups * k))
+        for start in range(0, o, rows):
+            g = torch.matmul(Dw[..., start : start + rows].transpose(2, 3), A)  # [B, G, r, K]
+            if not bool(torch.isfinite(g.sum())):
+                return None
+            w[:, start : start + rows] = reducer(g)
+        out["weight"] = w.reshape(own["weight"].shape)
+    if "bias" in own:
+        f = factors("bias")
+        g = D.sum(2).reshape(b, -1)
+        if f is not None:
+            g = g * f.view(-1, 1)
+        if not bool(torch.isfinite(g.sum())):
+            return None
+        out["bias"] = reducer(g)
+    return out

@@ -135,31 +135,42 @@ def fused_update(
                     g = fastpath.layer_weighted_sum(cap, layer_factor[name] / b)[local]
                     update[name] = g
             continue
-        for local, g in fastpath.layer_grads(cap).items():
-            name = own[local]
-            f = scale(name)
-            if name in shared:
-                pending[name] = pending[name] + g if name in pending else g
-                continue
-            if f is not None:
-                g = g * f.view(-1, *([1] * (g.ndim - 1)))
-            if not bool(torch.isfinite(g.sum())):
-                return None
-            update[name] = p.reducer(g)
-            del g
-    for name, g in pending.items():
-        f = scale(name)
-        if f is not None:
-            g = g * f.view(-1, *([1] * (g.ndim - 1)))
-        if not bool(torch.isfinite(g.sum())):
+        if set(own.values()) & shared:
+            for local, g in fastpath.layer_grads(cap).items():
+                name = own[local]
+                if name in shared:
+                    pending[name] = pending[name] + g if name in pending else g
+                else:  # the layer's unshared parameter
+                    part = _reduce_one(p, g, scale(name))
+                    if part is None:
+                        return None
+                    update[name] = part
+            continue
+        reduced = fastpath.layer_reduced(cap, p.reducer, lambda local: scale(own[local]))
+        if reduced is None:
             return None
-        update[name] = p.reducer(g)
+        for local, value in reduced.items():
+            update[own[local]] = value
+    for name, g in pending.items():
+        part = _reduce_one(p, g, scale(name))
+        if part is None:
+            return None
+        update[name] = part
     for name, par in model.named_parameters():
         if par.requires_grad and name not in update:
             update[name] = torch.zeros_like(par)
     if p.is_mean and not all(bool(torch.isfinite(u).all()) for u in update.values()):
         return None
     return update
+
+
+def _reduce_one(p: FusedPlan, g: Tensor, f: Tensor | None) -> Tensor | None:
+    """Scale ``[B, ...]`` per-example gradients by ``f [B]``, then reduce (None if not finite)."""
+    if f is not None:
+        g = g * f.view(-1, *([1] * (g.ndim - 1)))
+    if not bool(torch.isfinite(g.sum())):
+        return None
+    return p.reducer(g)
 
 
 def run_tail(p: FusedPlan, update: Grads, state: Any) -> tuple[Grads, Any]:
