@@ -1,10 +1,11 @@
 """Timing and memory helpers shared by the benchmarks (not part of the test run).
 
 Times are medians over repeats, measured in one process so that every ratio compares runs
-taken side by side. Peak memory is the growth of the peak resident set size
-(``ru_maxrss``) during one call in a fresh subprocess, after a 2-example warm-up of the
-same code path: torch's CPU allocations are invisible to ``tracemalloc``, and large
-tensors are ``mmap``-ed, so the peak RSS tracks the peak of live tensors.
+taken side by side. Peak memory is the growth of the peak resident set size during one
+call in a fresh subprocess, after a 2-example warm-up of the same code path: the
+high-water mark (``VmHWM``) is reset through ``/proc/self/clear_refs`` just before the
+call. torch's CPU allocations are invisible to ``tracemalloc``; large tensors are
+``mmap``-ed, so the peak RSS tracks the peak of live tensors.
 """
 
 from __future__ import annotations
@@ -74,15 +75,23 @@ def peak_rss_mb(module: str, *args: str) -> float:
     return float(json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"])
 
 
-def measure_peak(fn_small: Callable[[], object], fn: Callable[[], object]) -> None:
-    """In a subprocess: warm up, then print the peak-RSS growth of ``fn()`` as JSON."""
-    import resource
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
+
+def measure_peak(fn_small: Callable[[], object], fn: Callable[[], object]) -> None:
+    """In a subprocess: warm up, reset the RSS high-water mark, run ``fn()``, and print
+    the growth of the peak RSS over the RSS before the call, as JSON (Linux only)."""
     fn_small()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    before = _status_kb("VmRSS")
     fn()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_mb": (after - before) / 1024}))
+    print(json.dumps({"peak_mb": (_status_kb("VmHWM") - before) / 1024}))
 
 
 def table(title: str, header: list[str], rows: list[list[object]]) -> str:

@@ -11,6 +11,7 @@ of the mean loss (the floor).
 
 from __future__ import annotations
 
+import copy
 import sys
 import warnings
 
@@ -63,16 +64,19 @@ def loop_grads(model, x, y):
 
 
 def grad_methods(model):
+    """Each method gets its own copy (Opacus adds hooks to the module it wraps)."""
+    m = [copy.deepcopy(model) for _ in range(4)]
     return {
-        "gradsift": lambda x, y: gradsift_grads(model, x, y),
-        "opacus": make_opacus(model),
-        "torch.func": make_vmap(model),
-        "loop": lambda x, y: loop_grads(model, x, y),
+        "gradsift": lambda x, y: gradsift_grads(m[0], x, y),
+        "opacus": make_opacus(m[1]),
+        "torch.func": make_vmap(m[2]),
+        "loop": lambda x, y: loop_grads(m[3], x, y),
     }
 
 
 def norm_methods(model):
-    opacus = make_opacus(model)
+    ghost, model = copy.deepcopy(model), copy.deepcopy(model)
+    opacus = make_opacus(copy.deepcopy(model))
 
     def opacus_norms(x, y):
         g = opacus(x, y)
@@ -83,7 +87,7 @@ def norm_methods(model):
         CE(model(x), y).mean().backward()
 
     return {
-        "gradsift ghost": lambda x, y: per_example_norms(model, CE, x, y, method="hooks"),
+        "gradsift ghost": lambda x, y: per_example_norms(ghost, CE, x, y, method="hooks"),
         "opacus": opacus_norms,
         "plain backward": plain,
     }

@@ -172,8 +172,9 @@ def per_example(
     batch_size = _check_batch(inputs, targets)
     resolved = _resolve_method(model, method)
     if resolved == "hooks" and batch_size > 0:
-        if chunk_size is None:
-            chunk_size = auto_chunk_size(model, batch_size)
+        # The hook path holds no per-example intermediates beyond its result, so it runs
+        # the batch whole unless asked to chunk (chunks cost a final copy).
+        chunk_size = batch_size if chunk_size is None else chunk_size
         try:
             parts = [
                 fastpath.hook_per_example(model, loss_fn, inputs[s], targets[s])
