@@ -85,7 +85,7 @@ def test_unfusable_aggregators_and_models_fall_back():
 
 PEAK_SCRIPT = textwrap.dedent(
     """
-    import json, resource, sys, torch
+    import json, sys, torch
     from torch import nn
     from gradsift import aggregate as A
     from gradsift.engine import aggregated_gradient
@@ -99,9 +99,15 @@ PEAK_SCRIPT = textwrap.dedent(
     x, y = torch.randn(b, width), torch.randint(0, 10, (b,))
     loss = nn.CrossEntropyLoss(reduction="none")
     aggregated_gradient(model, loss, x[:2], y[:2], A.winsorize(1), fuse=sys.argv[1] == "fused")
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    def status(field):
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the RSS high-water mark (VmHWM) to the current RSS
+    before = status("VmRSS")
     r = aggregated_gradient(model, loss, x, y, A.winsorize(1), fuse=sys.argv[1] == "fused")
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    after = status("VmHWM")
     total = sum(p.numel() for p in model.parameters()) * 4 * b
     largest = max(p.numel() for p in model.parameters()) * 4 * b
     print(json.dumps({"peak": after - before, "total": total, "largest": largest, "fused": r.fused}))
