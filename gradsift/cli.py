@@ -75,6 +75,12 @@ def show_progress(quiet: bool) -> bool:
     return not quiet and sys.stderr.isatty()
 
 
+# Options shared by the many-model commands (scores, pruning-curve).
+BACKEND_OPTION = typer.Option("local", callback=choice("local", "ray"),
+                              help="where the many-model parts run: local (this process) or ray (Ray tasks)")
+RAY_ADDRESS_OPTION = typer.Option(None, help="Ray cluster to join (e.g. auto, ray://HOST:10001); default: a local ray.init()")
+
+
 @app.command()
 @user_errors
 def memorization(
@@ -301,9 +307,8 @@ def scores(
     width: int = typer.Option(128, min=1, help="MLP hidden width"),
     mem_models: int = typer.Option(16, min=2, help="models for memorization scores"),
     seed: int = typer.Option(0, help="random seed"),
-    backend: str = typer.Option("local", callback=choice("local", "ray"),
-                                help="where the many-model parts run: local (this process) or ray (Ray tasks)"),
-    ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join (e.g. auto, ray://HOST:10001); default: a local ray.init()"),
+    backend: str = BACKEND_OPTION,
+    ray_address: Optional[str] = RAY_ADDRESS_OPTION,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
     """Score every training example; write RUN/scores.parquet (one row per example_id).
@@ -404,9 +409,8 @@ def pruning_curve(
     class_balanced: bool = typer.Option(False, "--class-balanced", help="keep the fraction within every class"),
     out: Path = typer.Option(Path("runs/pruning"), "--out", help="output directory"),
     seed: int = typer.Option(0, help="random seed"),
-    backend: str = typer.Option("local", callback=choice("local", "ray"),
-                                help="where the many-model parts run: local (this process) or ray (Ray tasks)"),
-    ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join (e.g. auto, ray://HOST:10001); default: a local ray.init()"),
+    backend: str = BACKEND_OPTION,
+    ray_address: Optional[str] = RAY_ADDRESS_OPTION,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
     """Accuracy vs fraction of data kept, per score: write summary.json and a plot.
