@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from . import aggregate as agg_mod
 from .aggregate import Aggregator
 from .data import Dataset
-from .engine import batch_gradient, check_per_example_safe, per_example, trainable_parameters
+from .engine import aggregated_gradient, batch_gradient, check_per_example_safe, per_example, trainable_parameters
 from .optim import optimizer_from_spec, scheduler_from_spec
 from .specs import aggregator_from_spec
 from .store import RunDir
@@ -151,6 +151,7 @@ class Trainer:
         config: dict | None = None,
         privacy: Any = None,
         lr_schedule: str | None = None,
+        fuse: bool = False,
     ):
         if epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -218,6 +219,17 @@ class Trainer:
         self.needs_per_example = self.aggregator.needs_per_example or any(
             r.needs_per_example_grads for r in self.recorders
         )
+        # Layer-by-layer aggregation (gradsift.fused) when nothing needs the per-example
+        # gradients themselves: no recorder asks for them, no side inputs, no DP plan, and
+        # the single-process aggregate() (a distributed trainer overrides it).
+        self.fused = (
+            fuse
+            and self.aggregator.input == "per_example"
+            and not any(r.needs_per_example_grads for r in self.recorders)
+            and not getattr(self.aggregator, "needs", ())
+            and self.privacy_plan is None
+            and type(self).aggregate is Trainer.aggregate
+        )
         if self.needs_per_example:
             check_per_example_safe(model)
 
@@ -229,7 +241,11 @@ class Trainer:
         mine = self.local_positions(positions)
         x, y = self.x[mine], self.y[mine]
         grads = None
-        if self.needs_per_example:
+        if self.fused:
+            agg = aggregated_gradient(self.model, self.loss_fn, x, y, self.aggregator, self.agg_state,
+                                      chunk_size=self.chunk_size)
+            update, self.agg_state, losses, outputs = agg.update, agg.state, agg.losses, agg.outputs
+        elif self.needs_per_example:
             pe = per_example(self.model, self.loss_fn, x, y, chunk_size=self.chunk_size)
             losses, outputs, grads = pe.losses, pe.outputs, pe.grads
             extras = dict(losses=losses, outputs=outputs, targets=y, positions=mine,
@@ -417,6 +433,11 @@ def fit(
             :func:`gradsift.progress.progress_scope`, else when stderr is a terminal).
         lr_schedule: an epoch-wise ``torch.optim.lr_scheduler`` by spec, e.g.
             ``"multisteplr:milestones=(50,),gamma=0.1"``; stepped after every epoch.
+        fuse: aggregate layer by layer (:func:`gradsift.engine.aggregated_gradient`), so
+            peak memory is about B x (largest layer) instead of B x (all parameters); used
+            when no recorder needs per-example gradients, the aggregator takes no side
+            inputs and no DP plan is set. Measured on digits (MLP 256, B=40): m3 steps 3x
+            faster, winsorize c=3 steps 1.8x slower than unfused; same updates up to rounding.
         privacy: a :class:`~gradsift.privacy.DPSGD` to train with DP-SGD: sets the
             aggregator (clip + noise) and Poisson sampling, refuses models and samplers that
             break the guarantee, and adds ``epsilon`` to the history and a ``privacy`` block

@@ -118,3 +118,15 @@ def test_lr_schedule_and_resume(digits_small, tmp_path):
     pd.testing.assert_frame_equal(resumed, full)
     with pytest.raises(gs.SpecError, match="unknown lr schedule"):
         gs.fit(make_model(), tr, lr_schedule="warpdrive")
+
+
+@pytest.mark.parametrize("agg", ["m3", "winsorize:c=2", "clip:max_norm=1+mean"])
+def test_fused_training_equals_unfused(digits_small, agg):
+    tr, _ = digits_small
+    kw = dict(aggregator=agg, optimizer="sgd:lr=0.1,momentum=0.9", epochs=2, batch_size=50)
+    fused = gs.Trainer(make_model(), tr, fuse=True, **kw)
+    assert fused.fused
+    a = fused.fit().model
+    b = gs.fit(make_model(), tr, **kw).model
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, atol=1e-5, rtol=1e-4)
