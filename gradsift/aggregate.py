@@ -298,16 +298,28 @@ def clip_factors(norms: Tensor, max_norm: float, eps: float = 1e-6) -> Tensor:
     return (max_norm / (norms + eps)).clamp(max=1.0)
 
 
+def flat_rows(g: Tensor) -> Tensor:
+    """``[B, *shape] -> [B, prod(shape)]`` (scalar parameters too: ``[B] -> [B, 1]``)."""
+    return g.flatten(1) if g.ndim > 1 else g.unsqueeze(1)
+
+
 def _total_norms(grads: Grads) -> Tensor:
-    sq = [g.flatten(1).square().sum(1) for g in grads.values()]
+    sq = [flat_rows(g).square().sum(1) for g in grads.values()]
     return torch.stack(sq).sum(0).sqrt()
 
 
-def _check_finite(grads: Grads, who: str) -> None:
-    bad: Tensor | None = None
+def finite_rows(grads: Grads) -> Tensor | None:
+    """``[B]`` bool: the example's gradient is finite in every layer (``None`` if no layers)."""
+    ok: Tensor | None = None
     for g in grads.values():
-        row_bad = ~torch.isfinite(g.flatten(1)).all(1)
-        bad = row_bad if bad is None else bad | row_bad
+        row_ok = torch.isfinite(flat_rows(g)).all(1)
+        ok = row_ok if ok is None else ok & row_ok
+    return ok
+
+
+def _check_finite(grads: Grads, who: str) -> None:
+    ok = finite_rows(grads)
+    bad = None if ok is None else ~ok
     if bad is not None and bool(bad.any()):
         idx = torch.nonzero(bad).flatten().tolist()
         shown = ", ".join(map(str, idx[:10])) + (" ..." if len(idx) > 10 else "")
@@ -405,7 +417,7 @@ def clip(max_norm: float = 1.0, *, per_layer: bool = False) -> Aggregator:
             bound = max_norm / math.sqrt(len(grads))
             out = {}
             for n, g in grads.items():
-                f = clip_factors(g.flatten(1).norm(dim=1), bound)
+                f = clip_factors(flat_rows(g).norm(dim=1), bound)
                 out[n] = g * f.view(-1, *([1] * (g.ndim - 1)))
             return out, state
         f = clip_factors(_total_norms(grads), max_norm)
@@ -423,10 +435,7 @@ def drop_nonfinite() -> Aggregator:
     """
 
     def update(grads: Grads, state: State) -> tuple[Grads, State]:
-        keep: Tensor | None = None
-        for g in grads.values():
-            ok = torch.isfinite(g.flatten(1)).all(1)
-            keep = ok if keep is None else keep & ok
+        keep = finite_rows(grads)
         if keep is None or bool(keep.all()):
             return grads, state
         return {n: g[keep] for n, g in grads.items()}, state + int((~keep).sum())

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from . import fastpath
+from .aggregate import flat_rows
 from .errors import UnsupportedModelError
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -266,12 +267,21 @@ def grad_norms(grads: Grads, *, per_layer: bool = False) -> Tensor | dict[str, T
         grads: name -> ``[B, *shape]``.
         per_layer: return name -> ``[B]`` instead of the total ``[B]``.
     """
-    layer = {n: g.reshape(g.shape[0], -1).norm(dim=1) for n, g in grads.items()}
-    if per_layer:
-        return layer
-    if not layer:
+    if not grads:
         raise ValueError("no gradients given")
-    return torch.stack([v.square() for v in layer.values()]).sum(0).sqrt()
+    return _norms_from_squares(_squared_norms(grads), per_layer=per_layer)
+
+
+def _squared_norms(grads: Grads) -> dict[str, Tensor]:
+    """name -> ``[B]`` squared L2 norm of each example's gradient of that parameter."""
+    return {n: flat_rows(g).square().sum(1) for n, g in grads.items()}
+
+
+def _norms_from_squares(sq: dict[str, Tensor], *, per_layer: bool) -> Tensor | dict[str, Tensor]:
+    """Squared per-example norms name -> ``[B]`` to norms per layer, or the total ``[B]``."""
+    if per_layer:
+        return {n: v.sqrt() for n, v in sq.items()}
+    return torch.stack(list(sq.values())).sum(0).sqrt()
 
 
 def per_example_norms(
@@ -302,9 +312,7 @@ def per_example_norms(
             if method == "hooks":
                 raise
         else:
-            if per_layer:
-                return {n: v.sqrt() for n, v in sq.items()}
-            return torch.stack(list(sq.values())).sum(0).sqrt()
+            return _norms_from_squares(sq, per_layer=per_layer)
     if chunk_size is None:
         chunk_size = auto_chunk_size(model, batch_size)
     parts: list[dict[str, Tensor]] = []
@@ -313,11 +321,9 @@ def per_example_norms(
             model, loss_fn, inputs[start : start + chunk_size], targets[start : start + chunk_size],
             chunk_size=chunk_size,
         ).grads
-        parts.append(grad_norms(g, per_layer=True))
-    layer = {n: torch.cat([p[n] for p in parts]) for n in parts[0]}
-    if per_layer:
-        return layer
-    return torch.stack([v.square() for v in layer.values()]).sum(0).sqrt()
+        parts.append(_squared_norms(g))
+    sq = {n: torch.cat([p[n] for p in parts]) for n in parts[0]}
+    return _norms_from_squares(sq, per_layer=per_layer)
 
 
 def batch_gradient(model: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Tensor) -> tuple[Grads, Tensor, Tensor]:

@@ -122,9 +122,8 @@ class GlobalAggregation:
     def _check_finite(self, grads: Grads, who: str) -> None:
         """Raise on every rank when any rank's gradients hold NaN or inf (a single rank
         raising alone would leave the others waiting in the next collective)."""
-        bad = 0
-        for g in grads.values():
-            bad += int((~torch.isfinite(g.flatten(1)).all(1)).sum())
+        ok = A.finite_rows(grads)
+        bad = 0 if ok is None else int((~ok).sum())
         total = int(self.comm.all_reduce_sum(torch.tensor([float(bad)]))[0])
         if total:
             if bad:
