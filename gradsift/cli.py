@@ -16,6 +16,7 @@ from rich.text import Text
 
 from .errors import GradsiftError, SpecError
 from .progress import progress_scope
+from .scores import score_names
 
 app = typer.Typer(
     name="gradsift",
@@ -299,7 +300,7 @@ def scores(
     dataset: str = typer.Option("digits", help="digits, mnist1d, or a .npz/.csv file"),
     run_dir: Path = typer.Option(Path("runs/scores"), "--run-dir", "--out", help="run directory to write"),
     scores: str = typer.Option("el2n,grand,forgetting,memorization",
-                               help="comma list of el2n, grand, memorization, forgetting, loss, cum_loss, learning_time, margin"),
+                               help=f"comma list of {', '.join(score_names())}"),
     label_noise: str = typer.Option("none", callback=choice("none", "symmetric", "asymmetric", "random"),
                                     help="none, symmetric, asymmetric or random"),
     noise_rate: float = typer.Option(0.0, min=0.0, max=1.0, help="fraction of labels corrupted"),
@@ -344,7 +345,8 @@ def many_model_backend(name: str, address: str | None):
     """``(backend, comm)`` for a many-model command: Ray tasks, torchrun ranks (when started
     by torchrun; then ``comm`` is the process group) or this process."""
     from .distributed import launched_by_torchrun
-    from .distributed.backends import RankBackend, RayBackend, backend_from_spec
+    from .backends import RankBackend, backend_from_spec
+    from .ray_backend import RayBackend
 
     if launched_by_torchrun():
         if name == "ray":

@@ -7,7 +7,7 @@
     scores = gs.label_issue_scores(noisy.x, noisy.y)     # [N], higher = more likely mislabeled
 
 How: ``folds``-fold cross-validation with a small model (an MLP by default), all folds
-trained at once with ``torch.func`` (:func:`gradsift.scores.members.train_members`).
+trained at once with ``torch.func`` (:func:`gradsift.ensemble.train_members`).
 Every example gets
 
 * out-of-fold signals from the model that never saw it: loss ``-log p_y`` and margin
@@ -32,9 +32,9 @@ import pandas as pd
 import torch
 from torch import nn
 
+from .ensemble import member_seed, seeded_factory, train_members_tracked
 from .models import mlp
 from .scores.dynamics import learning_time
-from .scores.members import train_members_tracked
 
 METHODS = ("combined", "oof_loss", "oof_margin", "cum_loss", "learning_time")
 
@@ -125,14 +125,11 @@ def label_issue_signals(
 
 def _model_fn(model, in_features: int, num_classes: int, width: int, seed: int) -> Callable[[int], nn.Module]:
     if model is None:
-        def make(k: int) -> nn.Module:
-            torch.manual_seed(seed * 7919 + k)
-            return mlp(in_features, num_classes, width=width, depth=2)
-        return make
+        return seeded_factory(lambda: mlp(in_features, num_classes, width=width, depth=2), seed)
     if isinstance(model, nn.Module):
         def reinit(k: int) -> nn.Module:
             m = copy.deepcopy(model)
-            torch.manual_seed(seed * 7919 + k)
+            torch.manual_seed(member_seed(seed, k))
             for layer in m.modules():
                 if layer is not m and hasattr(layer, "reset_parameters"):
                     layer.reset_parameters()
