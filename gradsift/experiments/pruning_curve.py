@@ -70,7 +70,7 @@ def compute_scores(config: PruningCurveConfig, train: data_mod.Dataset, progress
     recorder scores' run data-parallel. Either way the table equals the in-process one."""
     unknown = [s for s in config.scores if s not in known()]
     if unknown:
-        raise GradsiftError(f"unknown score(s) {unknown}: use {', '.join(known())}")
+        raise GradsiftError(f"unknown score(s) {unknown}. Known: {', '.join(known())}")
     return score_table(train, config, [s for s in config.scores if s != "random"], backend=backend, comm=comm)
 
 

@@ -15,7 +15,7 @@ from sklearn.metrics import roc_auc_score
 from gradsift.data import Dataset
 from gradsift.scores import SCORES, ScoreSettings, compute_scores, hardness
 
-FAST = ScoreSettings(width=32, epochs=8, batch_size=16, lr=0.1, diet_inits=2, diet_epochs=1, mem_models=4)
+FAST = ScoreSettings(width=32, epochs=8, batch_size=16, lr=0.1, diet_inits=2, diet_epochs=1, mem_models=8)
 
 
 def noisy_blobs(n: int = 120, classes: int = 3, flip: float = 0.15, seed: int = 0) -> tuple[Dataset, np.ndarray]:
