@@ -24,7 +24,7 @@ so no signal's scale dominates.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -47,10 +47,14 @@ class LabelIssueSignals:
         pred_probs: ``[N, C]`` out-of-fold predicted probabilities.
         signals: DataFrame with one column per method in :data:`METHODS` (higher = more
             suspect), ``N`` rows in input order.
+        models: the ``folds`` trained fold models (model ``f`` never saw fold ``f``).
+        fold: ``[N]`` the fold of every example.
     """
 
     pred_probs: np.ndarray
     signals: pd.DataFrame
+    models: list = field(default_factory=list)
+    fold: np.ndarray | None = None
 
 
 def _rank01(v: np.ndarray) -> np.ndarray:
@@ -99,7 +103,7 @@ def label_issue_signals(
         raise ValueError(f"folds must be in [2, N={n}], got {folds}")
     model_fn = _model_fn(model, x.shape[1], c, width, seed)
     masks, fold = _fold_masks(n, folds, seed)
-    _, hist = train_members_tracked(model_fn, x, yt, masks, epochs=epochs, batch_size=batch_size, lr=lr,
+    models, hist = train_members_tracked(model_fn, x, yt, masks, epochs=epochs, batch_size=batch_size, lr=lr,
                                     momentum=momentum, weight_decay=weight_decay, seed=seed)
     # hist: [K, T, N, C] eval-mode logits after every epoch
     probs = hist[torch.from_numpy(fold), -1, torch.arange(n)].softmax(-1).numpy()  # out-of-fold, [N, C]
@@ -120,7 +124,7 @@ def label_issue_signals(
         "cum_loss": cum_loss, "learning_time": ltime.astype(float),
     })
     sig.insert(0, "combined", np.mean([_rank01(sig[k].to_numpy()) for k in sig.columns], axis=0))
-    return LabelIssueSignals(pred_probs=probs, signals=sig)
+    return LabelIssueSignals(pred_probs=probs, signals=sig, models=models, fold=fold)
 
 
 def _model_fn(model, in_features: int, num_classes: int, width: int, seed: int) -> Callable[[int], nn.Module]:
