@@ -1,4 +1,9 @@
-"""Run directories: a manifest, metrics and per-example tables in Parquet, checkpoints.
+"""Run directories: write and read one run's manifest, tables and checkpoint.
+
+    run = gs.open_run("runs/t")
+    run.tables                                  # ['dynamics', 'metrics', 'scores', ...]
+    run.sql("select epoch, avg(loss) from dynamics group by epoch order by epoch")
+    run.scores()                                # DataFrame indexed by example_id
 
 Layout of a run directory::
 
@@ -15,7 +20,9 @@ Layout of a run directory::
 
 Every file is written atomically (to a temporary file in the same directory, then
 ``os.replace``), so an interrupted run never leaves a half-written file and loses no row
-that was already written.
+that was already written. For queries, every table is a DuckDB view named after the table
+(:meth:`RunDir.sql`), so SQL can join them; views are rebuilt on each query, so parts
+written since the run was opened (a run still training) are seen.
 """
 
 from __future__ import annotations
@@ -31,6 +38,15 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pandas as pd
+
+from .errors import GradsiftError
+
+__all__ = ["RunDir", "Run", "RunDirError", "open_run", "atomic_path", "write_json", "write_parquet",
+           "versions", "is_run_dir"]
+
+
+class RunDirError(GradsiftError, ValueError):
+    """A run directory cannot be used as asked (unreadable file, differing config, in use)."""
 
 
 @contextmanager
@@ -87,19 +103,46 @@ def versions() -> dict[str, str]:
     }
 
 
+def is_run_dir(path: str | Path) -> bool:
+    """A run directory has a manifest or a metrics table."""
+    path = Path(path)
+    return (path / "manifest.json").exists() or (path / "metrics.parquet").exists()
+
+
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
 class RunDir:
-    """A run directory being written (see the module docstring for its layout)."""
+    """One run directory, to write and to read (see the module docstring for its layout).
+
+    Nothing is created until something is written.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
 
+    # -------------------------------------------------------------- manifest
     @property
     def manifest_path(self) -> Path:
         return self.path / "manifest.json"
 
     def read_manifest(self) -> dict:
-        return json.loads(self.manifest_path.read_text()) if self.manifest_path.exists() else {}
+        """The run's ``manifest.json`` (``{}`` if there is none)."""
+        if not self.manifest_path.exists():
+            return {}
+        try:
+            manifest = json.loads(self.manifest_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RunDirError(f"{self.manifest_path} is not valid JSON ({e}); fix or delete it") from None
+        if not isinstance(manifest, dict):
+            raise RunDirError(f"{self.manifest_path} does not hold a JSON object; fix or delete it")
+        return manifest
+
+    @property
+    def manifest(self) -> dict:
+        """The run's ``manifest.json`` (``{}`` if there is none)."""
+        return self.read_manifest()
 
     def write_manifest(self, config: dict, **extra: Any) -> dict:
         """Write (or update) the manifest with ``config``, versions and ``extra`` keys."""
@@ -115,6 +158,7 @@ class RunDir:
         write_json(self.manifest_path, manifest)
         return manifest
 
+    # -------------------------------------------------------------- tables
     def write_table(self, name: str, frame: pd.DataFrame) -> Path:
         """Write ``RUN/<name>.parquet`` atomically."""
         path = self.path / f"{name}.parquet"
@@ -139,8 +183,15 @@ class RunDir:
                 if not keep(f.stem[len("part-"):]):
                     f.unlink()
 
+    @property
+    def tables(self) -> list[str]:
+        """Names of the run's tables (each is a DuckDB view in :meth:`sql`)."""
+        return self.table_names()
+
     def table_names(self) -> list[str]:
         """Names of the tables in the run directory (single files and part folders)."""
+        if not self.path.is_dir():
+            return []
         names = {p.stem for p in self.path.glob("*.parquet")}
         names |= {d.name for d in self.path.iterdir() if d.is_dir() and any(d.glob("part-*.parquet"))}
         return sorted(names)
@@ -155,12 +206,36 @@ class RunDir:
             raise FileNotFoundError(f"{self.path} has no table '{name}' ({single.name} or {name}/part-*.parquet)")
         return parts
 
+    def has_table(self, name: str) -> bool:
+        return name in self.table_names()
+
     def read_table(self, name: str) -> pd.DataFrame:
+        """One table as a DataFrame (parts concatenated in order)."""
         files = self.table_files(name)
         if len(files) == 1:
             return pd.read_parquet(files[0])
         return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
 
+    table = read_table
+
+    def sql(self, query: str) -> pd.DataFrame:
+        """Run a DuckDB SQL query over the run's tables; returns a pandas DataFrame."""
+        import duckdb
+
+        con = duckdb.connect()
+        try:
+            for name in self.tables:
+                files = [str(f) for f in self.table_files(name)]
+                listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
+                con.execute(
+                    f"create view {_quote_ident(name)} as select * from "
+                    f"read_parquet([{listed}], union_by_name=true)"
+                )
+            return con.execute(query).df()
+        finally:
+            con.close()
+
+    # -------------------------------------------------------------- scores
     def write_scores(self, frame: pd.DataFrame) -> Path:
         """Merge per-example score columns into ``RUN/scores.parquet`` (atomically).
 
@@ -178,6 +253,11 @@ class RunDir:
         write_parquet(path, merged)
         return path
 
+    def scores(self) -> pd.DataFrame:
+        """The per-example scores (``RUN/scores.parquet``), indexed by ``example_id``."""
+        return self.read_table("scores").set_index("example_id").sort_index()
+
+    # -------------------------------------------------------------- checkpoint
     @property
     def checkpoint_path(self) -> Path:
         return self.path / "checkpoint.pt"
@@ -194,6 +274,21 @@ class RunDir:
         if not self.checkpoint_path.exists():
             return None
         return torch.load(self.checkpoint_path, weights_only=False)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r}, tables={self.tables})"
+
+
+# The reading view of a run directory is the same class.
+Run = RunDir
+
+
+def open_run(path: str | Path) -> RunDir:
+    """Open an existing run directory for reading and querying (:class:`RunDir`)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"no run directory at {path}")
+    return RunDir(path)
 
 
 def _by_example_id(frame: pd.DataFrame) -> pd.DataFrame:
