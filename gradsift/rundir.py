@@ -20,33 +20,57 @@ Layout of a run directory::
 
 Every file is written atomically (to a temporary file in the same directory, then
 ``os.replace``), so an interrupted run never leaves a half-written file and loses no row
-that was already written. For queries, every table is a DuckDB view named after the table
+that was already written.
+
+A run directory is one run. :meth:`RunDir.start` begins writing one: it takes the
+directory's lock (``RUN/.lock``, holder PID and host; one writer at a time), removes
+``.tmp`` files a killed writer left, and refuses to mix runs: a new run goes only into an
+empty directory (or one cleared with ``overwrite=True``); ``resume=True`` needs the
+checkpoint and the same config (only keys such as ``epochs`` may differ), and
+``merge=True`` (adding score columns) needs the same config. Checkpoints are loaded with
+``torch.load(weights_only=True)`` and an allow-list of types, never arbitrary pickles.
+
+For queries, every table is a DuckDB view named after the table
 (:meth:`RunDir.sql`), so SQL can join them; views are rebuilt on each query, so parts
 written since the run was opened (a run still training) are seen.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import platform
+import shutil
+import socket
 import sys
 import tempfile
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import pandas as pd
 
 from .errors import GradsiftError
 
-__all__ = ["RunDir", "Run", "RunDirError", "open_run", "atomic_path", "write_json", "write_parquet",
-           "versions", "is_run_dir"]
+__all__ = ["RunDir", "Run", "RunDirError", "RunInUseError", "open_run", "atomic_path", "write_json",
+           "write_parquet", "versions", "is_run_dir", "fingerprint", "config_differences",
+           "allow_checkpoint_types", "RESUMABLE"]
+
+# Config keys that may differ when a run is resumed: they cannot change the results so far.
+RESUMABLE = frozenset({"epochs"})
+LOCK_NAME = ".lock"
 
 
 class RunDirError(GradsiftError, ValueError):
-    """A run directory cannot be used as asked (unreadable file, differing config, in use)."""
+    """A run directory cannot be used as asked (unreadable file, differing config, ...)."""
+
+
+class RunInUseError(RunDirError):
+    """Another process is writing the run directory."""
 
 
 @contextmanager
@@ -109,6 +133,84 @@ def is_run_dir(path: str | Path) -> bool:
     return (path / "manifest.json").exists() or (path / "metrics.parquet").exists()
 
 
+def fingerprint(*arrays: Any) -> str:
+    """A short SHA-256 of arrays (dtype, shape and bytes), for manifests: two runs on the
+    same data have the same fingerprint. Objects with ``x``/``y`` (and ``example_ids``)
+    attributes, such as :class:`gradsift.data.Dataset`, stand for those arrays; ``None``
+    is skipped."""
+    import numpy as np
+
+    h = hashlib.sha256()
+    for a in arrays:
+        if a is None:
+            continue
+        if hasattr(a, "x") and hasattr(a, "y"):
+            parts = [a.x, a.y, getattr(a, "example_ids", None)]
+        else:
+            parts = [a]
+        for part in parts:
+            if part is None:
+                continue
+            if hasattr(part, "detach"):
+                part = part.detach().cpu().numpy()
+            arr = np.ascontiguousarray(np.asarray(part))
+            h.update(f"{arr.dtype.str}{arr.shape}".encode())
+            h.update(arr.tobytes() if arr.dtype != object else repr(arr.tolist()).encode())
+    return h.hexdigest()[:16]
+
+
+def _plain_json(value: Any) -> Any:
+    """``value`` as JSON would read it back (tuples become lists, numpy numbers plain)."""
+    return json.loads(json.dumps(value, default=_json_default))
+
+
+def config_differences(old: Mapping[str, Any], new: Mapping[str, Any], *, may_differ: Iterable[str] = ()) -> list[str]:
+    """``["aggregator: 'mean' -> 'm3'", ...]`` for every key whose value differs between two
+    configs (a missing key reads as ``None``), except the keys in ``may_differ``."""
+    old, new = _plain_json(dict(old)), _plain_json(dict(new))
+    skip = set(may_differ)
+    out = []
+    for key in [*old, *(k for k in new if k not in old)]:
+        if key in skip or old.get(key) == new.get(key):
+            continue
+        out.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
+    return out
+
+
+# Types a checkpoint may hold besides tensors and plain containers (numpy arrays of recorders).
+_CHECKPOINT_TYPES: list[Any] = []
+
+
+def allow_checkpoint_types(*types: Any) -> None:
+    """Allow checkpoints to hold instances of ``types`` (e.g. the state class of your own
+    aggregator). Checkpoints are loaded with ``torch.load(weights_only=True)``; only allow
+    types that cannot run code when unpickled."""
+    _CHECKPOINT_TYPES.extend(t for t in types if t not in _CHECKPOINT_TYPES)
+
+
+def _checkpoint_types() -> list[Any]:
+    if not _CHECKPOINT_TYPES:
+        import numpy as np
+
+        try:
+            from numpy._core.multiarray import _reconstruct, scalar
+        except ImportError:  # numpy < 2
+            from numpy.core.multiarray import _reconstruct, scalar  # type: ignore[no-redef]
+        dtypes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
+        allow_checkpoint_types(_reconstruct, scalar, np.ndarray, np.dtype, *dtypes)
+    return list(_CHECKPOINT_TYPES)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
@@ -121,6 +223,188 @@ class RunDir:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._lock_fd: int | None = None
+
+    # -------------------------------------------------------------- one writer
+    @property
+    def lock_path(self) -> Path:
+        return self.path / LOCK_NAME
+
+    @property
+    def locked(self) -> bool:
+        """Whether this object holds the directory's lock."""
+        return self._lock_fd is not None
+
+    def lock(self) -> None:
+        """Take the directory's advisory lock (``RUN/.lock`` records the holder's PID and
+        host). Raises :class:`RunInUseError` if another writer holds it; a lock left by a
+        process that died is taken over."""
+        import fcntl
+
+        if self._lock_fd is not None:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise
+                raise RunInUseError(self._in_use_message()) from None
+            try:  # the file may have been removed by the holder that just released it
+                same = os.stat(self.lock_path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        previous = self._holder(fd)
+        if previous and previous.get("pid") not in (None, os.getpid()):
+            warnings.warn(f"{self.path}: took over the lock of process {previous.get('pid')} on "
+                          f"{previous.get('host')}, which is no longer running", stacklevel=2)
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        self._lock_fd = fd
+
+    @staticmethod
+    def _holder(fd: int) -> dict:
+        try:
+            text = os.pread(fd, 4096, 0).decode()
+            holder = json.loads(text) if text.strip() else {}
+        except (ValueError, UnicodeDecodeError):
+            return {}
+        return holder if isinstance(holder, dict) else {}
+
+    def _in_use_message(self) -> str:
+        try:
+            holder = json.loads(self.lock_path.read_text())
+        except (OSError, ValueError):
+            holder = {}
+        who = (f"process {holder.get('pid')} on {holder.get('host')} (since {holder.get('since')})"
+               if isinstance(holder, dict) and holder.get("pid") else "another process")
+        if isinstance(holder, dict) and holder.get("pid") == os.getpid():
+            who = "this process (an earlier run in it that has not finished)"
+        return (f"run directory {self.path} is in use by {who}; wait for it to finish, "
+                "or write to another --run-dir")
+
+    def unlock(self) -> None:
+        """Release the lock taken by :meth:`lock` (a no-op if not held)."""
+        import fcntl
+
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is None:
+            return
+        try:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        if getattr(self, "_lock_fd", None) is not None:
+            try:
+                os.close(self._lock_fd)
+            except OSError:
+                pass
+
+    def remove_stale_tmp(self) -> list[Path]:
+        """Delete the ``.tmp`` files an interrupted writer left (call with the lock held)."""
+        if not self.path.is_dir():
+            return []
+        stale = [p for p in self.path.rglob(".*.tmp") if p.is_file()]
+        for p in stale:
+            p.unlink(missing_ok=True)
+        return stale
+
+    def contents(self) -> list[str]:
+        """Names in the directory other than the lock and stale ``.tmp`` files."""
+        if not self.path.is_dir():
+            return []
+        return sorted(p.name for p in self.path.iterdir()
+                      if p.name != LOCK_NAME and not (p.name.startswith(".") and p.name.endswith(".tmp")))
+
+    def clear(self) -> None:
+        """Delete everything in a run directory but its lock. Refuses a directory that is
+        not a gradsift run directory (no manifest.json or metrics.parquet)."""
+        if not self.contents():
+            return
+        if not is_run_dir(self.path):
+            raise RunDirError(f"{self.path} is not empty and is not a gradsift run directory (no manifest.json "
+                              "or metrics.parquet); refusing to clear it. Choose a new or empty --run-dir")
+        for p in self.path.iterdir():
+            if p.name == LOCK_NAME:
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+
+    def start(self, config: Mapping[str, Any], *, resume: bool = False, overwrite: bool = False,
+              merge: bool = False, may_differ: Iterable[str] = RESUMABLE, **manifest: Any) -> dict | None:
+        """Begin writing a run with ``config`` (what determines its results); returns the
+        checkpoint to continue from when ``resume`` (else ``None``).
+
+        Takes the lock (:meth:`lock`; release it with :meth:`unlock`), removes stale
+        ``.tmp`` files, then:
+
+        * ``resume``: the directory must hold a run with a checkpoint and the same config
+          (keys in ``may_differ`` excepted); a smaller ``epochs`` than the checkpoint's is
+          refused, so history is never rewritten;
+        * ``merge``: a directory holding a run is kept if its config matches (to add
+          columns, e.g. scores), else refused;
+        * otherwise the directory must be empty, or ``overwrite`` clears it first.
+
+        Every refusal is a :class:`RunDirError` naming the fix. The manifest is written
+        with ``config`` (``status="running"`` and ``manifest`` keys).
+        """
+        if resume and overwrite:
+            raise RunDirError("--resume continues the run in the directory, --overwrite deletes it: choose one")
+        self.lock()
+        try:
+            self.remove_stale_tmp()
+            checkpoint = self._check(dict(config), resume=resume, overwrite=overwrite, merge=merge,
+                                     may_differ=set(may_differ))
+            self.write_manifest(dict(config), status="running", **manifest)
+        except BaseException:
+            self.unlock()
+            raise
+        return checkpoint
+
+    def _check(self, config: dict, *, resume: bool, overwrite: bool, merge: bool, may_differ: set) -> dict | None:
+        old = self.read_manifest()
+        if resume:
+            if not self.checkpoint_path.exists():
+                held = ", ".join(self.contents()) or "nothing"
+                raise RunDirError(f"--resume: {self.path} has no checkpoint.pt to continue from (it holds {held}); "
+                                  "drop --resume to start a new run (with --overwrite to replace what is there)")
+            diffs = config_differences(old.get("config") or {}, config, may_differ=may_differ)
+            if diffs:
+                raise RunDirError(f"--resume: the run in {self.path} was made with a different config: "
+                                  + "; ".join(diffs) + ". Resume with the same options, or start a new run "
+                                  "(another --run-dir, or --overwrite)")
+            checkpoint = self.load_checkpoint()
+            done, target = checkpoint.get("epoch"), config.get("epochs")
+            if isinstance(done, int) and isinstance(target, int) and target < done:
+                raise RunDirError(f"--resume: the run in {self.path} has already trained {done} epochs; "
+                                  f"--epochs {target} would rewrite its history. Pass --epochs {done} or more")
+            return checkpoint
+        if merge and old:
+            diffs = config_differences(old.get("config") or {}, config, may_differ=may_differ)
+            if diffs:
+                raise RunDirError(f"{self.path} holds a run with a different config: " + "; ".join(diffs)
+                                  + ". Write to another --run-dir, or pass --overwrite to replace it")
+            return None
+        held = self.contents()
+        if held:
+            if not overwrite:
+                raise RunDirError(f"{self.path} already holds a run ({', '.join(held[:5])}"
+                                  f"{', ...' if len(held) > 5 else ''}); pass --resume to continue it, "
+                                  "--overwrite to replace it, or choose another --run-dir")
+            self.clear()
+        return None
 
     # -------------------------------------------------------------- manifest
     @property
@@ -269,11 +553,41 @@ class RunDir:
             torch.save(state, tmp)
 
     def load_checkpoint(self) -> dict | None:
+        """The checkpoint (``None`` if there is none), loaded with
+        ``torch.load(weights_only=True)``: tensors, plain containers, numbers, strings and
+        the types of :func:`allow_checkpoint_types` only, so a planted pickle cannot run
+        code. A file that is not such a checkpoint raises :class:`RunDirError`."""
+        import pickle
+
         import torch
 
-        if not self.checkpoint_path.exists():
+        path = self.checkpoint_path
+        if not path.exists():
             return None
-        return torch.load(self.checkpoint_path, weights_only=False)
+        if path.stat().st_size == 0:
+            raise RunDirError(f"{path} is empty (a crash while it was first written?); delete it, or start "
+                              "again with --overwrite")
+        try:
+            with torch.serialization.safe_globals(_checkpoint_types()):
+                state = torch.load(path, weights_only=True, map_location="cpu")
+        except pickle.UnpicklingError as e:
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            blocked = next((ln for ln in lines if "GLOBAL" in ln), None)
+            if blocked is not None:
+                raise RunDirError(f"{path} holds objects that gradsift does not unpickle ({blocked}); refusing "
+                                  "to load it, since unpickling can run code. If you wrote it and trust it, allow "
+                                  "its types with gradsift.rundir.allow_checkpoint_types(...)") from None
+            detail = next((ln for ln in lines if "Unsupported" in ln or "error" in ln.lower()), lines[-1] if lines else "")
+            raise RunDirError(f"{path} is not a readable checkpoint ({detail}); delete it, or start again "
+                              "with --overwrite") from None
+        except (RuntimeError, EOFError, ValueError, OSError, pickle.PickleError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RunDirError(f"{path} is not a readable checkpoint ({first}); delete it, or start again "
+                              "with --overwrite") from None
+        if not isinstance(state, dict):
+            raise RunDirError(f"{path} does not hold a gradsift checkpoint (a dict of states); delete it, or "
+                              "start again with --overwrite")
+        return state
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r}, tables={self.tables})"
