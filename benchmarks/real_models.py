@@ -12,8 +12,8 @@ Per-example gradients: ``gs.per_example_gradients`` (auto), Opacus ``GradSampleM
 and a loop of single-example backward passes writing into ``[B, ...]`` tensors.
 
 DP step (clip C = 1, noise sigma = 1, SGD): the plain step, gradsift's ``dp_sgd``
-aggregator through the library's step entry point, and Opacus's ``GradSampleModule`` +
-``DPOptimizer``. A method that fails (Opacus on some layers, the library on dict inputs)
+aggregator through the library's step entry point, Opacus's ``GradSampleModule`` +
+``DPOptimizer``, and Opacus's ghost clipping (``GradSampleModuleFastGradientClipping``). A method that fails (Opacus on some layers, the library on dict inputs)
 is a row with its error.
 
 Targets: issue 12, gradsift at least 2x faster than Opacus on ResNet-GN, BERT-tiny and
@@ -127,6 +127,28 @@ def opacus_dp_step(model, loss_fn, b: int):
     return run
 
 
+def opacus_ghost_step(model, b: int):
+    """Opacus's ghost clipping DP step (``GradSampleModuleFastGradientClipping`` +
+    ``DPOptimizerFastGradientClipping`` + ``DPLossFastGradientClipping``, cross-entropy)."""
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+    from opacus.optimizers import DPOptimizerFastGradientClipping
+    from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+    gsm = GradSampleModuleFastGradientClipping(model, max_grad_norm=1.0, use_ghost_clipping=True,
+                                                loss_reduction="mean")
+    opt = DPOptimizerFastGradientClipping(torch.optim.SGD(gsm.parameters(), lr=0.01), noise_multiplier=1.0,
+                                          max_grad_norm=1.0, expected_batch_size=b, loss_reduction="mean")
+    crit = DPLossFastGradientClipping(gsm, opt, torch.nn.CrossEntropyLoss(), "mean")
+
+    def run(x, y):
+        opt.zero_grad(set_to_none=True)
+        out = call(gsm, x)
+        crit(out.logits if hasattr(out, "logits") else out, y).backward()
+        opt.step()
+
+    return run
+
+
 def _lazy(make):
     """Build a method on first call, so a constructor that raises (Opacus refusing a
     model) becomes that method's error row."""
@@ -180,6 +202,8 @@ def run(threads: int, s: C.Settings, models: tuple[str, ...] = MODELS) -> C.Sect
             "gradsift dp_sgd": gradsift_dp_step(m[5], loss_fn, B),
             "opacus DP" + (" (DPLSTM)" if name == "lstm" else ""):
                 _lazy(lambda: opacus_dp_step(opacus_model(name, copy.deepcopy(model)), loss_fn, B)),
+            "opacus ghost DP" + (" (DPLSTM)" if name == "lstm" else ""):
+                _lazy(lambda: opacus_ghost_step(opacus_model(name, copy.deepcopy(model)), B)),
         }
         t = C.compare({k: (lambda f=f: f(x, y)) for k, f in steps.items()}, s)
         for k in steps:

@@ -11,7 +11,7 @@ Targets (issue 14): DP-SGD / clip + mean step at most 1.3x a plain step and peak
 most 1.2x a plain step's; m3 at most 2x; winsorize c = 1..3 at most 10x; trimmed mean and
 coordinate median at most 25x. The DP step is measured twice: ``clip 1 > mean`` (the
 clipped mean the issue names) and the library's full ``dp_sgd`` aggregator (check, clip,
-normalized sum, Gaussian noise).
+normalized sum, Gaussian noise). Opacus's ghost-clipping DP step is a comparison row.
 
 Peak memory of a step = the model's parameters and gradients (2 x P float32) + the step's
 peak-RSS growth (fresh subprocess, after a warm-up step, gradients freed before).
@@ -84,6 +84,11 @@ def methods(b: int, names: list[str] | None = None) -> tuple[dict[str, Callable[
             return go
 
         out[name] = agg_step()
+    if names is None or "opacus ghost DP" in names:
+        from .real_models import _lazy, opacus_ghost_step
+
+        ghost = _lazy(lambda m=copy.deepcopy(model): opacus_ghost_step(m, b))
+        out["opacus ghost DP"] = lambda: ghost(x, y)
     return out, model
 
 
