@@ -275,20 +275,21 @@ def step_entry_name() -> str:
     return "gradsift.engine.aggregated_gradient"
 
 
-def step_update(model: nn.Module, loss_fn, inputs: Any, targets: torch.Tensor, aggregator, state) -> tuple[dict, Any]:
-    """One aggregated update through the library's step entry point -> ``(update, state)``.
+def step_update(model: nn.Module, loss_fn, inputs: Any, targets: torch.Tensor, aggregator, state) -> tuple[dict, Any, str]:
+    """One aggregated update through the library's step entry point -> ``(update, state, path)``.
 
     ``gs.aggregate.step_update`` where it exists (issue 11's single step entry point), else
-    ``gs.engine.aggregated_gradient`` (the fused layer-by-layer path of round 1)."""
+    ``gs.engine.aggregated_gradient`` (the fused layer-by-layer path of round 1). ``path``
+    says which path ran: ``plain``, ``layerwise`` (``fused``) or ``materialized``."""
     import gradsift.aggregate as agg
 
     if hasattr(agg, "step_update"):
         r = agg.step_update(model, loss_fn, inputs, targets, aggregator, state)
-        return r.update, r.state
+        return r.update, r.state, getattr(r, "path", "?")
     from gradsift.engine import aggregated_gradient
 
     r = aggregated_gradient(model, loss_fn, inputs, targets, aggregator, state)
-    return r.update, r.state
+    return r.update, r.state, "layerwise" if r.fused else "materialized"
 
 
 def init_state(model: nn.Module, aggregator) -> Any:

@@ -97,14 +97,16 @@ def plain_step(model, loss_fn):
     return run
 
 
-def gradsift_dp_step(model, loss_fn, b: int):
+def gradsift_dp_step(model, loss_fn, b: int, paths: dict | None = None):
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     agg = C.dp_aggregator(1.0, 1.0, float(b))
     state = [C.init_state(model, agg)]
 
     def run(x, y):
         opt.zero_grad(set_to_none=True)
-        update, state[0] = C.step_update(model, loss_fn, x, y, agg, state[0])
+        update, state[0], path = C.step_update(model, loss_fn, x, y, agg, state[0])
+        if paths is not None:
+            paths["gradsift dp_sgd"] = path
         C.write_grads(model, update)
         opt.step()
 
@@ -170,7 +172,7 @@ def run(threads: int, s: C.Settings, models: tuple[str, ...] = MODELS) -> C.Sect
         ["model", "P", "method", "ms", "x gradsift"], notes=[C.TIMED_FEW])
     step_tab = C.Table(
         f"4b. Real models, DP step (C=1, sigma=1, SGD), B={B} ({threads} thread(s); step entry point: {C.step_entry_name()})",
-        ["model", "method", "ms", "x plain step", "x gradsift DP"], notes=[C.TIMED_FEW])
+        ["model", "method", "path", "ms", "x plain step", "x gradsift DP"], notes=[C.TIMED_FEW])
     for name in models:
         model, x, y, loss_fn = build(name, B)
         p = n_params(model)
@@ -197,9 +199,10 @@ def run(threads: int, s: C.Settings, models: tuple[str, ...] = MODELS) -> C.Sect
             sec.targets.append(C.Target("14", "per-example grads RESNET18-GN B=32: torch.func / gradsift",
                                         C.ratio(t["torch.func"], g), ">=", 2, threads,
                                         f"{C.ms(t['torch.func']):.0f} vs {C.ms(g):.0f} ms"))
+        paths: dict[str, str] = {}
         steps = {
             "plain step": plain_step(m[4], loss_fn),
-            "gradsift dp_sgd": gradsift_dp_step(m[5], loss_fn, B),
+            "gradsift dp_sgd": gradsift_dp_step(m[5], loss_fn, B, paths),
             "opacus DP" + (" (DPLSTM)" if name == "lstm" else ""):
                 _lazy(lambda: opacus_dp_step(opacus_model(name, copy.deepcopy(model)), loss_fn, B)),
             "opacus ghost DP" + (" (DPLSTM)" if name == "lstm" else ""):
@@ -207,7 +210,7 @@ def run(threads: int, s: C.Settings, models: tuple[str, ...] = MODELS) -> C.Sect
         }
         t = C.compare({k: (lambda f=f: f(x, y)) for k, f in steps.items()}, s)
         for k in steps:
-            step_tab.rows.append([name, C.method_cell(k, t[k]), C.ms(t[k]), C.ratio(t[k], t["plain step"]),
+            step_tab.rows.append([name, C.method_cell(k, t[k]), paths.get(k, "-"), C.ms(t[k]), C.ratio(t[k], t["plain step"]),
                                   C.ratio(t[k], t["gradsift dp_sgd"])])
         del m, grads, steps
     sec.tables += [grads_tab, step_tab]

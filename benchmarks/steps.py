@@ -51,9 +51,12 @@ def aggregators(b: int) -> dict[str, Callable[[], object]]:
 QUICK_SKIP = ()  # every aggregator runs in quick mode too (slow ones are timed once)
 
 
-def methods(b: int, names: list[str] | None = None) -> tuple[dict[str, Callable[[], None]], object]:
+def methods(b: int, names: list[str] | None = None, paths: dict[str, str] | None = None
+            ) -> tuple[dict[str, Callable[[], None]], object]:
+    """Step closures by name (``paths`` receives the library path each aggregator took)."""
     model, x, y, loss_fn = build("mlp", b)
     out: dict[str, Callable[[], None]] = {}
+    paths = {} if paths is None else paths
 
     def plain_step(m=copy.deepcopy(model)):
         opt = torch.optim.SGD(m.parameters(), lr=0.01)
@@ -70,14 +73,14 @@ def methods(b: int, names: list[str] | None = None) -> tuple[dict[str, Callable[
         if names is not None and name not in names:
             continue
 
-        def agg_step(make=make, m=copy.deepcopy(model)):
+        def agg_step(make=make, m=copy.deepcopy(model), name=name):
             opt = torch.optim.SGD(m.parameters(), lr=0.01)
             agg = make()
             state = [C.init_state(m, agg)]
 
             def go():
                 opt.zero_grad(set_to_none=True)
-                update, state[0] = C.step_update(m, loss_fn, x, y, agg, state[0])
+                update, state[0], paths[name] = C.step_update(m, loss_fn, x, y, agg, state[0])
                 C.write_grads(m, update)
                 opt.step()
 
@@ -105,11 +108,12 @@ def run(threads: int, s: C.Settings) -> C.Section:
     tab = C.Table(
         f"3. Training step, MLP 64-512-512-10 (P=301k), SGD ({threads} thread(s); median of up to {s.repeats}, "
         f"interleaved; step entry point: {C.step_entry_name()})",
-        ["B", "step", "ms", "x plain step", "peak MB", "x plain peak"],
+        ["B", "step", "path", "ms", "x plain step", "peak MB", "x plain peak"],
         notes=[C.TIMED_FEW, "peak MB = 2 x P float32 (params + grads) + the step's peak-RSS growth; 1-thread pass"],
     )
     for b in BATCHES:
-        fns, model = methods(b)
+        paths: dict[str, str] = {}
+        fns, model = methods(b, paths=paths)
         t = C.compare(fns, s)
         peaks = {}
         if s.peaks and threads == 1:
@@ -119,7 +123,7 @@ def run(threads: int, s: C.Settings) -> C.Section:
         plain = t["plain step"]
         for k in fns:
             pk = peaks.get(k, float("nan"))
-            tab.rows.append([b, C.method_cell(k, t[k]), C.ms(t[k]), C.ratio(t[k], plain), pk,
+            tab.rows.append([b, C.method_cell(k, t[k]), paths.get(k, "-"), C.ms(t[k]), C.ratio(t[k], plain), pk,
                              pk / peaks["plain step"] if peaks else float("nan")])
 
         def tgt(k: str, thr: float) -> None:
