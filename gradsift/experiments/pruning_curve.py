@@ -34,11 +34,11 @@ import torch
 from .. import data as data_mod
 from ..actions import select
 from ..errors import GradsiftError
-from ..progress import task
 from ..ensemble import mlp_factory, predict_members, train_members
+from ..progress import task
+from ..rundir import RunDir, write_json
 from ..scores import ScoreSettings, hardness, score_names
 from ..scores import compute_scores as score_table
-from ..store import RunDir, write_json
 
 def known() -> list[str]:
     """Scores a pruning curve can use: every registered score and ``random``."""
