@@ -201,8 +201,10 @@ def audit(X: Any, y: Any = None, **kwargs) -> pd.DataFrame:
     Returns:
         DataFrame indexed by ``example_id`` with ``given_label, label_score, is_label,
         suggested_label, outlier_score, is_outlier, near_duplicate_score,
-        is_near_duplicate, near_duplicate_of`` (and ``aum`` with ``label_threshold="aum"``);
-        ``.attrs["summary"]`` is :func:`audit_summary` of it.
+        is_near_duplicate, near_duplicate_of``, the Data Map coordinates ``confidence,
+        variability, correctness`` (over the epochs of the fold models that trained on
+        the example) and ``aum`` with ``label_threshold="aum"``; ``.attrs["summary"]`` is
+        :func:`audit_summary` of it.
     """
     return run_audit(X, y, **kwargs).table
 
@@ -289,6 +291,7 @@ def run_audit(
         "outlier_score": outlier_score, "is_outlier": outlier_score > z_threshold,
         "near_duplicate_score": dup_score, "is_near_duplicate": is_dup,
         "near_duplicate_of": np.where(is_dup, ids[pos_in[:, 0]], -1),
+        **{col: res.data_map[col].to_numpy() for col in res.data_map.columns},
         **extra,
     }, index=pd.Index(ids, name="example_id"))
     table.attrs["summary"] = audit_summary(table, num_classes=c)

@@ -35,7 +35,7 @@ def test_robust_z_and_knn_by_hand():
 
 def test_audit_flags_injected_issues():
     X, Y, flips, outliers, src = blobs_with_issues()
-    table = audit(X, Y, epochs=15, width=32, folds=3, batch_size=16, lr=0.1)
+    table = audit(X, Y, epochs=15, width=32, folds=3, batch_size=16)
     assert isinstance(table, pd.DataFrame) and table.index.name == "example_id" and len(table) == len(Y)
     for col in ("label_score", "is_label", "suggested_label", "outlier_score", "is_outlier",
                 "near_duplicate_score", "is_near_duplicate", "near_duplicate_of"):

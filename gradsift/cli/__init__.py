@@ -24,6 +24,7 @@ COMMANDS = {
     "scores": "scores:scores",
     "prune": "scores:prune",
     "issues": "issues:issues",
+    "audit": "audit:audit",
     "report": "report:report",
     "memorization": "experiments:memorization",
     "pruning-curve": "experiments:pruning_curve",
