@@ -42,9 +42,10 @@ __all__ += ["backends", "ensemble", "scores", "Run", "open_run", "AUMRecorder", 
 
 from . import actions  # noqa: E402
 from .actions import reweight, select  # noqa: E402
+from .audit import audit  # noqa: E402
 from .label_issues import find_label_issues, label_issue_scores  # noqa: E402
 
-__all__ += ["actions", "reweight", "select", "find_label_issues", "label_issue_scores"]
+__all__ += ["actions", "audit", "reweight", "select", "find_label_issues", "label_issue_scores"]
 
 from . import masking, optim, privacy, sampling, sven  # noqa: E402
 
