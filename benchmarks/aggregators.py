@@ -2,7 +2,7 @@
 
     python -m benchmarks.aggregators
 
-MLP 64->512->512->10, B = 128, SGD. "fused" is :func:`gradsift.engine.aggregated_gradient`
+MLP 64->512->512->10, B = 128, SGD. "fused" is :func:`gradsift.aggregate.aggregated_gradient`
 (layer by layer; mean and clip>mean never form per-example gradients); "unfused" forms all
 per-example gradients (hooks), then calls ``aggregator.update``. Ratios are against the
 plain step (``loss.mean().backward(); opt.step()``) and against the unfused mean step.
@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 
 from gradsift import aggregate as A
-from gradsift.engine import aggregated_gradient, per_example
+from gradsift.aggregate import aggregated_gradient
+from gradsift.engine import per_example
 
 from .common import CE, batch, median_time, mlp, set_threads, table
 

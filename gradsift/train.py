@@ -27,9 +27,10 @@ from torch import Tensor, nn
 from . import aggregate as agg_mod
 from .aggregate import Aggregator
 from .data import Dataset
-from .engine import aggregated_gradient, batch_gradient, check_per_example_safe, per_example, trainable_parameters
+from .aggregate import aggregated_gradient
+from .engine import batch_gradient, check_per_example_safe, per_example, trainable_parameters
 from .optim import optimizer_from_spec, scheduler_from_spec
-from .specs import aggregator_from_spec
+from .aggregate import aggregator_from_spec
 from .store import RunDir
 
 Sampler = Callable[[int, int], Iterable[Tensor]]

@@ -167,7 +167,7 @@ def test_bad_arguments(bad):
 
 
 def test_specs():
-    from gradsift.specs import aggregator_from_spec
+    from gradsift.aggregate import aggregator_from_spec
 
     assert aggregator_from_spec("winsorize:c=2").name == "winsorize(c=2)"
     assert aggregator_from_spec("clip:max_norm=1.5+mean").name == "clip(max_norm=1.5) > mean"
