@@ -31,7 +31,6 @@ Runners ask these attributes what an aggregator can do; they never look at its n
 from __future__ import annotations
 
 import inspect
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Protocol, Sequence
 
@@ -445,18 +444,20 @@ def aggregator_from_spec(spec: str) -> Aggregator:
     for (a, pa), (b, pb) in zip(zip(built, parts), zip(built[1:], parts[1:])):
         if a.output != b.input:
             sa, sb = pa.strip(), pb.strip()
-            if a.output == "batch" and b.output == "per_example":
+            if a.output == "batch" and a.input == "batch":
+                fix = f"batch stages go after the reducer: '{sb}+{sa}'"
+            elif a.output == "batch" and b.output == "per_example":
                 fix = f"per-example stages go before the reducer: '{sb}+{sa}'"
             elif a.output == "batch":
                 fix = f"'{sa}' already reduces the batch; use one reducer ('{sa}' or '{sb}')"
             else:
-                fix = f"'{sb}' takes batch gradients; put a reducer such as 'mean' before it"
+                fix = f"'{sb}' takes batch gradients; put a reducer before it: '{sa}+mean+{sb}'"
             raise SpecError(f"aggregator spec '{spec}': {a.name} gives {a.output} gradients but "
                             f"{b.name} takes {b.input} gradients. {fix}")
     if built[-1].output != "batch":
         raise SpecError(
             f"aggregator spec '{spec}' ends with {built[-1].name}, which gives per-example "
-            f"gradients; end it with a reducer, e.g. '{spec}+mean'"
+            f"gradients; chain a reducer after it, e.g. '{spec}+mean'"
         )
     return built[0] if len(built) == 1 else chain(*built)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor
 
 from .base import (Aggregator, Grads, RowScale, State, check_finite, clip_factors,
                    register_aggregator, row_view, squared_norms)
