@@ -25,13 +25,11 @@ import torch
 from torch import Tensor, nn
 
 from . import aggregate as agg_mod
-from .aggregate import Aggregator
+from .aggregate import Aggregator, aggregated_gradient, aggregator_from_spec
 from .data import Dataset
-from .aggregate import aggregated_gradient
 from .engine import batch_gradient, check_per_example_safe, per_example, trainable_parameters
 from .optim import optimizer_from_spec, scheduler_from_spec
-from .aggregate import aggregator_from_spec
-from .store import RunDir
+from .rundir import RunDir
 
 Sampler = Callable[[int, int], Iterable[Tensor]]
 
