@@ -30,7 +30,7 @@ from .data import Dataset
 from .engine import aggregated_gradient, batch_gradient, check_per_example_safe, per_example, trainable_parameters
 from .optim import optimizer_from_spec, scheduler_from_spec
 from .specs import aggregator_from_spec
-from .store import RunDir
+from .rundir import RunDir
 
 Sampler = Callable[[int, int], Iterable[Tensor]]
 
