@@ -253,10 +253,14 @@ def ratio(a: Timing, b: Timing) -> float:
     return a.seconds / b.seconds if a.ok and b.ok else float("nan")
 
 
-def method_cell(name: str, t: Timing) -> str:
-    """The method's name, with its error (if it failed) or ``*`` (timed once or twice)."""
+def method_cell(name: str, t: Timing, tab: "Table | None" = None, where: str = "") -> str:
+    """The method's name, marked ``FAILED (n)`` if it raised (its error goes to ``tab``'s
+    notes as ``(n)``) or ``*`` if it was timed once or twice."""
     if t.error:
-        return f"{name}  FAILED: {t.error}"
+        if tab is None:
+            return f"{name}  FAILED: {t.error}"
+        tab.notes.append(f"({len(tab.notes) + 1}) {where + ' ' if where else ''}{name}: {t.error}")
+        return f"{name} FAILED ({len(tab.notes)})"
     return name + (" **" if t.n == 0 else " *" if t.n < 3 else "")
 
 

@@ -186,7 +186,7 @@ def run(threads: int, s: C.Settings, models: tuple[str, ...] = MODELS) -> C.Sect
         t = C.compare({k: (lambda f=f: f(x, y)) for k, f in grads.items()}, s)
         g = t["gradsift"]
         for k in grads:
-            grads_tab.rows.append([name, p, C.method_cell(k, t[k]), C.ms(t[k]), C.ratio(t[k], g)])
+            grads_tab.rows.append([name, p, C.method_cell(k, t[k], grads_tab, name), C.ms(t[k]), C.ratio(t[k], g)])
         opk = next(k for k in grads if k.startswith("opacus"))
         if name == "lstm":
             sec.targets.append(C.Target("12", "real models: LSTM per-example grads, loop / gradsift", C.ratio(t["loop"], g),
@@ -210,7 +210,7 @@ def run(threads: int, s: C.Settings, models: tuple[str, ...] = MODELS) -> C.Sect
         }
         t = C.compare({k: (lambda f=f: f(x, y)) for k, f in steps.items()}, s)
         for k in steps:
-            step_tab.rows.append([name, C.method_cell(k, t[k]), paths.get(k, "-"), C.ms(t[k]), C.ratio(t[k], t["plain step"]),
+            step_tab.rows.append([name, C.method_cell(k, t[k], step_tab, name), paths.get(k, "-"), C.ms(t[k]), C.ratio(t[k], t["plain step"]),
                                   C.ratio(t[k], t["gradsift dp_sgd"])])
         del m, grads, steps
     sec.tables += [grads_tab, step_tab]

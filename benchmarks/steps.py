@@ -123,7 +123,7 @@ def run(threads: int, s: C.Settings) -> C.Section:
         plain = t["plain step"]
         for k in fns:
             pk = peaks.get(k, float("nan"))
-            tab.rows.append([b, C.method_cell(k, t[k]), paths.get(k, "-"), C.ms(t[k]), C.ratio(t[k], plain), pk,
+            tab.rows.append([b, C.method_cell(k, t[k], tab, f"B={b}"), paths.get(k, "-"), C.ms(t[k]), C.ratio(t[k], plain), pk,
                              pk / peaks["plain step"] if peaks else float("nan")])
 
         def tgt(k: str, thr: float) -> None:
