@@ -140,6 +140,7 @@ def run_grads(threads: int, s: C.Settings) -> C.Section:
         notes=[C.TIMED_FEW, "floor = plain fwd/bwd + per-layer bmm into reused buffers (MLP only)"],
     )
     for name, b in GRAD_CONFIGS:
+        b = s.b(b)
         methods, x, y, p = grad_methods(name, b)
         order = ["plain fwd+bwd"] + (["floor"] if "floor" in methods else []) + ["gradsift", "torch.func"]
         t = C.compare({k: (lambda f=methods[k]: f(x, y)) for k in order}, s)
@@ -175,6 +176,7 @@ def run_norms(threads: int, s: C.Settings) -> C.Section:
     tab = C.Table(f"2. Per-example gradient norms ({threads} thread(s); median of up to {s.repeats}, interleaved)",
                   ["model", "B", "method", "ms", "x plain backward"], notes=[C.TIMED_FEW])
     for name, b in NORM_CONFIGS:
+        b = s.b(b)
         methods, x, y = norm_methods(name, b)
         t = C.compare({k: (lambda f=f: f(x, y)) for k, f in methods.items()}, s)
         for k in methods:

@@ -36,7 +36,7 @@ from .per_example import make_vmap
 warnings.filterwarnings("ignore")
 
 MODELS = ("resnet18-gn", "bert-tiny", "gpt2-tiny", "lstm")
-B = 32
+BATCH = 32
 
 
 def loop_grads(model, loss_fn):
@@ -167,6 +167,7 @@ def _lazy(make):
 def run(threads: int, s: C.Settings, models: tuple[str, ...] = MODELS) -> C.Section:
     C.set_threads(threads)
     sec = C.Section()
+    B = s.b(BATCH)
     grads_tab = C.Table(
         f"4a. Real models, per-example gradients, B={B} ({threads} thread(s); median of up to {s.repeats}, interleaved)",
         ["model", "P", "method", "ms", "x gradsift"], notes=[C.TIMED_FEW])
@@ -196,7 +197,7 @@ def run(threads: int, s: C.Settings, models: tuple[str, ...] = MODELS) -> C.Sect
             sec.targets.append(C.Target("12", f"real models: {name} per-example grads, opacus / gradsift", C.ratio(t[opk], g),
                                         ">=", 2, threads, f"{C.ms(t[opk]):.0f} vs {C.ms(g):.0f} ms{why}"))
         if name == "resnet18-gn":
-            sec.targets.append(C.Target("14", "per-example grads RESNET18-GN B=32: torch.func / gradsift",
+            sec.targets.append(C.Target("14", f"per-example grads RESNET18-GN B={B}: torch.func / gradsift",
                                         C.ratio(t["torch.func"], g), ">=", 2, threads,
                                         f"{C.ms(t['torch.func']):.0f} vs {C.ms(g):.0f} ms"))
         paths: dict[str, str] = {}

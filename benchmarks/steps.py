@@ -111,7 +111,7 @@ def run(threads: int, s: C.Settings) -> C.Section:
         ["B", "step", "path", "ms", "x plain step", "peak MB", "x plain peak"],
         notes=[C.TIMED_FEW, "peak MB = 2 x P float32 (params + grads) + the step's peak-RSS growth; 1-thread pass"],
     )
-    for b in BATCHES:
+    for b in map(s.b, BATCHES):
         paths: dict[str, str] = {}
         fns, model = methods(b, paths=paths)
         t = C.compare(fns, s)
