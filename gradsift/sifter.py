@@ -37,7 +37,7 @@ from . import aggregate as agg_mod
 from .aggregate import Aggregator
 from .data.sources import Examples, batch_size_of, examples, to_device
 from .engine import aggregated_gradient, check_per_example_safe, per_example, trainable_parameters
-from .errors import GradsiftError
+from .errors import GradsiftError, NonFiniteGradientError
 from .recorders import Recorder, StepInfo
 from .specs import aggregator_from_spec
 from .store import RunDir
@@ -169,7 +169,9 @@ class Sifter:
         self.agg_state = self.aggregator.init(
             {n: p.detach() for n, p in trainable_parameters(model).items()})
         self.keep_grads = any(r.needs_per_example_grads for r in self.recorders)
-        self.needs_per_example = self.aggregator.needs_per_example or self.keep_grads
+        # plain mean: the mean gradient by one ordinary backward pass
+        self.plain_mean = self.aggregator.kind == "mean" and not self.aggregator.parts
+        self.needs_per_example = self.keep_grads or (self.aggregator.needs_per_example and not self.plain_mean)
         # Layer-by-layer aggregation when nothing needs the per-example gradients whole:
         # no recorder asks for them, the aggregator takes no side inputs, no plug-in.
         self.fused = (
@@ -325,7 +327,8 @@ class Sifter:
             targets: ``[B]`` (or ``[B, ...]`` for the loss) targets.
             ids: ``[B]`` example ids, the keys of every per-example table (default: the
                 examples' order in the epoch).
-            positions: ``[B]`` positions in ``data`` (default: ``ids``).
+            positions: ``[B]`` positions in ``data`` (default: looked up from ``ids`` when
+                the Sifter has ``data``, else ``ids``).
 
         Returns:
             ``[B]`` per-example losses (detached).
@@ -335,7 +338,9 @@ class Sifter:
         if ids is None:
             ids = torch.arange(self._stream, self._stream + b)
         ids = torch.as_tensor(ids, dtype=torch.int64).cpu()
-        positions = ids if positions is None else torch.as_tensor(positions, dtype=torch.int64).cpu()
+        if positions is None:
+            positions = ids if self.data is None else self.data.positions_of(ids)
+        positions = torch.as_tensor(positions, dtype=torch.int64).cpu()
         self._stream += b
         with autocast(self.precision, self.device):
             update, losses, outputs, grads = self._compute(inputs, targets, b, positions, ids)
@@ -353,13 +358,16 @@ class Sifter:
         grads = None
         if b == 0:  # an empty batch (Poisson sampling, or this rank's empty shard)
             losses = outputs = torch.zeros(0, device=self.device)
-            if self.aggregator.input == "per_example":
+            if self.aggregator.input == "per_example" and not self.plain_mean:
                 grads = {n: p.new_zeros((0, *p.shape)) for n, p in params.items()}
                 update, self.agg_state = self.aggregate(grads, self.agg_state, losses=losses, outputs=outputs,
                                                         targets=y, positions=positions, example_ids=ids)
             else:
                 batch = {n: torch.zeros_like(p) for n, p in params.items()}
-                update, self.agg_state = self.aggregate_batch(batch, 0, self.agg_state)
+                if self.plain_mean:
+                    update = self.mean_update(batch, 0)
+                else:
+                    update, self.agg_state = self.aggregate_batch(batch, 0, self.agg_state)
             return update, losses, outputs, (grads if self.keep_grads else None)
         if self.fused:
             agg = aggregated_gradient(self.model, self.loss_fn, x, y, self.aggregator, self.agg_state,
@@ -367,6 +375,10 @@ class Sifter:
             self.agg_state = agg.state
             return agg.update, agg.losses, agg.outputs, None
         extras = dict(targets=y, positions=positions, example_ids=ids)
+        if self.needs_per_example and self.plain_mean:  # a recorder needs them; the update is their mean
+            pe = per_example(self.model, self.loss_fn, x, y, chunk_size=self.chunk_size)
+            update = self.mean_update({n: agg_mod.mean_of(g) for n, g in pe.grads.items()}, b)
+            return update, pe.losses, pe.outputs, pe.grads
         if self.needs_per_example:
             pe = per_example(self.model, self.loss_fn, x, y, chunk_size=self.chunk_size)
             losses, outputs, grads = pe.losses, pe.outputs, pe.grads
@@ -382,11 +394,24 @@ class Sifter:
         g = torch.autograd.grad(loss_vec.mean(), list(params.values()), allow_unused=True)
         batch = {n: (gi if gi is not None else torch.zeros_like(p)) for (n, p), gi in zip(params.items(), g)}
         losses, outputs = loss_vec.detach(), outputs.detach()
+        if self.plain_mean:
+            return self.mean_update(batch, b), losses, outputs, None
         update, self.agg_state = self.aggregate_batch(batch, b, self.agg_state, losses=losses, outputs=outputs,
                                                       **extras)
         return update, losses, outputs, None
 
     # The hooks below are what a distributed Sifter (gradsift.distributed) overrides.
+    def mean_update(self, batch: dict[str, Tensor], n: int) -> dict[str, Tensor]:
+        """The plain mean gradient of the ``n`` examples whose mean gradient is ``batch``
+        (refused when it holds NaN or inf: ``on_nonfinite="drop"`` drops such examples)."""
+        for name, g in batch.items():
+            if not torch.isfinite(g).all():
+                raise NonFiniteGradientError(
+                    f"mean: the gradient of '{name}' holds NaN or inf; fix the data or model, or pass "
+                    "on_nonfinite='drop' to drop the examples whose gradient is not finite"
+                )
+        return batch
+
     def aggregate(self, grads: dict[str, Tensor], state: Any, **extras: Tensor) -> tuple[dict[str, Tensor], Any]:
         """Per-example gradients of this process's examples -> (update, new state).
         ``extras``: the side inputs of :data:`gradsift.aggregate.SIDE_INPUTS` (``[b]`` each)."""

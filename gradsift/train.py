@@ -233,11 +233,15 @@ class Trainer:
 
     # -------------------------------------------------------------- epochs
     def evaluate(self) -> dict[str, float]:
+        """Train (and test) accuracy and loss; streamed in batches, and without touching
+        torch's random state (a DataLoader draws a seed per pass), so evaluating never
+        changes the training batches."""
         row: dict[str, float] = {}
         for prefix, data in (("train", self.data), ("test", self.test_data)):
             if data is not None:
-                r = evaluate_batches(self.model, self.loss_fn, data.sequential(1024), device=self.device,
-                                     precision=self.sifter.precision)
+                with torch.random.fork_rng(devices=[]):
+                    r = evaluate_batches(self.model, self.loss_fn, data.sequential(1024), device=self.device,
+                                         precision=self.sifter.precision)
                 row.update({f"{prefix}_{k}": v for k, v in r.items()})
         return row
 

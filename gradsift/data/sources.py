@@ -206,7 +206,9 @@ class Examples:
         elif isinstance(source, DataLoader):
             self.kind = "loader"
             self.dataset = source.dataset
-        elif isinstance(source, TorchDataset) or (hasattr(source, "__getitem__") and hasattr(source, "__len__")):
+        elif isinstance(source, TorchDataset) or (
+                hasattr(source, "__getitem__") and hasattr(source, "__len__")
+                and not isinstance(source, (str, bytes, dict, np.ndarray, Tensor))):
             if isinstance(source, IterableDataset):
                 raise DataError("an IterableDataset has no positions; wrap it in a DataLoader whose "
                                 "batches are (example_ids, inputs, targets)")
@@ -257,6 +259,22 @@ class Examples:
             else:
                 self._scan()
         return self._y
+
+    def positions_of(self, ids: Tensor) -> Tensor:
+        """``[b]`` positions of the examples with ids ``ids`` ``[b]``.
+
+        Raises:
+            DataError: an id is not in the data set.
+        """
+        if not hasattr(self, "_order"):
+            self._order = torch.argsort(self.ids)
+            self._sorted = self.ids[self._order]
+        ids = torch.as_tensor(ids, dtype=torch.int64).cpu()
+        k = torch.searchsorted(self._sorted, ids).clamp(max=max(len(self._sorted) - 1, 0))
+        found = self._sorted[k] == ids
+        if not bool(found.all()):
+            raise DataError(f"example id {int(ids[~found][0])} is not in the data set")
+        return self._order[k]
 
     @property
     def x(self) -> Any:
@@ -309,7 +327,9 @@ class Examples:
         for b in batches:
             yield (b, b, None, b) if len(b) == 0 else next(it)
 
-    def _loader_epoch(self) -> Iterator[tuple[Tensor, Tensor, Any, Tensor]]:
+    def _loader_epoch(self, *, in_order: bool = False) -> Iterator[tuple[Tensor, Tensor, Any, Tensor]]:
+        """The DataLoader's batches with positions; ``in_order``: the same data set, collate
+        and workers, but sequential batches (no sampler draws, so no RNG is consumed)."""
         loader: DataLoader = self.source
         if not self.map_style:
             for k, batch in enumerate(loader):
@@ -319,15 +339,18 @@ class Examples:
                 ids = torch.as_tensor(batch[0], dtype=torch.int64)
                 yield ids, ids, batch[1], batch[2]
             return
-        user_collate = loader.collate_fn
-        rewired = DataLoader(
-            _Positioned(loader.dataset), batch_sampler=loader.batch_sampler,
-            collate_fn=_PositionedCollate(user_collate), num_workers=loader.num_workers,
-            pin_memory=loader.pin_memory, timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
-            multiprocessing_context=loader.multiprocessing_context, generator=loader.generator,
-            persistent_workers=loader.persistent_workers if loader.num_workers else False,
-            **({"prefetch_factor": loader.prefetch_factor} if loader.num_workers else {}),
-        )
+        workers = dict(num_workers=loader.num_workers, pin_memory=loader.pin_memory, timeout=loader.timeout,
+                       worker_init_fn=loader.worker_init_fn,
+                       multiprocessing_context=loader.multiprocessing_context)
+        if loader.num_workers:
+            workers["prefetch_factor"] = loader.prefetch_factor
+        if in_order:
+            batching = dict(batch_size=loader.batch_size or 256, shuffle=False)
+        else:
+            batching = dict(batch_sampler=loader.batch_sampler, generator=loader.generator,
+                            persistent_workers=loader.persistent_workers if loader.num_workers else False)
+        rewired = DataLoader(_Positioned(loader.dataset), collate_fn=_PositionedCollate(loader.collate_fn),
+                             **batching, **workers)
         for k, (positions, batch) in enumerate(rewired):
             if isinstance(batch, (tuple, list)) and len(batch) == 2:
                 yield positions, positions, batch[0], torch.as_tensor(batch[1])
@@ -338,10 +361,10 @@ class Examples:
                                 "(inputs, targets) or (example_ids, inputs, targets)")
 
     def sequential(self, batch_size: int) -> Iterator[tuple[Any, Tensor]]:
-        """``(inputs, targets)`` batches over all examples in order (whole-data-set passes);
-        for a DataLoader, its own batches."""
+        """``(inputs, targets)`` batches over all examples in order (whole-data-set passes;
+        a DataLoader's data set is read in order with its collate and workers)."""
         if self.kind == "loader":
-            for _, _, x, y in self._loader_epoch():
+            for _, _, x, y in self._loader_epoch(in_order=True):
                 yield x, y
             return
         n = len(self)

@@ -23,12 +23,17 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from ..aggregate import Aggregator
 from ..data import Dataset
 from ..recorders import StepInfo
 from ..sifter import Sifter
 from ..train import FitResult, Trainer, evaluate_batches
 from .comm import Comm, DistributedError, TorchComm, gather_rows, init_from_env, shard_bounds
 from .reduce import GlobalAggregation, Mode
+
+
+#: the identity on batch gradients: with GlobalAggregation.update_batch, the global mean
+_IDENTITY = Aggregator("identity", lambda params: (), lambda grads, state: (grads, state), "batch", "batch")
 
 
 class DistributedSifter(Sifter):
@@ -46,10 +51,14 @@ class DistributedSifter(Sifter):
                 f"aggregator {self.aggregator.name}, which needs per-example {', '.join(self.aggregator.needs)}")
             raise DistributedError(f"{what} is not supported under torch.distributed yet; train in one process")
         self.global_aggregation = GlobalAggregation(self.aggregator, comm, mode)
+        self._global_mean = GlobalAggregation(_IDENTITY, comm, "exact")
         self._out_shape: tuple[int, ...] | None = None
 
     def aggregate(self, grads: dict[str, Tensor], state: Any, **extras: Tensor) -> tuple[dict[str, Tensor], Any]:
         return self.global_aggregation.update(grads, state)
+
+    def mean_update(self, batch: dict[str, Tensor], n: int) -> dict[str, Tensor]:
+        return super().mean_update(self._global_mean.update_batch(batch, n, ())[0], n)
 
     def aggregate_batch(self, batch: dict[str, Tensor], n: int, state: Any, **extras: Tensor) -> tuple[dict[str, Tensor], Any]:
         return self.global_aggregation.update_batch(batch, n, state)
