@@ -36,7 +36,7 @@ from .train import FitResult, Recorder, Trainer, fit  # noqa: E402
 __all__ += ["data", "distributed", "models", "CoherenceRecorder", "FitResult", "Recorder", "Sifter", "Trainer", "fit"]
 
 from . import scores  # noqa: E402
-from .run import Run, open_run  # noqa: E402
+from .rundir import Run, open_run  # noqa: E402
 from .scores import DynamicsRecorder, TracInRecorder  # noqa: E402
 
 __all__ += ["scores", "Run", "open_run", "DynamicsRecorder", "TracInRecorder"]

@@ -100,13 +100,13 @@ def prune_run(run, by: str, keep: float, *, class_balanced: bool = False, prefer
     """Select from a run directory's ``scores.parquet``: returns the kept ``example_id`` s.
 
     Args:
-        run: a path or :class:`gradsift.run.Run`.
+        run: a path or :class:`gradsift.rundir.RunDir`.
         by: a score column (see :mod:`gradsift.scores`); ``random`` needs none.
         keep, class_balanced, prefer, seed: as :func:`select` (class-balanced uses the
             ``label`` column).
     """
     from .errors import GradsiftError
-    from .run import Run, open_run
+    from .rundir import Run, open_run
 
     r = run if isinstance(run, Run) else open_run(run)
     table = r.scores()

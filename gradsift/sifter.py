@@ -40,7 +40,7 @@ from .engine import aggregated_gradient, check_per_example_safe, per_example, tr
 from .errors import GradsiftError, NonFiniteGradientError
 from .recorders import Recorder, StepInfo
 from .specs import aggregator_from_spec
-from .store import RunDir
+from .rundir import RunDir
 
 __all__ = ["Sifter", "Plugin", "call_model", "PRECISIONS"]
 

@@ -38,7 +38,7 @@ from ..progress import current, task
 from ..scores import (
     DynamicsRecorder, data_diet_scores, memorization_scores, mlp_factory, predict_members, train_members,
 )
-from ..store import RunDir, write_json
+from ..rundir import RunDir, write_json
 
 DYNAMICS = ("forgetting", "loss", "cum_loss", "learning_time", "margin", "forgetting_events")
 KNOWN = ("el2n", "grand", "memorization", "random") + DYNAMICS

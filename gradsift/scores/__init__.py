@@ -25,11 +25,11 @@ column                 what                                                   wh
                        in penultimate-layer space
 =====================  =====================================================  =========================
 
-Files in a run directory (all Parquet, written atomically; see :mod:`gradsift.store`)
+Files in a run directory (all Parquet, written atomically; see :mod:`gradsift.rundir`)
 
 * ``scores.parquet``: one row per training example, ``example_id`` (int64) plus any of the
   columns above and ``label`` (the training label). Writers merge their columns in
-  (:meth:`gradsift.store.RunDir.write_scores`); ``gradsift.open_run(RUN).scores()``
+  (:meth:`gradsift.rundir.RunDir.write_scores`); ``gradsift.open_run(RUN).scores()``
   returns it indexed by ``example_id``.
 * ``dynamics/part-<epoch>.parquet``: ``example_id, epoch, loss, correct, margin``, one row
   per presentation of an example in a mini-batch (before the step), one part per epoch.
