@@ -1,7 +1,7 @@
 """Run the benchmark suite and print every table and target line.
 
     python -m benchmarks.run_all                  # full mode: 1 and 2 threads, the main job too
-    python -m benchmarks.run_all --quick          # a few minutes on 2 cores (no main job)
+    python -m benchmarks.run_all --quick          # a few minutes on 2 cores (no main job; real models at 1 thread)
     python -m benchmarks.run_all --quick --write-readme   # ... and regenerate benchmarks/README.md
     python -m benchmarks.run_all --from-json benchmarks/last_run.json --write-readme   # README only
 
@@ -126,7 +126,8 @@ def measure(a) -> dict:
 
     for name in sections:
         if name in THREADED:
-            for n in threads:
+            # quick mode: the real models (the slowest section) at the first thread count only
+            for n in (threads[:1] if a.quick and name == "real" else threads):
                 take(_section(name, n, s, a))
         elif name == "ensemble":
             take(_section(name, threads[0], s, a))
