@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .. import fastpath
+from .. import layers
 from ..engine import (LossFn, Method, batch_gradient, check_per_example_safe, per_example,
                       resolve_method, trainable_parameters)
 from .base import (Aggregator, Comm, Grads, Shard, State, aggregator_from_spec, apply,
@@ -85,7 +85,7 @@ def plan(aggregator: Aggregator) -> LayerwisePlan | None:
     return LayerwisePlan(tuple(scales), (i, red), tuple(tail), bool(aggregator.parts))
 
 
-def _row_factors(p: LayerwisePlan, model: nn.Module, rec: fastpath.Recording,
+def _row_factors(p: LayerwisePlan, model: nn.Module, rec: layers.Recording,
                  side: dict[str, Tensor]) -> dict[str, Tensor] | None:
     """Product of the row-scale stages' factors, name -> ``[B]`` (absent: 1), or ``None``
     when the batch must be materialized (non-finite norms, a stage that declines)."""
@@ -93,7 +93,7 @@ def _row_factors(p: LayerwisePlan, model: nn.Module, rec: fastpath.Recording,
         return {}
     b = rec.losses.shape[0]
     if p.needs_norms:
-        norms = fastpath.recording_norms_sq(model, rec)
+        norms = layers.recording_norms_sq(model, rec)
         if not all(bool(torch.isfinite(v).all()) for v in norms.values()):
             return None
     else:
@@ -112,7 +112,7 @@ def _row_factors(p: LayerwisePlan, model: nn.Module, rec: fastpath.Recording,
     return factors
 
 
-def layerwise_update(model: nn.Module, rec: fastpath.Recording, p: LayerwisePlan,
+def layerwise_update(model: nn.Module, rec: layers.Recording, p: LayerwisePlan,
                      side: dict[str, Tensor] | None = None, shard: Shard | None = None) -> Grads | None:
     """The reduced update (name -> ``param.shape``) from a recording, layer by layer.
 
@@ -133,7 +133,7 @@ def layerwise_update(model: nn.Module, rec: fastpath.Recording, p: LayerwisePlan
         return None
     if factors is None:
         return None
-    names = fastpath.parameter_names(model, {n: c.module for n, c in rec.captures.items()})
+    names = layers.parameter_names(model, {n: c.module for n, c in rec.captures.items()})
     red = p.reducer[1]
     if red.weighted_sums is not None:
         update = _weighted(model, rec, names, factors, red, b, shard)
@@ -175,13 +175,13 @@ def _weighted(model, rec, names, factors, red: Aggregator, b: int, shard: Shard 
             if same:
                 f = next(iter(fs.values()))
                 w = W[j] if f is None else W[j] * f
-                for local, g in fastpath.layer_weighted_sum(cap, w).items():
+                for local, g in layers.layer_weighted_sum(cap, w).items():
                     add(own[local], j, g)
             else:
                 for local, name in own.items():
                     f = fs[local]
                     w = W[j] if f is None else W[j] * f
-                    add(name, j, fastpath.layer_weighted_sum(cap, w)[local])
+                    add(name, j, layers.layer_weighted_sum(cap, w)[local])
     stacked: Grads = {}
     for n, par in trainable_parameters(model).items():
         parts = sums.get(n)
@@ -211,7 +211,7 @@ def _per_coordinate(model, rec, names, factors, red: Aggregator) -> Grads | None
     for lname, cap in rec.captures.items():
         own = _own(names, lname)
         if set(own.values()) & shared:
-            for local, g in fastpath.layer_grads(cap).items():
+            for local, g in layers.layer_grads(cap).items():
                 name = own[local]
                 if name in shared:
                     pending[name] = pending[name] + g if name in pending else g
@@ -221,7 +221,7 @@ def _per_coordinate(model, rec, names, factors, red: Aggregator) -> Grads | None
                         return None
                     update[name] = part
             continue
-        reduced = fastpath.layer_reduced(cap, fn, lambda local, own=own: factors.get(own[local]))
+        reduced = layers.layer_reduced(cap, fn, lambda local, own=own: factors.get(own[local]))
         if reduced is None:
             return None
         for local, value in reduced.items():
@@ -344,8 +344,8 @@ def step_update(
         rec = None
         if b > 0 and resolve_method(model, method) == "hooks":
             try:
-                rec = fastpath.record(model, loss_fn, inputs, targets)
-            except fastpath.NotHookable:
+                rec = layers.record(model, loss_fn, inputs, targets)
+            except layers.NotHookable:
                 if method == "hooks":
                     raise
         # under comm every rank takes the same path (a rank without examples materializes)
