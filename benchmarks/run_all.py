@@ -65,6 +65,7 @@ def _section(name: str, threads: int, s: C.Settings, args) -> C.Section:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repeats; no memorization job, no ensemble")
+    ap.add_argument("--smoke", action="store_true", help="B cut to 4, one call each, no JSON/README: does it all run?")
     ap.add_argument("--threads", default="1,2", help="comma list of torch thread counts (default 1,2)")
     ap.add_argument("--sections", default=",".join(ALL), help=f"comma list of {', '.join(ALL)}")
     ap.add_argument("--baseline", default="/work/wt/baseline", help="checkout of the original main (0dd17d4)")
@@ -78,9 +79,9 @@ def main(argv: list[str] | None = None) -> None:
             result = json.load(f)
     else:
         result = measure(a)
-        with open(a.json, "w") as f:
-            json.dump(result, f, indent=1)
-            f.write("\n")
+        if a.smoke:
+            return
+        _dump(result, a.json)
         print(f"wrote {a.json}")
     if a.write_readme:
         from .readme import write_readme
@@ -88,19 +89,26 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {write_readme(result)}")
 
 
+def _dump(result: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+        f.write("\n")
+
+
 def measure(a) -> dict:
-    s = C.Settings.make(a.quick)
+    s = C.Settings.make(a.quick, a.smoke)
+    a.quick = a.quick or a.smoke
     sections = [x for x in a.sections.split(",") if x]
     unknown = [x for x in sections if x not in ALL]
     if unknown:
         raise SystemExit(f"unknown sections {unknown}; known: {', '.join(ALL)}")
-    if a.quick:
+    if a.quick and not s.smoke:
         sections = [x for x in sections if x not in FULL_ONLY]
     threads = [int(t) for t in a.threads.split(",")]
     start, load0 = time.time(), os.getloadavg()
     meta = {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "mode": "quick" if a.quick else "full", "threads": threads, "sections": sections,
+        "mode": "smoke" if s.smoke else "quick" if a.quick else "full", "threads": threads, "sections": sections,
         "commit": _git("rev-parse", "--short", "HEAD"), "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
         "torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count(),
         "step_entry": C.step_entry_name(), "load_before": [round(x, 2) for x in load0],
@@ -113,6 +121,7 @@ def measure(a) -> dict:
     print(f"gradsift benchmarks, {meta['mode']} mode, {meta['date']}, commit {meta['commit']}, torch {meta['torch']}, "
           f"{meta['cpus']} cpus, load average {load0[0]:.2f}; step entry point {meta['step_entry']}", flush=True)
     tables, targets = [], []
+    partial = {"meta": meta, "tables": tables, "targets": targets, "partial": True}
 
     def take(sec: C.Section) -> None:
         for t in sec.tables:
@@ -123,6 +132,11 @@ def measure(a) -> dict:
             targets.append(t.to_json())
         if sec.targets:
             print(flush=True)
+        if not s.smoke:  # what is measured so far survives an interrupted run
+            meta["load_after"] = [round(x, 2) for x in os.getloadavg()]
+            meta["seconds"] = round(time.time() - start, 1)
+            partial["counts"] = {k: sum(t["status"] == k for t in targets) for k in ("MET", "MISSED", "FAILED")}
+            _dump(partial, a.json)
 
     for name in sections:
         if name in THREADED:

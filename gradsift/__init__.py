@@ -20,7 +20,7 @@ from .engine import (
 )
 from .errors import DataError, GradsiftError, NonFiniteGradientError, SpecError, UnsupportedModelError
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "aggregate", "coherence", "per_example", "per_example_gradients", "per_example_losses",
@@ -30,9 +30,10 @@ __all__ = [
 
 from . import data, distributed, models  # noqa: E402
 from .recorders import CoherenceRecorder  # noqa: E402
+from .sifter import Sifter  # noqa: E402
 from .train import FitResult, Recorder, Trainer, fit  # noqa: E402
 
-__all__ += ["data", "distributed", "models", "CoherenceRecorder", "FitResult", "Recorder", "Trainer", "fit"]
+__all__ += ["data", "distributed", "models", "CoherenceRecorder", "FitResult", "Recorder", "Sifter", "Trainer", "fit"]
 
 from . import backends, ensemble, scores  # noqa: E402
 from .rundir import Run, open_run  # noqa: E402
@@ -47,6 +48,7 @@ from .label_issues import find_label_issues, label_issue_scores  # noqa: E402
 
 __all__ += ["actions", "audit", "reweight", "select", "find_label_issues", "label_issue_scores"]
 
-from . import masking, optim, privacy, sampling, sven  # noqa: E402
+from . import optim, privacy, sampling  # noqa: E402
+from .aggregate import masking, sven  # noqa: E402
 
 __all__ += ["masking", "optim", "privacy", "sampling", "sven"]
