@@ -9,8 +9,8 @@ For per-example gradients g_1..g_m::
 Ghost coherence: every statistic above needs only the ``[m, m]`` Gram matrix
 ``K_ij = g_i . g_j``, and :func:`gradient_gram` gets it exactly from one forward and one
 backward pass with hooks, from each layer's activation and output-gradient Grams, without
-forming the per-example gradients (for ``nn.Linear``; other layers from their per-layer
-per-example gradients). :func:`gram_coherence` then gives m-coherence, per-class
+forming the per-example gradients (each layer rule's ``gram``, :func:`gradsift.layers.layer_gram`:
+the ghost form for Linear and Conv, per-layer per-example gradients for the others). :func:`gram_coherence` then gives m-coherence, per-class
 coherence and each example's alignment with the rest of the batch::
 
     K = gradient_gram(model, loss_fn, x, y)             # [B, B] float64
@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import fastpath
+from . import layers
 
 Grads = dict[str, Tensor]
 
@@ -67,55 +67,15 @@ def coherence(grads: Grads, *, per_layer: bool = False) -> dict:
 
 # ---------------------------------------------------------------- from the B x B Gram matrix
 
-def _linear_gram(cap) -> dict[str, Tensor]:
-    """Exact per-example Gram matrices ``{local name: [B, B]}`` of one ``nn.Linear``'s
-    weight and bias from its activations ``A [B, T, K]`` and output gradients
-    ``D [B, T, O]`` (all calls concatenated on ``T``), without per-example gradients:
-    ``<G_i, G_j> = sum_{t,s} (A_it . A_js)(D_it . D_js)`` (``(A A^T) * (D D^T)`` when
-    ``T = 1``); the per-example gradient ``D_i^T A_i`` is formed only when ``T^2`` exceeds
-    ``K * O``."""
-    m = cap.module
-    A = torch.cat([a.reshape(a.shape[0], -1, m.in_features) for a in cap.inputs], 1).double()
-    D = torch.cat([d.reshape(d.shape[0], -1, m.out_features) for d in cap.grad_outputs], 1).double()
-    t = A.shape[1]
-    out = {}
-    if m.weight.requires_grad:
-        if t == 1:
-            out["weight"] = (A[:, 0] @ A[:, 0].T) * (D[:, 0] @ D[:, 0].T)
-        elif t * t <= m.in_features * m.out_features:
-            out["weight"] = torch.einsum("itk,jsk,ito,jso->ij", A, A, D, D)
-        else:
-            g = torch.einsum("ito,itk->iok", D, A).flatten(1)
-            out["weight"] = g @ g.T
-    if m.bias is not None and m.bias.requires_grad:
-        b = D.sum(1)
-        out["bias"] = b @ b.T
-    return out
-
-
-def layer_gram(cap) -> dict[str, Tensor]:
-    """Per-example gradient Gram matrices of one recorded layer: local parameter name ->
-    ``[B, B]`` (float64). ``nn.Linear`` by the ghost form (:func:`_linear_gram`); other
-    layers from their per-example gradients (:func:`gradsift.fastpath.layer_grads`)."""
-    if not cap.inputs:
-        return {}
-    if isinstance(cap.module, nn.Linear):
-        return _linear_gram(cap)
-    out = {}
-    for n, g in fastpath.layer_grads(cap).items():
-        flat = g.flatten(1).double()
-        out[n] = flat @ flat.T
-    return out
-
-
 def gradient_gram(model: nn.Module, loss_fn, inputs: Tensor, targets: Tensor, *,
                   per_layer: bool = False) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
     """The exact ``[B, B]`` Gram matrix ``K_ij = g_i . g_j`` of the per-example gradients
     of ``loss_fn(model(inputs), targets)`` (one forward and one backward pass with hooks;
-    per-example gradients are never formed for ``nn.Linear`` layers).
+    per-layer Grams from :func:`gradsift.layers.layer_gram`, which never forms per-example
+    gradients for Linear and Conv layers), summed in float64.
 
     Args:
-        model: a hookable model (:func:`gradsift.fastpath.check_hookable`).
+        model: a hookable model (:func:`gradsift.layers.check_hookable`).
         loss_fn: ``(outputs, targets) -> [B]``.
         inputs: ``[B, ...]``; targets: ``[B]``.
         per_layer: also return parameter name -> its ``[B, B]`` Gram.
@@ -123,14 +83,15 @@ def gradient_gram(model: nn.Module, loss_fn, inputs: Tensor, targets: Tensor, *,
     Returns:
         ``K`` ``[B, B]`` float64 (and the per-parameter Grams).
     """
-    fastpath.check_hookable(model)
-    rec = fastpath.record(model, loss_fn, inputs, targets)
-    layers: dict[str, Tensor] = {}
-    for name, k in fastpath.iter_layer_results(model, rec, layer_gram):
-        layers[name] = layers[name] + k if name in layers else k
+    layers.check_hookable(model)
+    rec = layers.record(model, loss_fn, inputs, targets)
+    per: dict[str, Tensor] = {}
+    for name, k in layers.iter_layer_results(model, rec, layers.layer_gram):
+        k = k.double()
+        per[name] = per[name] + k if name in per else k
     b = inputs.shape[0]
-    total = sum(layers.values()) if layers else torch.zeros(b, b, dtype=torch.float64)
-    return (total, layers) if per_layer else total
+    total = sum(per.values()) if per else torch.zeros(b, b, dtype=torch.float64)
+    return (total, per) if per_layer else total
 
 
 def gram_coherence(gram: Tensor, labels: Tensor | None = None) -> dict:
