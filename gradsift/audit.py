@@ -34,9 +34,11 @@ the example. ``suggested_label`` is the out-of-fold argmax. The flag (``label_th
   mislabelled by construction, and an example whose AUM (area under the logit margin,
   :mod:`gradsift.scores.aum`) is at most the 99th percentile of theirs is flagged.
 
-Measured on digits and MNIST-1D with injected label errors (``benchmarks/audit.py``, the
-numbers are in the README) the confident-learning count gave the better F1 of the flagged
-set, so it is the default; ``"aum"`` needs two more training runs and the default MLP.
+Measured with ``benchmarks/audit.py`` (10% label errors, 15 epochs; README): F1 of the
+flagged set 0.916 (confident) vs 0.914 (AUM) on digits and 0.362 vs 0.377 on MNIST-1D, a
+tie within 0.02 either way; confident learning is the default because it needs no extra
+training (the two AUM runs took 4x the audit's time on MNIST-1D) and works with any
+``model``, while ``"aum"`` needs the default MLP.
 
 **Outliers and near-duplicates** come from k-nearest-neighbour distances
 (scikit-learn's ``NearestNeighbors``) in two spaces: the input space and the penultimate
