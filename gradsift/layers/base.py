@@ -136,11 +136,17 @@ class LayerRule:
         return out
 
 
-#: Module type -> :class:`LayerRule` (exact types: a subclass may change ``forward``).
-RULES: dict[type[nn.Module], LayerRule] = {}
+#: Module type (or its ``"module.QualName"``) -> :class:`LayerRule`. Exact types: a subclass
+#: may change ``forward``.
+RULES: dict[type[nn.Module] | str, LayerRule] = {}
 
 
-def register_layer_rule(*module_types: type[nn.Module]):
+def type_name(t: type) -> str:
+    """``"package.module.QualName"`` of a class, the string form of a :data:`RULES` key."""
+    return f"{t.__module__}.{t.__qualname__}"
+
+
+def register_layer_rule(*module_types: type[nn.Module] | str):
     """Class decorator registering a :class:`LayerRule` for ``module_types``.
 
     Example::
@@ -148,11 +154,15 @@ def register_layer_rule(*module_types: type[nn.Module]):
         @register_layer_rule(nn.Linear)
         class LinearRule(LayerRule): ...
 
-    A later registration for the same type replaces the earlier one. The rule class is
-    instantiated once (without arguments) and returned unchanged.
+    A type may also be named by its ``"package.module.QualName"`` string, so that a rule
+    for a third-party layer does not import its package (e.g.
+    ``"transformers.pytorch_utils.Conv1D"``). A later registration for the same type
+    replaces the earlier one. The rule class is instantiated once (without arguments)
+    and returned unchanged.
     """
-    if not module_types or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in module_types):
-        raise TypeError("register_layer_rule takes one or more nn.Module subclasses")
+    ok = all(isinstance(t, str) or (isinstance(t, type) and issubclass(t, nn.Module)) for t in module_types)
+    if not module_types or not ok:
+        raise TypeError("register_layer_rule takes nn.Module subclasses or their 'module.QualName' strings")
 
     def decorate(cls):
         rule = cls() if isinstance(cls, type) else cls
@@ -167,7 +177,7 @@ def register_layer_rule(*module_types: type[nn.Module]):
 
 def rule_for(module: nn.Module) -> LayerRule | None:
     """The registered rule handling this module, or ``None`` (exact type match)."""
-    rule = RULES.get(type(module))
+    rule = RULES.get(type(module)) or RULES.get(type_name(type(module)))
     if rule is None or not rule.supports(module):
         return None
     return rule

@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from .harness import check_per_example
+from .harness import SeqFirst, check_path, check_per_example
 
 SETTINGS = settings(max_examples=15, deadline=None, derandomize=True)
 
@@ -28,3 +28,9 @@ def test_max_norm_and_sparse():
     layer(x)  # renormalize the rows the batch touches, as the batched pass will
     check_per_example(layer, x, methods=("hooks",))
     check_per_example(nn.Embedding(10, 4, sparse=True), x, methods=("hooks",))
+
+
+def test_sequence_first_with_t_equal_b():
+    x = torch.randint(0, 9, (4, 4))
+    check_per_example(SeqFirst(nn.Embedding(9, 3)), x)
+    assert check_path(SeqFirst(nn.Embedding(9, 3)), x) == "hooks"
