@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .store import atomic_path  # noqa: E402
+from .rundir import atomic_path  # noqa: E402
 
 
 def save_figure(fig, path: str | Path) -> Path:

@@ -11,7 +11,7 @@ import gradsift as gs
 from gradsift.actions import reweight, select, weighted_sampler
 from gradsift.cli import app
 from gradsift.data import Dataset, symmetric_noise
-from gradsift.store import RunDir
+from gradsift.rundir import RunDir
 
 runner = CliRunner()
 
@@ -155,3 +155,20 @@ def test_pruning_curve_cli(tmp_path):
     assert set(gs.open_run(out).scores().columns) >= {"label", "el2n", "grand", "forgetting", "memorization"}
     bad = runner.invoke(app, ["pruning-curve", "--dataset", str(_npz(tmp_path)), "--scores", "bogus", "--out", str(out)])
     assert bad.exit_code == 2
+
+
+def test_detection_quality_matches_sklearn():
+    from sklearn.metrics import roc_auc_score
+
+    from gradsift.experiments.label_noise import detection_quality
+
+    rng = np.random.default_rng(0)
+    noisy = rng.random(50) < 0.3
+    score = rng.random(50) + noisy
+    flagged = np.argsort(-score)[:10]
+    q = detection_quality(noisy, flagged, score)
+    assert q["injected"] == noisy.sum()
+    assert q["precision"] == noisy[flagged].mean()
+    assert q["recall"] == noisy[flagged].sum() / noisy.sum()
+    assert q["auroc"] == roc_auc_score(noisy, score)
+    assert np.isnan(detection_quality(np.zeros(5, bool), np.arange(2), np.arange(5.0))["auroc"])

@@ -41,12 +41,17 @@ def invoke(*args: str):
     (["train", "--dp", "--target-epsilon", "-1", "--epochs", "1"], "error: target_epsilon must be > 0, got -1.0"),
     (["issues", "--folds", "1"], "Invalid value for '--folds'"),
     (["issues", "--label-noise", "flip"], "Invalid value for '--label-noise': 'flip' is not one of"),
-    (["scores", "--scores", "el2n,bogus"], "error: unknown score(s) ['bogus']: use el2n, grand, memorization, random"),
+    (["scores", "--scores", "el2n,bogus"], "error: unknown score(s) ['bogus']. Known: aum, el2n, grand"),
     (["scores", "--mem-models", "1"], "Invalid value for '--mem-models'"),
     (["pruning-curve", "--fractions", "0.5,abc"], "error: --fractions must be a comma list of numbers, got '0.5,abc'"),
     (["pruning-curve", "--fractions", "0,0.5", "--dataset", "digits"], "error: fractions must be in (0, 1], got (0.0, 0.5)"),
     (["pruning-curve", "--seeds", "0"], "Invalid value for '--seeds'"),
     (["prune", "--run", ".", "--by", "el2n", "--keep", "2"], "error: --keep must be a fraction in [0, 1], got 2.0"),
+    (["train", "--noise-rate", "0.3"], "error: --noise-rate 0.3 has no effect with no --label-noise; add --label-noise symmetric or asymmetric"),
+    (["train", "--label-noise", "random", "--noise-rate", "0.3"], "has no effect with --label-noise random"),
+    (["train", "--label-noise", "symmetric"], "error: --label-noise symmetric needs --noise-rate"),
+    (["scores", "--noise-rate", "0.2"], "error: --noise-rate 0.2 has no effect with no --label-noise"),
+    (["issues", "--noise-rate", "0.2"], "error: --noise-rate 0.2 has no effect with no --label-noise"),
 ])
 def test_bad_values_give_a_message(args, message, tmp_path):
     code, text = invoke(*args, "--run-dir" if args[0] == "train" else "--out", str(tmp_path / "o"))
@@ -76,3 +81,18 @@ def test_progress_only_on_a_terminal(monkeypatch):
     assert show_progress(quiet=False) and not show_progress(quiet=True)
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
     assert not show_progress(quiet=False)
+
+
+def test_issues_refuses_a_non_csv_out_before_working(tmp_path):
+    code, text = invoke("issues", "--out", str(tmp_path / "issues.txt"))
+    assert code == 2 and "must name a .csv file" in text
+    assert not (tmp_path / "issues.txt").exists()
+
+
+def test_a_command_is_one_module_and_one_registration_line():
+    import typer
+
+    from gradsift.cli import COMMANDS, app
+
+    names = {c.name for c in app.registered_commands} | {g.name for g in app.registered_groups}
+    assert names == set(COMMANDS)

@@ -21,7 +21,7 @@ from gradsift.data import load_digits
 from gradsift.models import mlp
 from gradsift.report import ReportError, build_report, write_report
 from gradsift.report import figures
-from gradsift.report.run import privacy_info
+from gradsift.report.run_sections import privacy_info
 from gradsift.report.sift import corrupted_ids, pruning_tables
 from gradsift.scores import DynamicsRecorder
 

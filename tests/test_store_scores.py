@@ -12,7 +12,7 @@ import gradsift as gs
 from gradsift.data import load_digits
 from gradsift.models import mlp
 from gradsift.scores import forgetting_events, learning_time
-from gradsift.store import RunDir
+from gradsift.rundir import RunDir
 
 
 def test_write_scores_merges_and_open_run_queries(tmp_path):
@@ -40,7 +40,7 @@ def test_write_scores_merges_and_open_run_queries(tmp_path):
 
 WRITER = textwrap.dedent("""
     import sys, numpy as np, pandas as pd
-    from gradsift.store import RunDir
+    from gradsift.rundir import RunDir
     run = RunDir(sys.argv[1])
     n = 200_000
     for k in range(1, 10_000):

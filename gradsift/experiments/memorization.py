@@ -21,7 +21,7 @@ from ..models import mlp
 from ..plotting import plot_memorization
 from ..progress import progress_bar
 from ..recorders import CoherenceRecorder
-from ..store import write_json
+from ..rundir import write_json
 from ..train import fit
 
 

@@ -18,10 +18,10 @@ import os
 from pathlib import Path
 
 from ..errors import GradsiftError
-from ..store import atomic_path
+from ..rundir import atomic_path, is_run_dir
 from .experiment import experiment_sections, is_experiment_dir
 from .html import page
-from .run import is_run_dir, run_sections
+from .run_sections import run_sections
 from .sift import issues_section
 
 __all__ = ["build_report", "write_report", "ReportError"]

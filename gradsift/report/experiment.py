@@ -10,8 +10,9 @@ from typing import Any, Mapping
 import pandas as pd
 
 from ..plotting import memorization_figure
-from .html import Section, esc, figure, kv_table, slug, table
-from .run import _flatten, is_run_dir, run_sections
+from ..rundir import is_run_dir
+from .html import Section, esc, figure, flatten, kv_table, slug, table
+from .run_sections import run_sections
 from .sift import corrupted_ids, issues_section, pruning_section, read_json, read_scores, scores_section
 
 
@@ -36,7 +37,7 @@ def config_section(summary: Mapping[str, Any]) -> Section | None:
     config = summary.get("config")
     if not config:
         return None
-    return Section("config", "Configuration", kv_table(_flatten(config), table_id="config-table"))
+    return Section("config", "Configuration", kv_table(flatten(config), table_id="config-table"))
 
 
 def findings_section(summary: Mapping[str, Any]) -> Section | None:

@@ -11,6 +11,7 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
+from ..rundir import RunDir
 from . import figures
 from .html import Section, esc, figure, fmt, table
 
@@ -18,44 +19,18 @@ from .html import Section, esc, figure, fmt, table
 NOT_SCORES = {"example_id", "epoch", "step", "position", "label", "given_label", "suggested_label",
               "y", "target", "clean_label", "seed", "index"}
 FLAG_COLUMNS = ("corrupted", "is_noisy", "noisy", "is_corrupted")
-RUN_TABLES_NOT_SCORES = {"metrics", "coherence"}
 
 
 # ------------------------------------------------------------------ score histograms
 
 def read_scores(run: Path) -> pd.DataFrame | None:
-    """Per-example scores of a run directory, one row per example (``example_id`` index).
-
-    Uses :func:`gradsift.open_run` (``RUN/scores.parquet``) when this gradsift has it;
-    otherwise joins every Parquet table of the run directory that has an ``example_id``
-    column (last row per example).
-    """
-    try:
-        from .. import open_run  # type: ignore[attr-defined]
-    except ImportError:
-        open_run = None
-    if open_run is not None:
-        if not (run / "scores.parquet").exists():
-            return None
-        scores = open_run(run).scores()
-        return scores if len(scores) else None
-    frames = []
-    for path in sorted(run.glob("*.parquet")):
-        if path.stem in RUN_TABLES_NOT_SCORES:
-            continue
-        df = pd.read_parquet(path)
-        if "example_id" not in df:
-            continue
-        if "epoch" in df:
-            df = df.sort_values("epoch")
-        df = df.groupby("example_id").last()
-        frames.append(df.drop(columns=[c for c in ("epoch", "step") if c in df]))
-    if not frames:
+    """Per-example scores of a run directory (``RUN/scores.parquet``), one row per example
+    (``example_id`` index); ``None`` when it has none."""
+    rd = RunDir(run)
+    if not rd.has_table("scores"):
         return None
-    out = frames[0]
-    for df in frames[1:]:
-        out = out.join(df[[c for c in df.columns if c not in out.columns]], how="outer")
-    return out
+    scores = rd.scores()
+    return scores if len(scores) else None
 
 
 def score_columns(scores: pd.DataFrame) -> list[str]:

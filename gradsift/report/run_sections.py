@@ -10,27 +10,13 @@ from typing import Any, Mapping
 import pandas as pd
 
 from . import figures
-from .html import Section, esc, figure, kv_table, table
-from .sift import corrupted_ids, issues_section, read_json, read_scores, scores_section
+from ..rundir import RunDir
+from .html import Section, esc, figure, flatten, kv_table, table
+from .sift import corrupted_ids, issues_section, read_scores, scores_section
 
 # Names under which a DP run may record its privacy parameters (manifest, or its config).
 PRIVACY_KEYS = ("epsilon", "target_epsilon", "delta", "sigma", "noise_multiplier", "clip_norm",
                 "max_grad_norm", "sampling_rate", "sample_rate", "steps", "accountant")
-
-
-def is_run_dir(path: Path) -> bool:
-    """A run directory has a manifest or a metrics table."""
-    return (path / "manifest.json").exists() or (path / "metrics.parquet").exists()
-
-
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, Mapping) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def config_section(manifest: Mapping[str, Any], prefix: str = "") -> Section | None:
@@ -40,9 +26,9 @@ def config_section(manifest: Mapping[str, Any], prefix: str = "") -> Section | N
     facts = {k: v for k, v in manifest.items() if k not in ("config", "versions", "privacy", "dp")}
     parts = []
     if manifest.get("config"):
-        parts.append("<div><h3>Settings</h3>" + kv_table(_flatten(manifest["config"]), table_id=f"{prefix}config-table") + "</div>")
+        parts.append("<div><h3>Settings</h3>" + kv_table(flatten(manifest["config"]), table_id=f"{prefix}config-table") + "</div>")
     if facts:
-        parts.append("<div><h3>Run</h3>" + kv_table(_flatten(facts), table_id=f"{prefix}run-facts") + "</div>")
+        parts.append("<div><h3>Run</h3>" + kv_table(flatten(facts), table_id=f"{prefix}run-facts") + "</div>")
     if manifest.get("versions"):
         parts.append("<div><h3>Versions</h3>" + kv_table(manifest["versions"]) + "</div>")
     return Section(f"{prefix}config", "Configuration", f'<div class="columns">{"".join(parts)}</div>')
@@ -140,15 +126,12 @@ def privacy_section(manifest: Mapping[str, Any], metrics: pd.DataFrame | None, p
     return Section(f"{prefix}privacy", "Privacy spent", body)
 
 
-def _read_parquet(path: Path) -> pd.DataFrame | None:
-    return pd.read_parquet(path) if path.exists() else None
-
-
 def run_sections(run: Path, prefix: str = "", *, top_issues: int = 12) -> list[Section]:
     """All sections of the run directory ``run`` that have data."""
-    manifest = read_json(run / "manifest.json") or {}
-    metrics = _read_parquet(run / "metrics.parquet")
-    coh = _read_parquet(run / "coherence.parquet")
+    rd = RunDir(run)
+    manifest = rd.read_manifest()
+    metrics = rd.read_table("metrics") if rd.has_table("metrics") else None
+    coh = rd.read_table("coherence") if rd.has_table("coherence") else None
     config = manifest.get("config") or {}
     issues = None
     if (run / "issues.csv").exists():

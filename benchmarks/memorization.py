@@ -1,0 +1,122 @@
+"""Section 5: the main job, ``gradsift memorization`` with its defaults, against the
+original main (commit 0dd17d4) run side by side.
+
+    python -m benchmarks.memorization [--baseline /work/wt/baseline] [--repeats 1]
+
+The baseline is a checkout of the original main made with ``git worktree add
+/work/wt/baseline 0dd17d4``. Both runs are the same command, ``python -m gradsift
+memorization --out DIR -q``, in a fresh subprocess whose ``PYTHONPATH`` points at its own
+checkout (torch's default threads); they alternate when repeated. Wall time ratio target
+(issue 14, target 6): at most 0.4x the baseline. The results table (per run: train and test
+accuracy and the m-coherence at init, epoch 2 and the end) must be unchanged up to float
+noise: accuracies within 0.01 (4 of 400 training examples) and m-coherence within 2%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from . import common as C
+
+BASELINE_COMMIT = "0dd17d4"
+DEFAULT_BASELINE = "/work/wt/baseline"
+ACC_TOL = 0.01
+COH_REL_TOL = 0.02
+
+
+def run_job(root: str, out: Path) -> float:
+    """Wall seconds of ``gradsift memorization`` (defaults) run from checkout ``root``."""
+    env = dict(os.environ, PYTHONPATH=root)
+    env.pop("GRADSIFT_BENCH_THREADS", None)
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "gradsift", "memorization", "--out", str(out), "-q"], cwd=root, env=env,
+                   check=True, capture_output=True, text=True)
+    return time.perf_counter() - start
+
+
+def results(out: Path) -> dict[tuple[str, str], dict]:
+    runs = json.loads((out / "summary.json").read_text())["runs"]
+    rows = {}
+    for r in runs:
+        c = r["coherence"]
+        rows[r["labels"], r["aggregator_spec"]] = {
+            "train acc": r["train_acc"], "test acc": r["test_acc"],
+            "m-coh init": c[0], "m-coh ep 2": c[min(1, len(c) - 1)], "m-coh end": c[-1],
+        }
+    return rows
+
+
+def run(s: C.Settings, baseline: str = DEFAULT_BASELINE, repeats: int = 1) -> C.Section:
+    sec = C.Section()
+    if not (Path(baseline) / "gradsift").is_dir():
+        sec.targets.append(C.Target("14", "memorization wall time / original main", float("nan"), "<=", 0.4, None,
+                                    f"no baseline checkout at {baseline}: git worktree add {baseline} {BASELINE_COMMIT}"))
+        return sec
+    times: dict[str, list[float]] = {"current": [], "original 0dd17d4": []}
+    outs: dict[str, Path] = {}
+    roots = {"current": C.ROOT, "original 0dd17d4": str(Path(baseline).resolve())}
+    with tempfile.TemporaryDirectory(prefix="gradsift-bench-mem-") as tmp:
+        errors: dict[str, str] = {}
+        for r in range(repeats):
+            for name, root in roots.items():
+                out = Path(tmp) / f"{name.split()[0]}-{r}"
+                try:
+                    times[name].append(run_job(root, out))
+                    outs[name] = out
+                except subprocess.CalledProcessError as e:
+                    errors[name] = (e.stderr or "").strip().splitlines()[-1:][0] if e.stderr else str(e)
+        if errors:
+            for name, err in errors.items():
+                sec.targets.append(C.Target("14", f"memorization: {name} run", float("nan"), "<=", 0.4, None, err[:200]))
+            return sec
+        res = {name: results(out) for name, out in outs.items()}
+    t_cur, t_base = min(times["current"]), min(times["original 0dd17d4"])
+    tab = C.Table(f"5. gradsift memorization (defaults), wall seconds (best of {repeats}, torch default threads)",
+                  ["checkout", "wall s", "x original"])
+    tab.rows += [["original 0dd17d4", t_base, 1.0], ["current", t_cur, t_cur / t_base]]
+    cols = ["train acc", "test acc", "m-coh init", "m-coh ep 2", "m-coh end"]
+    res_tab = C.Table("5. memorization results table, current vs original (current / original)",
+                      ["labels", "aggregator", *cols])
+    worst_acc, worst_coh = 0.0, 0.0
+    keys = sorted(set(res["current"]) | set(res["original 0dd17d4"]))
+    missing = [k for k in keys if k not in res["current"] or k not in res["original 0dd17d4"]]
+    for k in keys:
+        a, b = res["current"].get(k), res["original 0dd17d4"].get(k)
+        if a is None or b is None:
+            res_tab.rows.append([*k, *(["missing"] * len(cols))])
+            continue
+        res_tab.rows.append([*k, *(f"{a[c]:.3f} / {b[c]:.3f}" for c in cols)])
+        worst_acc = max(worst_acc, abs(a["train acc"] - b["train acc"]), abs(a["test acc"] - b["test acc"]))
+        for c in cols[2:]:
+            worst_coh = max(worst_coh, abs(a[c] - b[c]) / max(abs(b[c]), 1e-12))
+    sec.tables += [tab, res_tab]
+    sec.targets.append(C.Target("14", "memorization wall time / original main", t_cur / t_base, "<=", 0.4, None,
+                                f"{t_cur:.0f} vs {t_base:.0f} s"))
+    same = float("nan") if missing else max(worst_acc / ACC_TOL, worst_coh / COH_REL_TOL)
+    sec.targets.append(C.Target("14", "memorization results table unchanged (worst diff / tolerance)", same, "<=", 1.0,
+                                None, f"max |d acc| {worst_acc:.4f} (tol {ACC_TOL}), max rel d m-coh {worst_coh:.4f} "
+                                      f"(tol {COH_REL_TOL})" + (f"; missing rows {missing}" if missing else "")))
+    return sec
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--baseline", default=DEFAULT_BASELINE)
+    ap.add_argument("--repeats", type=int, default=1)
+    a = ap.parse_args(argv)
+    sec = run(C.Settings.make(False), a.baseline, a.repeats)
+    for t in sec.tables:
+        print(t.render(), end="\n\n")
+    for t in sec.targets:
+        print(t.render())
+
+
+if __name__ == "__main__":
+    main()
