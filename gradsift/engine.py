@@ -259,7 +259,7 @@ def _vmap_per_example(
     frozen.update({n: b for n, b in model.named_buffers()})
     if batch == 0:
         empty = {n: p.new_zeros((0, *p.shape)) for n, p in params.items()}
-        return PerExample(targets.new_zeros((0,), dtype=torch.get_default_dtype()), empty, None)
+        return PerExample(targets.new_zeros((0,), dtype=torch.get_default_dtype()), empty, targets.new_zeros((0,), dtype=torch.get_default_dtype()))
     if chunk_size is None:
         chunk_size = auto_chunk_size(model, batch)
     if chunk_size < 1:
