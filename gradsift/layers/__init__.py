@@ -18,6 +18,8 @@ file                   layers
                        groups, every padding mode)
 ``embedding.py``       Embedding (``padding_idx``, ``scale_grad_by_freq``, ``max_norm``)
 ``norms.py``           LayerNorm, RMSNorm, GroupNorm
+``rnn.py``             RNN, GRU, LSTM (layers, directions, ``batch_first``; by the cell
+                       decomposition)
 =====================  ===================================================================
 
 A model is *hookable* when every trainable parameter belongs directly to a layer with a
@@ -62,7 +64,7 @@ Register a :class:`LayerRule` for its type; only :meth:`LayerRule.grads` is requ
 
 from __future__ import annotations
 
-from . import conv, embedding, linear, norms  # noqa: F401  (register the built-in rules)
+from . import conv, embedding, linear, norms, rnn  # noqa: F401  (register the built-in rules)
 from .base import RULES, Capture, Grads, LayerRule, own_trainable, register_layer_rule, rule_for
 from .linear import BLOCK_ELEMENTS, MatmulRule
 from .model import (

@@ -41,6 +41,8 @@ class Capture:
         args: per call, all positional inputs (detached; the first is ``inputs[k]``).
         kwargs: per call, the keyword inputs (detached).
         outputs: per call, the output during recording (emptied after the backward pass).
+        extra_grads: per call, the gradients of a multi-output layer's other outputs
+            (:attr:`LayerRule.multi_output`; e.g. an LSTM's ``h_n``, ``c_n``), batch first.
     """
 
     module: nn.Module
@@ -49,6 +51,8 @@ class Capture:
     grad_outputs: list[Tensor] = field(default_factory=list)
     args: list[tuple[Any, ...]] = field(default_factory=list)
     kwargs: list[dict[str, Any]] = field(default_factory=list)
+    extra_grads: list[tuple[Tensor, ...]] = field(default_factory=list)
+    extra_outputs: list[tuple[Tensor, ...]] = field(default_factory=list)
 
     @property
     def batch_size(self) -> int:
@@ -70,10 +74,21 @@ class LayerRule:
             that the batch may sit on any axis before its feature axes (Linear,
             Embedding, LayerNorm); else the batch must be axis 0 (Conv, GroupNorm).
         feature_axes: trailing input axes the layer acts on when ``batch_axis_free``.
+        multi_output: the layer returns several tensors (RNNs); the rule then gives
+            :meth:`output_tensors` and :meth:`output_tags`.
     """
 
     batch_axis_free: ClassVar[bool] = False
     feature_axes: ClassVar[int] = 1
+    multi_output: ClassVar[bool] = False
+
+    def output_tensors(self, output: Any) -> list[Tensor]:
+        """A multi-output layer's output tensors (the first is the main one)."""
+        return [output]
+
+    def output_tags(self, module: nn.Module, in_tag: Any, outputs: list[Tensor]) -> list[Any] | str:
+        """A multi-output layer's output batch tags ``(axis, 1)``, by construction, or why not."""
+        raise NotImplementedError
 
     def supports(self, module: nn.Module) -> bool:
         """Whether this rule handles this instance (e.g. an option it does not cover)."""

@@ -84,6 +84,7 @@ def record(
     trace.tag_inputs(targets)
     captures = {name: Capture(m) for name, m in layers.items()}
     out_tags: dict[str, list[Tag]] = {name: [] for name in layers}
+    extra_tags: dict[str, list[tuple[Tag, ...]]] = {name: [] for name in layers}
     problems: dict[str, str] = {}
     versions: list[tuple[Tensor, int]] = []
 
@@ -96,6 +97,8 @@ def record(
         def hook(module, args, kwargs, output):
             trace.depth -= 1
             a = args[0] if args else next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
+            if rule.multi_output:
+                return multi_hook(name, module, a, args, kwargs, output)
             if not isinstance(a, Tensor) or not isinstance(output, Tensor):
                 problems.setdefault(name, "its input or output is not a single tensor")
                 return None
@@ -140,6 +143,31 @@ def record(
 
         return hook
 
+    def multi_hook(name, module, a, args, kwargs, output):
+        rule = rule_for(module)
+        ta = trace.tag(a) if isinstance(a, Tensor) else None
+        outs = rule.output_tensors(output)
+        tags = rule.output_tags(module, ta, outs) if ta not in (None, UNKNOWN) else \
+            "its input is not a tensor with a traced batch axis"
+        if isinstance(tags, str):
+            problems.setdefault(name, tags)
+            for o in outs:
+                trace.set(o, UNKNOWN)
+            return None
+        for o, tag in zip(outs, tags):
+            trace.set(o, tag)
+        cap = captures[name]
+        cap.inputs.append(to_batch_first(a, ta, batch).detach())
+        cap.args.append(_detach(tuple(args)))  # as passed: the rule knows their layouts
+        cap.kwargs.append(_detach(dict(kwargs)))
+        cap.outputs.append(outs[0])
+        cap.extra_outputs.append(tuple(outs[1:]))
+        out_tags[name].append(tags[0])
+        extra_tags[name].append(tuple(tags[1:]))
+        for o in outs:
+            versions.append((o, o._version))
+        return None
+
     handles = []
     try:
         for name, m in layers.items():
@@ -172,6 +200,9 @@ def record(
             "the batch axis of the losses could not be traced back to the inputs (an operation "
             f"mixes the examples, or is one the batch trace cannot follow){lost}"
         )
+    multi = any(rule_for(m).multi_output for m in layers.values())
+    if any(t._version != v for t, v in versions) and (clone_outputs or multi):
+        raise NotHookable("a multi-output layer's output is modified in place")
     if not clone_outputs and any(t._version != v for t, v in versions):
         # A layer output was changed in place; its gradient must be taken before that.
         return record(model, loss_fn, inputs, targets, layers, clone_outputs=True)
@@ -181,11 +212,26 @@ def record(
         for out, tag in zip(cap.outputs, out_tags[name])
         if out.requires_grad
     ]
-    if flat:
-        grads = torch.autograd.grad(losses.sum(), [o for _, o, _ in flat], allow_unused=True)
-        for (cap, out, tag), g in zip(flat, grads):
+    extra = [
+        (cap, outs, tags)
+        for name, cap in captures.items()
+        for main, outs, tags in zip(cap.outputs, cap.extra_outputs, extra_tags[name])
+        if main.requires_grad
+    ]
+    wanted = [o for _, o, _ in flat] + [o for _, outs, _ in extra for o in outs if o.requires_grad]
+    if wanted:
+        grads = torch.autograd.grad(losses.sum(), wanted, allow_unused=True)
+        by_id = {id(o): g for o, g in zip(wanted, grads)}
+        for cap, out, tag in flat:
+            g = by_id[id(out)]
             g = torch.zeros_like(out) if g is None else g.detach()
             cap.grad_outputs.append(to_batch_first(g, tag, batch))
+        for cap, outs, tags in extra:
+            gs = [by_id.get(id(o)) for o in outs]
+            cap.extra_grads.append(tuple(
+                to_batch_first(torch.zeros_like(o) if g is None else g.detach(), tag, batch)
+                for o, g, tag in zip(outs, gs, tags)
+            ))
     for cap in captures.values():
         # Calls whose output needed no gradient contribute nothing.
         keep = [o.requires_grad for o in cap.outputs]
@@ -193,6 +239,7 @@ def record(
         cap.args = [a for a, k in zip(cap.args, keep) if k]
         cap.kwargs = [a for a, k in zip(cap.kwargs, keep) if k]
         cap.outputs = []
+        cap.extra_outputs = []
     return Recording(losses.detach(), _detach(outputs), captures)
 
 
