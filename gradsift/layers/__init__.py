@@ -16,8 +16,9 @@ file                   layers
 ``linear.py``          Linear (on ``[B, ..., in]``), GPT-2's transposed ``Conv1D``
 ``conv.py``            Conv1d, Conv2d, Conv3d (stride, padding incl. ``'same'``, dilation,
                        groups, every padding mode)
-``embedding.py``       Embedding (``padding_idx``, ``scale_grad_by_freq``, ``max_norm``)
-``norms.py``           LayerNorm, RMSNorm, GroupNorm
+``embedding.py``       Embedding (``padding_idx``, ``scale_grad_by_freq``, ``max_norm``),
+                       EmbeddingBag (``[B, L]`` bags; every mode)
+``norms.py``           LayerNorm, RMSNorm, GroupNorm, InstanceNorm (affine)
 ``rnn.py``             RNN, GRU, LSTM (layers, directions, ``batch_first``; by the cell
                        decomposition)
 =====================  ===================================================================

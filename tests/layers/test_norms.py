@@ -54,3 +54,18 @@ def test_group_norm_t_equal_b():
     # batch on axis 2: refused by the rule, computed by torch.func, still exact
     assert check_path(ChannelSwap(), x) == "vmap"
     check_per_example(ChannelSwap(), x, methods=("auto", "vmap"))
+
+
+@pytest.mark.parametrize("nd", [1, 2, 3])
+def test_instance_norm(nd):
+    cls = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}[nd]
+    layer = cls(3, affine=True)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_()
+    x = torch.randn(3, 3, *([3] * nd))
+    check_per_example(layer, x)
+    tracked = cls(3, affine=True, track_running_stats=True)
+    tracked(torch.randn(8, 3, *([3] * nd)))
+    tracked.eval()
+    check_per_example(tracked, x)
