@@ -30,7 +30,7 @@ from .data import Dataset
 from .engine import aggregated_gradient, batch_gradient, check_per_example_safe, per_example, trainable_parameters
 from .optim import optimizer_from_spec, scheduler_from_spec
 from .specs import aggregator_from_spec
-from .rundir import RunDir
+from .rundir import RunDir, fingerprint
 
 Sampler = Callable[[int, int], Iterable[Tensor]]
 
@@ -322,11 +322,28 @@ class Trainer:
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
         })
 
-    def resume(self) -> bool:
-        """Load the run directory's checkpoint, if any; training continues after its epoch."""
+    def run_config(self) -> dict:
+        """What determines the results (data, model, aggregator, optimizer, seed, batch size,
+        ...): recorded in the manifest, and checked by ``resume`` (see :meth:`RunDir.start`)."""
+        return {
+            **self.config, "aggregator": self.aggregator.name, "epochs": self.epochs,
+            "batch_size": self.batch_size, "seed": self.seed,
+            "optimizer": repr(self.optimizer.__class__.__name__),
+            "optimizer_defaults": _plain(self.optimizer.defaults),
+            "lr_schedule": None if self.scheduler is None else type(self.scheduler).__name__,
+            "data": fingerprint(self.train_data, self.test_data),
+            "model": fingerprint(*(f"{n}:{tuple(t.shape)}" for n, t in self.model.state_dict().items())),
+            "recorders": [type(r).__name__ for r in self.recorders],
+            "privacy": None if self.privacy_plan is None else repr(self.privacy_plan),
+        }
+
+    def start_run(self, *, resume: bool = False, overwrite: bool = False) -> bool:
+        """Begin writing the run directory (its lock, the checks of :meth:`RunDir.start`,
+        the manifest); with ``resume``, load its checkpoint. Returns whether it resumed."""
         if self.run is None:
             return False
-        ckpt = self.run.load_checkpoint()
+        ckpt = self.run.start(self.run_config(), resume=resume, overwrite=overwrite,
+                              seed=self.seed, n_train=len(self.train_data))
         if ckpt is None:
             return False
         self.load_state(ckpt)
@@ -346,17 +363,16 @@ class Trainer:
         for r, s in zip(self.recorders, ckpt["recorders"]):
             r.load_state_dict(s)
 
-    def fit(self, *, resume: bool = False) -> FitResult:
+    def fit(self, *, resume: bool = False, overwrite: bool = False) -> FitResult:
         torch.manual_seed(self.seed)
-        resumed = self.resume() if resume else False
-        if self.run is not None:
-            self.run.write_manifest(
-                {**self.config, "aggregator": self.aggregator.name, "epochs": self.epochs,
-                 "batch_size": self.batch_size, "optimizer": repr(self.optimizer.__class__.__name__),
-                 "optimizer_defaults": _plain(self.optimizer.defaults),
-                 "lr_schedule": None if self.scheduler is None else type(self.scheduler).__name__},
-                seed=self.seed, status="running", n_train=len(self.train_data),
-            )
+        resumed = self.start_run(resume=resume, overwrite=overwrite)
+        try:
+            return self._fit_epochs(resumed)
+        finally:
+            if self.run is not None:
+                self.run.unlock()
+
+    def _fit_epochs(self, resumed: bool) -> FitResult:
         for r in self.recorders:
             r.on_fit_begin(self)
         from .progress import progress_bar
@@ -410,6 +426,7 @@ def fit(
     test: Dataset | None = None,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     **kwargs: Any,
 ) -> FitResult:
     """Train ``model`` on ``train`` with a per-example view; evaluate on ``test`` each epoch.
@@ -425,7 +442,10 @@ def fit(
         epochs, batch_size, seed: as usual; the run is deterministic under ``seed``.
         recorders: :class:`Recorder` objects (e.g. :class:`~gradsift.recorders.CoherenceRecorder`).
         run_dir: where to write the manifest, ``metrics.parquet`` and checkpoints.
-        resume: continue from ``run_dir``'s last checkpoint if there is one.
+        resume: continue from ``run_dir``'s checkpoint; the run directory must hold one, made
+            with the same config (only ``epochs`` may grow), else :class:`~gradsift.rundir.RunDirError`.
+        overwrite: clear ``run_dir`` first if it holds a run (without it, and without
+            ``resume``, a run directory that is not empty is refused).
         on_nonfinite: ``"raise"`` (default) or ``"drop"`` examples whose gradient is NaN/inf.
         sampler: ``epoch -> iterable of [B] index tensors``; default shuffled batches.
         chunk_size: per-example engine chunk size (``None``: from a memory bound).
@@ -446,4 +466,4 @@ def fit(
     Returns:
         :class:`FitResult` with ``history`` (a DataFrame, one row per epoch).
     """
-    return Trainer(model, train, test, **kwargs).fit(resume=resume)
+    return Trainer(model, train, test, **kwargs).fit(resume=resume, overwrite=overwrite)

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data import Dataset
+from ..rundir import RunDirError
 from ..train import FitResult, StepInfo, Trainer
 from ..train import evaluate as evaluate_model
 from .comm import Comm, DistributedError, TorchComm, gather_rows, init_from_env, shard_bounds
@@ -161,18 +162,36 @@ class DistributedTrainer(Trainer):
             row[f"{prefix}_loss"] = float(s[1]) / total
         return row
 
-    def resume(self) -> bool:
-        ckpt = self.run.load_checkpoint() if (self.rank0 and self.run is not None) else None
-        ckpt = self.comm.broadcast_object(ckpt)
+    def run_config(self) -> dict:
+        """As :meth:`Trainer.run_config`; the exact mode (the one-process update on the
+        global batch) is recorded as no mode, so such a run resumes in one process too."""
+        config = super().run_config()
+        if config.get("dist_mode") == "exact":
+            del config["dist_mode"]
+        return config
+
+    def start_run(self, *, resume: bool = False, overwrite: bool = False) -> bool:
+        """Rank 0 starts the run directory (lock, checks, checkpoint); every rank gets the
+        checkpoint, or the same error."""
+        outcome: tuple = (None, None)
+        if self.rank0 and self.run is not None:
+            try:
+                outcome = (self.run.start(self.run_config(), resume=resume, overwrite=overwrite,
+                                          seed=self.seed, n_train=len(self.train_data)), None)
+            except RunDirError as e:
+                outcome = (None, str(e))
+        ckpt, error = self.comm.broadcast_object(outcome)
+        if error is not None:
+            raise RunDirError(error)
         if ckpt is None:
             return False
         self.load_state(ckpt)
         return True
 
-    def fit(self, *, resume: bool = False) -> FitResult:
+    def fit(self, *, resume: bool = False, overwrite: bool = False) -> FitResult:
         try:
             self._sync_replicas()
-            result = super().fit(resume=resume)
+            result = super().fit(resume=resume, overwrite=overwrite)
         except DistributedError as e:
             where = ""
             if self.run_path is not None:
@@ -198,6 +217,7 @@ def fit_distributed(
     backend: str = "auto",
     timeout_s: float = 300.0,
     resume: bool = False,
+    overwrite: bool = False,
     **kwargs: Any,
 ) -> FitResult:
     """:func:`gradsift.fit` across the ranks of a ``torch.distributed`` job.
@@ -213,7 +233,7 @@ def fit_distributed(
         comm: the process group; ``None`` joins the one torchrun describes
             (:func:`~gradsift.distributed.comm.init_from_env` with ``backend``, ``timeout_s``).
         mode: ``"exact"`` or ``"local"``; see :mod:`gradsift.distributed.reduce`.
-        resume, **kwargs: as :func:`gradsift.fit` (``batch_size`` is the global batch).
+        resume, overwrite, **kwargs: as :func:`gradsift.fit` (``batch_size`` is the global batch).
 
     Returns:
         The :class:`~gradsift.train.FitResult`, equal on every rank.
@@ -223,4 +243,4 @@ def fit_distributed(
             epochs are in the run directory, resume from them).
     """
     comm = comm or init_from_env(backend, timeout_s)
-    return DistributedTrainer(model, train, test, comm=comm, mode=mode, **kwargs).fit(resume=resume)
+    return DistributedTrainer(model, train, test, comm=comm, mode=mode, **kwargs).fit(resume=resume, overwrite=overwrite)
