@@ -333,7 +333,6 @@ class Trainer:
             "lr_schedule": None if self.scheduler is None else type(self.scheduler).__name__,
             "data": fingerprint(self.train_data, self.test_data),
             "model": fingerprint(*(f"{n}:{tuple(t.shape)}" for n, t in self.model.state_dict().items())),
-            "recorders": [type(r).__name__ for r in self.recorders],
             "privacy": None if self.privacy_plan is None else repr(self.privacy_plan),
         }
 
