@@ -18,7 +18,8 @@ Not part of the test run. One command measures everything and prints each table 
 target line (with its threshold and MET / MISSED / FAILED):
 
     python -m benchmarks.run_all                  # full mode: 1 and 2 torch threads, the main job too
-    python -m benchmarks.run_all --quick          # a few minutes on 2 cores (no main job, no ensemble)
+    python -m benchmarks.run_all --quick          # a few minutes on 2 cores (no main job, no ensemble,
+                                                  # real models at 1 thread only)
     python -m benchmarks.run_all --sections grads,norms --threads 1
     python -m benchmarks.run_all --quick --write-readme   # measure, then regenerate this file
     python -m benchmarks.run_all --from-json benchmarks/last_run.json --write-readme
@@ -97,7 +98,8 @@ def render(result: dict) -> str:
                       "processes running during the measurement, so absolute times are inflated and noisy; read "
                       "the ratios, which compare interleaved calls, and re-run on a quiet machine for final numbers."]
     if m["mode"] == "quick":
-        parts += ["", "Quick mode: fewer repeats; the main job (section 5) and the ensemble were not run."]
+        parts += ["", "Quick mode: fewer repeats; the real models (section 4) at the first thread count only; "
+                      "the main job (section 5) and the ensemble were not run."]
     parts += ["", f"### Targets ({counts.get('MET', 0)} met, {counts.get('MISSED', 0)} missed, "
                   f"{counts.get('FAILED', 0)} failed / not measured)", "", _md_targets(result["targets"]), "",
               "### Tables", ""]

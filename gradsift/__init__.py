@@ -20,7 +20,7 @@ from .engine import (
 )
 from .errors import DataError, GradsiftError, NonFiniteGradientError, SpecError, UnsupportedModelError
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "aggregate", "coherence", "per_example", "per_example_gradients", "per_example_losses",
@@ -30,15 +30,16 @@ __all__ = [
 
 from . import data, distributed, models  # noqa: E402
 from .recorders import CoherenceRecorder  # noqa: E402
+from .sifter import Sifter  # noqa: E402
 from .train import FitResult, Recorder, Trainer, fit  # noqa: E402
 
-__all__ += ["data", "distributed", "models", "CoherenceRecorder", "FitResult", "Recorder", "Trainer", "fit"]
+__all__ += ["data", "distributed", "models", "CoherenceRecorder", "FitResult", "Recorder", "Sifter", "Trainer", "fit"]
 
-from . import scores  # noqa: E402
+from . import backends, ensemble, scores  # noqa: E402
 from .rundir import Run, open_run  # noqa: E402
-from .scores import DynamicsRecorder, TracInRecorder  # noqa: E402
+from .scores import AUMRecorder, DynamicsRecorder, TracInRecorder  # noqa: E402
 
-__all__ += ["scores", "Run", "open_run", "DynamicsRecorder", "TracInRecorder"]
+__all__ += ["backends", "ensemble", "scores", "Run", "open_run", "AUMRecorder", "DynamicsRecorder", "TracInRecorder"]
 
 from . import actions  # noqa: E402
 from .actions import reweight, select  # noqa: E402

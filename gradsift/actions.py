@@ -9,11 +9,10 @@ Scores follow gradsift's convention: higher = harder (more atypical, more suspec
 
 from __future__ import annotations
 
-from typing import Iterator
-
 import numpy as np
 import pandas as pd
-import torch
+
+from .sampling import weighted_sampler  # noqa: F401  (re-exported: gs.actions.weighted_sampler)
 
 KEEP = ("hard", "easy", "random")
 
@@ -94,20 +93,6 @@ def reweight(scores: np.ndarray | pd.Series, *, prefer: str = "hard", strength: 
     if w.sum() <= 0:
         raise ValueError("all weights are zero; raise floor")
     return w / w.mean()
-
-
-def weighted_sampler(weights: np.ndarray, batch_size: int, *, seed: int = 0,
-                     num_samples: int | None = None):
-    """A :func:`gradsift.fit` sampler drawing ``num_samples`` (default ``N``) positions per
-    epoch with replacement, with probability proportional to ``weights``."""
-    w = torch.as_tensor(np.asarray(weights, dtype=np.float64))
-    n = num_samples or len(w)
-
-    def sample(epoch: int) -> Iterator[torch.Tensor]:
-        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        yield from torch.multinomial(w, n, replacement=True, generator=g).split(batch_size)
-
-    return sample
 
 
 def prune_run(run, by: str, keep: float, *, class_balanced: bool = False, prefer: str = "hard",

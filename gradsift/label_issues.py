@@ -7,7 +7,7 @@
     scores = gs.label_issue_scores(noisy.x, noisy.y)     # [N], higher = more likely mislabeled
 
 How: ``folds``-fold cross-validation with a small model (an MLP by default), all folds
-trained at once with ``torch.func`` (:func:`gradsift.scores.members.train_members`).
+trained at once with ``torch.func`` (:func:`gradsift.ensemble.train_members`).
 Every example gets
 
 * out-of-fold signals from the model that never saw it: loss ``-log p_y`` and margin
@@ -24,7 +24,7 @@ so no signal's scale dominates.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -32,9 +32,9 @@ import pandas as pd
 import torch
 from torch import nn
 
+from .ensemble import member_seed, seeded_factory, train_members_tracked
 from .models import mlp
 from .scores.dynamics import learning_time
-from .scores.members import train_members_tracked
 
 METHODS = ("combined", "oof_loss", "oof_margin", "cum_loss", "learning_time")
 
@@ -47,10 +47,14 @@ class LabelIssueSignals:
         pred_probs: ``[N, C]`` out-of-fold predicted probabilities.
         signals: DataFrame with one column per method in :data:`METHODS` (higher = more
             suspect), ``N`` rows in input order.
+        models: the ``folds`` trained fold models (model ``f`` never saw fold ``f``).
+        fold: ``[N]`` the fold of every example.
     """
 
     pred_probs: np.ndarray
     signals: pd.DataFrame
+    models: list = field(default_factory=list)
+    fold: np.ndarray | None = None
 
 
 def _rank01(v: np.ndarray) -> np.ndarray:
@@ -99,7 +103,7 @@ def label_issue_signals(
         raise ValueError(f"folds must be in [2, N={n}], got {folds}")
     model_fn = _model_fn(model, x.shape[1], c, width, seed)
     masks, fold = _fold_masks(n, folds, seed)
-    _, hist = train_members_tracked(model_fn, x, yt, masks, epochs=epochs, batch_size=batch_size, lr=lr,
+    models, hist = train_members_tracked(model_fn, x, yt, masks, epochs=epochs, batch_size=batch_size, lr=lr,
                                     momentum=momentum, weight_decay=weight_decay, seed=seed)
     # hist: [K, T, N, C] eval-mode logits after every epoch
     probs = hist[torch.from_numpy(fold), -1, torch.arange(n)].softmax(-1).numpy()  # out-of-fold, [N, C]
@@ -120,19 +124,16 @@ def label_issue_signals(
         "cum_loss": cum_loss, "learning_time": ltime.astype(float),
     })
     sig.insert(0, "combined", np.mean([_rank01(sig[k].to_numpy()) for k in sig.columns], axis=0))
-    return LabelIssueSignals(pred_probs=probs, signals=sig)
+    return LabelIssueSignals(pred_probs=probs, signals=sig, models=models, fold=fold)
 
 
 def _model_fn(model, in_features: int, num_classes: int, width: int, seed: int) -> Callable[[int], nn.Module]:
     if model is None:
-        def make(k: int) -> nn.Module:
-            torch.manual_seed(seed * 7919 + k)
-            return mlp(in_features, num_classes, width=width, depth=2)
-        return make
+        return seeded_factory(lambda: mlp(in_features, num_classes, width=width, depth=2), seed)
     if isinstance(model, nn.Module):
         def reinit(k: int) -> nn.Module:
             m = copy.deepcopy(model)
-            torch.manual_seed(seed * 7919 + k)
+            torch.manual_seed(member_seed(seed, k))
             for layer in m.modules():
                 if layer is not m and hasattr(layer, "reset_parameters"):
                     layer.reset_parameters()

@@ -51,7 +51,7 @@ from .aggregate import Aggregator, Grads, State
 from .engine import check_per_example_safe
 from .errors import GradsiftError, UnsupportedModelError
 from .sampling import declared_sampling, poisson_batches, steps_per_epoch
-from .train import Recorder
+from .recorders import Recorder
 
 __all__ = [
     "normalized_sum", "gaussian_noise", "require_all_parameters", "dp_sgd", "epsilon",
@@ -356,6 +356,27 @@ class PrivacyPlan:
     accountant: str
     target_epsilon: float | None
     seed: int | None
+
+    #: an empty Poisson batch is still a step of the analysed mechanism (pure noise)
+    step_on_empty = True
+
+    def check(self, model: nn.Module, *, aggregator: Any = "mean", sampler: object = None) -> None:
+        """Refuse what would break the guarantee: an aggregator other than ``mean`` (the
+        plan sets clip + noise), a model that mixes examples or leaks running statistics
+        (:func:`check_private_model`), a sampler that does not Poisson-sample at this
+        plan's rate (:func:`check_sampler`; ``None``: the plan's own sampler is used)."""
+        if not (aggregator in ("mean", None) or getattr(aggregator, "name", None) == "mean"):
+            raise PrivacyConfigError(
+                f"privacy= sets the aggregator (clip + noise); aggregator={aggregator!r} would "
+                "change the sensitivity analysis. Leave aggregator at 'mean'."
+            )
+        check_private_model(model)
+        if sampler is not None:
+            check_sampler(sampler, self.sample_rate)
+
+    def recorder(self) -> "PrivacyRecorder":
+        """The :class:`PrivacyRecorder` that keeps epsilon in the history and manifest."""
+        return PrivacyRecorder(self)
 
     def aggregator(self) -> Aggregator:
         """The :func:`dp_sgd` aggregator of this plan."""

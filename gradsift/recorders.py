@@ -1,6 +1,25 @@
-"""Recorders that observe :func:`gradsift.fit`: coherence of per-example gradients."""
+"""Recorders: what observes training (:class:`Recorder`, :class:`StepInfo`), and the
+coherence recorder.
+
+A recorder is handed the :class:`~gradsift.sifter.Sifter` that drives the step (inside
+:func:`gradsift.fit` or the user's own loop). It may read:
+
+* ``sifter.model``, ``sifter.loss_fn``, ``sifter.step`` (global 0-based step),
+  ``sifter.epoch``, ``sifter.epochs`` (``None`` in an open-ended loop),
+  ``sifter.optimizer`` (``None`` unless given), ``sifter.run`` (the run directory or ``None``),
+  ``sifter.chunk_size``;
+* when the training set is known (always inside ``fit``; ``Sifter(data=...)`` otherwise):
+  ``sifter.ids`` ``[N]`` example ids, ``sifter.y`` ``[N]`` targets, ``sifter.x`` (indexable
+  by a ``[b]`` position tensor, giving a batch of inputs on the model's device) and
+  :meth:`~gradsift.sifter.Sifter.map_examples`.
+
+This module imports neither the trainer nor privacy, so both can import it.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -8,7 +27,66 @@ from torch import Tensor
 
 from .coherence import coherence
 from .engine import per_example
-from .train import Recorder, Trainer
+
+if TYPE_CHECKING:  # annotations only
+    from .sifter import Sifter
+
+__all__ = ["StepInfo", "Recorder", "CoherenceRecorder"]
+
+
+@dataclass
+class StepInfo:
+    """What a recorder sees after each step's gradient.
+
+    Attributes:
+        epoch: 1-based epoch.
+        step: global 0-based step.
+        positions: ``[B]`` positions of the batch in the training set (the example ids
+            when the positions are unknown, e.g. in the user's own loop).
+        example_ids: ``[B]`` stable example ids.
+        inputs: ``[B, ...]`` (or a tuple / dict of such); targets: ``[B]``.
+        losses: ``[B]`` per-example losses before the step.
+        outputs: ``[B, C]`` model outputs before the step.
+        grads: name -> ``[B, *shape]`` per-example gradients, or ``None`` when none were
+            computed this step.
+        lr: learning rate of the first parameter group (``nan`` without an optimizer).
+    """
+
+    epoch: int
+    step: int
+    positions: Tensor
+    example_ids: Tensor
+    inputs: Any
+    targets: Tensor
+    losses: Tensor
+    outputs: Tensor
+    grads: dict[str, Tensor] | None
+    lr: float
+
+
+class Recorder:
+    """Observes training. Subclass and override what you need.
+
+    Set ``needs_per_example_grads = True`` to receive per-example gradients in
+    :meth:`on_step` (this makes every step compute them).
+    """
+
+    needs_per_example_grads: bool = False
+
+    def on_fit_begin(self, trainer: "Sifter") -> None: ...
+
+    def on_epoch_begin(self, trainer: "Sifter", epoch: int) -> dict | None: ...
+
+    def on_step(self, trainer: "Sifter", step: StepInfo) -> None: ...
+
+    def on_epoch_end(self, trainer: "Sifter", epoch: int) -> dict | None: ...
+
+    def on_fit_end(self, trainer: "Sifter") -> None: ...
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 class CoherenceRecorder(Recorder):
@@ -19,6 +97,8 @@ class CoherenceRecorder(Recorder):
     *training* labels (random labels in a random-label run). Metrics added to each epoch
     row: ``m_coherence``, ``alpha``; the run directory gets ``coherence.parquet`` with one
     row per (epoch, layer), layer ``"all"`` for the whole model.
+
+    Needs the training set (``fit`` gives it; in your own loop pass ``Sifter(data=...)``).
 
     Args:
         m: probe size.
@@ -31,15 +111,15 @@ class CoherenceRecorder(Recorder):
             raise ValueError(f"m must be >= 1, got {m}")
         self.m, self.seed, self.per_layer = m, seed, per_layer
         self.rows: list[dict] = []
-        self.probe: tuple[Tensor, Tensor] | None = None
+        self.probe: tuple[Any, Tensor] | None = None
 
-    def on_fit_begin(self, trainer: Trainer) -> None:
-        n = len(trainer.y)
+    def on_fit_begin(self, trainer: "Sifter") -> None:
+        n = trainer.num_examples
         g = torch.Generator().manual_seed(self.seed)
         idx = torch.randperm(n, generator=g)[: min(self.m, n)]
-        self.probe = trainer.x[idx], trainer.y[idx]
+        self.probe = trainer.x[idx], trainer.y[idx].to(trainer.device)
 
-    def measure(self, trainer: Trainer, epoch: int) -> dict:
+    def measure(self, trainer: "Sifter", epoch: int) -> dict:
         assert self.probe is not None
         x, y = self.probe
         grads = per_example(trainer.model, trainer.loss_fn, x, y, chunk_size=trainer.chunk_size).grads
@@ -51,11 +131,11 @@ class CoherenceRecorder(Recorder):
             trainer.run.write_table("coherence", self.table())
         return {"m_coherence": c["m_coherence"], "alpha": c["alpha"]}
 
-    def on_epoch_begin(self, trainer: Trainer, epoch: int) -> dict:
+    def on_epoch_begin(self, trainer: "Sifter", epoch: int) -> dict:
         return self.measure(trainer, epoch)
 
-    def on_fit_end(self, trainer: Trainer) -> None:
-        self.measure(trainer, trainer.epochs + 1)
+    def on_fit_end(self, trainer: "Sifter") -> None:
+        self.measure(trainer, trainer.epoch + 1)
 
     def table(self) -> pd.DataFrame:
         """One row per (epoch, layer): ``epoch, layer, m_coherence, alpha, m``."""

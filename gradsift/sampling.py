@@ -1,5 +1,17 @@
-"""Poisson sampling of batches, as DP-SGD's privacy accounting assumes.
+"""Every batch sampler of gradsift: shuffled, weighted and Poisson.
 
+A *sampler* here is a callable ``epoch -> iterable of [B] int64 position tensors``
+(:data:`Sampler`), deterministic under its seed and the epoch, so a resumed run repeats
+exactly the batches the interrupted one would have drawn:
+
+* :func:`shuffled_batches`: a fresh permutation per epoch cut into batches (the default
+  of :func:`gradsift.fit`).
+* :func:`weighted_sampler`: draws with replacement, proportionally to weights (e.g. from
+  :func:`gradsift.actions.reweight`).
+* :func:`poisson_batches`: Poisson sampling, as DP-SGD's accounting assumes (below).
+
+Poisson sampling
+----------------
 With Poisson sampling every example joins each batch independently with probability
 ``q`` (the *sampling rate*), so batch sizes vary (``Binomial(N, q)``, empty batches
 included) and the expected batch size is ``L = q N``. The privacy accountants of
@@ -20,13 +32,46 @@ Both carry ``sampling = "poisson"`` and ``sample_rate``, which is what
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["poisson_batches", "PoissonBatchSampler", "poisson_mask", "declared_sampling",
-           "steps_per_epoch"]
+__all__ = ["Sampler", "shuffled_batches", "weighted_sampler", "poisson_batches",
+           "PoissonBatchSampler", "poisson_mask", "declared_sampling", "steps_per_epoch"]
+
+#: ``epoch -> iterable of [B] int64 position tensors`` (epochs count from 1).
+Sampler = Callable[[int], Iterable[Tensor]]
+
+
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def shuffled_batches(n: int, batch_size: int, seed: int) -> Sampler:
+    """Each epoch a fresh permutation of ``0..n-1`` (seeded by ``seed`` and the epoch) cut
+    into batches of ``batch_size`` (the last may be smaller)."""
+
+    def sample(epoch: int) -> Iterator[Tensor]:
+        order = torch.randperm(n, generator=_epoch_generator(seed, epoch))
+        yield from order.split(batch_size)
+
+    return sample
+
+
+def weighted_sampler(weights: np.ndarray, batch_size: int, *, seed: int = 0,
+                     num_samples: int | None = None) -> Sampler:
+    """Draw ``num_samples`` (default ``N``) positions per epoch with replacement, with
+    probability proportional to ``weights`` ``[N]``, in batches of ``batch_size``."""
+    w = torch.as_tensor(np.asarray(weights, dtype=np.float64))
+    n = num_samples or len(w)
+
+    def sample(epoch: int) -> Iterator[Tensor]:
+        g = _epoch_generator(seed, epoch)
+        yield from torch.multinomial(w, n, replacement=True, generator=g).split(batch_size)
+
+    return sample
 
 
 def steps_per_epoch(sample_rate: float) -> int:
@@ -62,7 +107,7 @@ class _PoissonBatches:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
 
     def __call__(self, epoch: int) -> Iterator[Tensor]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        g = _epoch_generator(self.seed, epoch)
         for _ in range(self.steps):
             yield torch.nonzero(poisson_mask(self.n, self.sample_rate, g)).flatten()
 

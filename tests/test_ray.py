@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from gradsift.data import load_digits
-from gradsift.distributed.backends import InProcess, RayBackend
+from gradsift.backends import InProcess
+from gradsift.ray_backend import RayBackend
 from gradsift.experiments.pruning_curve import PruningCurveConfig, run_pruning_curve
 from gradsift.scores import memorization_scores, mlp_factory
 

@@ -69,7 +69,8 @@ def many_model_backend(name: str, address: str | None) -> Iterator[tuple]:
     """``(backend, comm)`` for a many-model command: Ray tasks, torchrun ranks (when started
     by torchrun; then ``comm`` is the process group) or this process."""
     from ..distributed import launched_by_torchrun
-    from ..distributed.backends import RankBackend, RayBackend, backend_from_spec
+    from ..backends import RankBackend, backend_from_spec
+    from ..ray_backend import RayBackend
 
     if launched_by_torchrun():
         if name == "ray":

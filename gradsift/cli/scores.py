@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from ..scores import score_names
 from .common import UsageError, many_model_backend, out_console, show_progress, split_list
 from .options import (Backend, ClassBalanced, Dataset, KeepHard, LabelNoise, MemModels, NoiseRate, Overwrite,
                       Quiet, RayAddress, RunDirOption, Seed, Width, noise_rate_for)
@@ -16,7 +17,7 @@ def scores(
     dataset: Dataset = "digits",
     run_dir: RunDirOption = Path("runs/scores"),
     scores: str = typer.Option("el2n,grand,forgetting,memorization",
-                               help="comma list of el2n, grand, memorization, forgetting, loss, cum_loss, learning_time, margin"),
+                               help=f"comma list of {', '.join(score_names())}"),
     label_noise: LabelNoise = "none",
     noise_rate: NoiseRate = None,
     epochs: int = typer.Option(15, min=1, help="training epochs (dynamics, memorization models)"),

@@ -23,12 +23,94 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from ..aggregate import Aggregator
 from ..data import Dataset
+from ..recorders import StepInfo
 from ..rundir import RunDirError
-from ..train import FitResult, StepInfo, Trainer
-from ..train import evaluate as evaluate_model
+from ..sifter import Sifter
+from ..train import FitResult, Trainer, evaluate_batches
 from .comm import Comm, DistributedError, TorchComm, gather_rows, init_from_env, shard_bounds
 from .reduce import GlobalAggregation, Mode
+
+
+#: the identity on batch gradients: with GlobalAggregation.update_batch, the global mean
+_IDENTITY = Aggregator("identity", lambda params: (), lambda grads, state: (grads, state), "batch", "batch")
+
+
+class DistributedSifter(Sifter):
+    """A :class:`~gradsift.sifter.Sifter` whose update is reduced across the ranks of
+    ``comm`` (:class:`~gradsift.distributed.reduce.GlobalAggregation`) and whose recorders
+    see the whole global batch on every rank."""
+
+    exact_locally = False
+
+    def __init__(self, model: nn.Module, *, comm: Comm, mode: Mode = "exact", **kwargs: Any):
+        self.comm = comm
+        super().__init__(model, **kwargs)
+        if self.plugin is not None or self.aggregator.needs:
+            what = "DP-SGD (privacy=)" if self.plugin is not None else (
+                f"aggregator {self.aggregator.name}, which needs per-example {', '.join(self.aggregator.needs)}")
+            raise DistributedError(f"{what} is not supported under torch.distributed yet; train in one process")
+        self.global_aggregation = GlobalAggregation(self.aggregator, comm, mode)
+        self._global_mean = GlobalAggregation(_IDENTITY, comm, "exact")
+        self._out_shape: tuple[int, ...] | None = None
+
+    def aggregate(self, grads: dict[str, Tensor], state: Any, **extras: Tensor) -> tuple[dict[str, Tensor], Any]:
+        return self.global_aggregation.update(grads, state)
+
+    def mean_update(self, batch: dict[str, Tensor], n: int) -> dict[str, Tensor]:
+        return super().mean_update(self._global_mean.update_batch(batch, n, ())[0], n)
+
+    def aggregate_batch(self, batch: dict[str, Tensor], n: int, state: Any, **extras: Tensor) -> tuple[dict[str, Tensor], Any]:
+        return self.global_aggregation.update_batch(batch, n, state)
+
+    def backward(self, inputs: Any, targets: Tensor, **kwargs: Any) -> Tensor:
+        if hasattr(self.comm, "where"):
+            self.comm.where = f"epoch {max(self.epoch, 1)}, step {self.step}"
+        return super().backward(inputs, targets, **kwargs)
+
+    def step_info(self, positions: Tensor, ids: Tensor, inputs: Any, targets: Tensor, losses: Tensor,
+                  outputs: Tensor, grads: dict[str, Tensor] | None) -> StepInfo:
+        sizes = self.comm.all_gather_object(int(len(positions)))
+        if outputs.shape[0] == 0:
+            outputs = outputs.new_zeros((0, *self.output_shape()))
+        g = lambda t: gather_rows(self.comm, t, sizes)  # noqa: E731
+        positions, ids = g(positions.to(self.device)).cpu(), g(ids.to(self.device)).cpu()
+        losses, outputs = g(losses.reshape(-1)), g(outputs)
+        grads = {n: g(v) for n, v in grads.items()} if (grads is not None and self.keep_grads) else None
+        inputs = self.x[positions] if self.data is not None else inputs
+        targets = self.y[positions].to(self.device) if self.data is not None else targets
+        info = super().step_info(positions, ids, inputs, targets, losses, outputs, grads)
+        info.grads = grads
+        return info
+
+    def output_shape(self) -> tuple[int, ...]:
+        if self._out_shape is None:
+            with torch.no_grad():
+                self._out_shape = tuple(self.model(self.x[torch.arange(1)]).shape[1:]) if self.num_examples else ()
+        return self._out_shape
+
+    def map_examples(self, fn: Callable[[Tensor], Any]) -> Any:
+        n, w = self.num_examples, self.comm.world_size
+        bounds = shard_bounds(n, w)
+        sizes = [hi - lo for lo, hi in bounds]
+        lo, hi = bounds[self.comm.rank]
+        dev = self.device
+        out = self.data.map_positions(fn, torch.arange(lo, hi, device=dev)) if hi > lo else None
+        parts = None if out is None else (out if isinstance(out, tuple) else (out,))
+        desc = None if parts is None else (
+            isinstance(out, tuple), [None if p is None else (tuple(p.shape[1:]), p.dtype) for p in parts])
+        described = [d for d in self.comm.all_gather_object(desc) if d is not None]
+        if not described:  # no examples at all
+            return fn(torch.arange(0, device=dev))
+        is_tuple, metas = described[0]
+        parts = parts or [None] * len(metas)
+        gathered = [
+            None if meta is None else gather_rows(
+                self.comm, p if p is not None else torch.zeros((0, *meta[0]), dtype=meta[1], device=dev), sizes)
+            for p, meta in zip(parts, metas)
+        ]
+        return tuple(gathered) if is_tuple else gathered[0]
 
 
 class DistributedTrainer(Trainer):
@@ -39,36 +121,38 @@ class DistributedTrainer(Trainer):
         mode: ``"exact"`` (the single-process result on the global batch) or ``"local"``
             (each rank aggregates its slice, then the results are averaged).
         Everything else as :class:`~gradsift.train.Trainer`; ``batch_size`` is the
-        *global* batch size.
+        *global* batch size. The training set is a :class:`~gradsift.data.Dataset` or a
+        torch ``Dataset`` (every rank holds it whole; not a ``DataLoader``).
     """
 
-    def __init__(self, model: nn.Module, train: Dataset, test: Dataset | None = None, *,
+    def __init__(self, model: nn.Module, train: Any, test: Any = None, *,
                  comm: Comm, mode: Mode = "exact", run_dir: str | Path | None = None,
                  progress: bool | None = None, config: dict | None = None, **kwargs: Any):
-        self.comm = comm
+        self.comm, self.mode = comm, mode
         self.rank0 = comm.rank == 0
-        self.device = getattr(comm, "device", torch.device("cpu"))
-        model.to(self.device)
-        config = {**(config or {}), "world_size": comm.world_size, "dist_mode": mode}
+        model.to(getattr(comm, "device", torch.device("cpu")))
+        # the exact mode gives the one-process update: such a run resumes in one process too
+        config = {**(config or {}), "world_size": comm.world_size, **({"dist_mode": mode} if mode != "exact" else {})}
         super().__init__(model, train, test, run_dir=run_dir if self.rank0 else None,
                          progress=progress if self.rank0 else False, config=config, **kwargs)
+        if self.data.kind == "loader":
+            raise DistributedError("fit_distributed takes a data set, not a DataLoader: every rank draws "
+                                   "the same global batches and computes its shard")
         self.run_path = None if run_dir is None else Path(run_dir)
-        if self.privacy_plan is not None or self.aggregator.needs:
-            what = "DP-SGD (privacy=)" if self.privacy_plan is not None else (
-                f"aggregator {self.aggregator.name}, which needs per-example {', '.join(self.aggregator.needs)}")
-            raise DistributedError(f"{what} is not supported under torch.distributed yet; train in one process")
-        self.global_aggregation = GlobalAggregation(self.aggregator, comm, mode)
-        self.x, self.y = self.x.to(self.device), self.y.to(self.device)
         self._check_same_data(train)
-        with torch.no_grad():
-            self._out_shape = tuple(model(self.x[:1]).shape[1:]) if len(self.y) else ()
+
+    def make_sifter(self, model: nn.Module, **kwargs: Any) -> Sifter:
+        return DistributedSifter(model, comm=self.comm, mode=self.mode, **kwargs)
 
     # ------------------------------------------------------------------ setup checks
-    def _check_same_data(self, train: Dataset) -> None:
+    def _check_same_data(self, train: Any) -> None:
         h = hashlib.sha1()
-        h.update(train.y.tobytes())
-        h.update(train.example_ids.tobytes())
-        mine = (len(train), h.hexdigest()[:16])
+        if isinstance(train, Dataset):
+            h.update(train.y.tobytes())
+            h.update(train.example_ids.tobytes())
+        else:
+            h.update(self.data.ids.numpy().tobytes())
+        mine = (len(self.data), h.hexdigest()[:16])
         every = self.comm.all_gather_object(mine)
         if any(v != every[0] for v in every):
             raise DistributedError(
@@ -99,62 +183,16 @@ class DistributedTrainer(Trainer):
         lo, hi = shard_bounds(len(positions), self.comm.world_size)[self.comm.rank]
         return positions[lo:hi]
 
-    def aggregate(self, grads: dict[str, Tensor], state: Any, **extras: Tensor) -> tuple[dict[str, Tensor], Any]:
-        return self.global_aggregation.update(grads, state)
-
-    def aggregate_batch(self, batch: dict[str, Tensor], n: int, state: Any, **extras: Tensor) -> tuple[dict[str, Tensor], Any]:
-        return self.global_aggregation.update_batch(batch, n, state)
-
-    def train_step(self, positions: Tensor, epoch: int) -> None:
-        if hasattr(self.comm, "where"):
-            self.comm.where = f"epoch {epoch}, step {self.step}"
-        super().train_step(positions, epoch)
-
-    def step_info(self, epoch: int, positions: Tensor, losses: Tensor, outputs: Tensor,
-                  grads: dict[str, Tensor] | None) -> StepInfo:
-        sizes = [hi - lo for lo, hi in shard_bounds(len(positions), self.comm.world_size)]
-        if outputs.shape[0] == 0:
-            outputs = outputs.new_zeros((0, *self._out_shape))
-        losses = gather_rows(self.comm, losses.reshape(-1), sizes)
-        outputs = gather_rows(self.comm, outputs, sizes)
-        if grads is not None and any(r.needs_per_example_grads for r in self.recorders):
-            grads = {n: gather_rows(self.comm, g, sizes) for n, g in grads.items()}
-        else:
-            grads = None
-        return super().step_info(epoch, positions, losses, outputs, grads)
-
-    def map_examples(self, fn: Callable[[Tensor], Any]) -> Any:
-        n, w = len(self.y), self.comm.world_size
-        bounds = shard_bounds(n, w)
-        sizes = [hi - lo for lo, hi in bounds]
-        lo, hi = bounds[self.comm.rank]
-        out = fn(torch.arange(lo, hi, device=self.y.device)) if hi > lo else None
-        parts = None if out is None else (out if isinstance(out, tuple) else (out,))
-        desc = None if parts is None else (
-            isinstance(out, tuple), [None if p is None else (tuple(p.shape[1:]), p.dtype) for p in parts])
-        described = [d for d in self.comm.all_gather_object(desc) if d is not None]
-        if not described:  # no examples at all
-            return fn(torch.arange(0, device=self.y.device))
-        is_tuple, metas = described[0]
-        parts = parts or [None] * len(metas)
-        gathered = [
-            None if meta is None else gather_rows(
-                self.comm, p if p is not None else torch.zeros((0, *meta[0]), dtype=meta[1]), sizes)
-            for p, meta in zip(parts, metas)
-        ]
-        return tuple(gathered) if is_tuple else gathered[0]
-
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         self._check_replicas()
-        splits = {"train": (self.x, self.y)}
-        if self.test_data is not None:
-            xt, yt = self.test_data.tensors()
-            splits["test"] = (xt.to(self.device), yt.to(self.device))
         row: dict[str, float] = {}
-        for prefix, (x, y) in splits.items():
-            lo, hi = shard_bounds(len(y), self.comm.world_size)[self.comm.rank]
-            r = evaluate_model(self.model, self.loss_fn, x[lo:hi], y[lo:hi])
+        for prefix, data in (("train", self.data), ("test", self.test_data)):
+            if data is None:
+                continue
+            lo, hi = shard_bounds(len(data), self.comm.world_size)[self.comm.rank]
+            batches = (data.fetch(torch.arange(s, min(hi, s + 1024)))[2:] for s in range(lo, hi, 1024))
+            r = evaluate_batches(self.model, self.loss_fn, batches, device=self.device)
             n = hi - lo
             s = self.comm.all_reduce_sum(torch.tensor([r["acc"] * n, r["loss"] * n, n], dtype=torch.float64))
             total = max(float(s[2]), 1.0)
@@ -162,22 +200,14 @@ class DistributedTrainer(Trainer):
             row[f"{prefix}_loss"] = float(s[1]) / total
         return row
 
-    def run_config(self) -> dict:
-        """As :meth:`Trainer.run_config`; the exact mode (the one-process update on the
-        global batch) is recorded as no mode, so such a run resumes in one process too."""
-        config = super().run_config()
-        if config.get("dist_mode") == "exact":
-            del config["dist_mode"]
-        return config
-
     def start_run(self, *, resume: bool = False, overwrite: bool = False) -> bool:
         """Rank 0 starts the run directory (lock, checks, checkpoint); every rank gets the
         checkpoint, or the same error."""
         outcome: tuple = (None, None)
         if self.rank0 and self.run is not None:
             try:
-                outcome = (self.run.start(self.run_config(), resume=resume, overwrite=overwrite,
-                                          seed=self.seed, n_train=len(self.train_data)), None)
+                outcome = (self.sifter.start(resume=resume, overwrite=overwrite, seed=self.seed,
+                                             n_train=len(self.data)), None)
             except RunDirError as e:
                 outcome = (None, str(e))
         ckpt, error = self.comm.broadcast_object(outcome)

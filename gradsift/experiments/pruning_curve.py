@@ -1,11 +1,12 @@
 """Pruning curves: test accuracy against the fraction of training data kept, per score.
 
-For each score (``el2n``, ``grand``, ``forgetting``, ``memorization``, ``random``, and any
-of ``loss``, ``cum_loss``, ``learning_time``, ``margin``), the training set is scored once,
-then for each fraction the hardest examples are kept (``prefer="hard"``, as in Data Diet;
-``--keep-easy`` for the other end) and fresh models are trained on the subset with several
-seeds. All models of one fraction have the same subset size, so they train at once with
-``torch.func`` (:func:`gradsift.scores.members.train_members`).
+For each score (any registered score, :data:`gradsift.scores.SCORES`, e.g. ``el2n``,
+``grand``, ``forgetting``, ``memorization``, ``aum``; and ``random``), the training set is
+scored once, then for each fraction the hardest examples are kept (``prefer="hard"``, as in
+Data Diet; ``--keep-easy`` for the other end; "hardest" follows the score's registered
+orientation, so low-margin/low-AUM examples count as hard) and fresh models are trained on
+the subset with several seeds. All models of one fraction have the same subset size, so they train at once with
+``torch.func`` (:func:`gradsift.ensemble.train_members`).
 
 Outputs in ``OUT``:
 
@@ -23,8 +24,7 @@ Outputs in ``OUT``:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from functools import partial
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,85 +34,51 @@ import torch
 from .. import data as data_mod
 from ..actions import select
 from ..errors import GradsiftError
-from ..progress import current, task
-from ..scores import (
-    DynamicsRecorder, data_diet_scores, memorization_scores, mlp_factory, predict_members, train_members,
-)
+from ..ensemble import mlp_factory, predict_members, train_members
+from ..progress import task
 from ..rundir import RunDir, write_json
+from ..scores import ScoreSettings, hardness, score_names
+from ..scores import compute_scores as score_table
 
-DYNAMICS = ("forgetting", "loss", "cum_loss", "learning_time", "margin", "forgetting_events")
-KNOWN = ("el2n", "grand", "memorization", "random") + DYNAMICS
+def known() -> list[str]:
+    """Scores a pruning curve can use: every registered score and ``random``."""
+    return score_names() + ["random"]
 
 
 @dataclass
-class PruningCurveConfig:
-    """Settings (defaults finish in minutes on 2 CPU cores for MNIST-1D)."""
+class PruningCurveConfig(ScoreSettings):
+    """Settings (defaults finish in minutes on 2 CPU cores for MNIST-1D); the scoring
+    settings are those of :class:`gradsift.scores.ScoreSettings`."""
 
     dataset: str = "mnist1d"
     scores: tuple[str, ...] = ("el2n", "grand", "forgetting", "memorization", "random")
     fractions: tuple[float, ...] = (0.3, 0.5, 0.7, 1.0)
     seeds: int = 2
-    width: int = 128
-    epochs: int = 15
-    batch_size: int = 64
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
     prefer: str = "hard"
     class_balanced: bool = False
-    diet_inits: int = 4
-    diet_epochs: int = 2
-    mem_models: int = 16
-    mem_fraction: float = 0.5
     label_noise: str = "none"
     noise_rate: float = 0.0
-    seed: int = 0
 
 
 def compute_scores(config: PruningCurveConfig, train: data_mod.Dataset, progress=None, *,
                    backend=None, comm=None) -> pd.DataFrame:
-    """Score ``train`` with every score in ``config.scores``: DataFrame indexed by example_id
-    (``memorization`` is the ``mem`` column, ``random`` needs none).
+    """Score ``train`` with every score in ``config.scores`` (registered names; ``random``
+    needs none): DataFrame indexed by example_id (see :func:`gradsift.scores.compute_scores`).
 
     ``backend`` trains the many-model scores (Data Diet inits, memorization subsets) in
-    parallel tasks (:mod:`gradsift.distributed.backends`); ``comm`` (under torchrun) trains
-    the training-dynamics run data-parallel. Either way the table equals the in-process one."""
-    unknown = [s for s in config.scores if s not in KNOWN]
+    parallel tasks (:mod:`gradsift.backends`); ``comm`` (under torchrun) trains the
+    recorder scores' run data-parallel. Either way the table equals the in-process one."""
+    unknown = [s for s in config.scores if s not in known()]
     if unknown:
-        raise GradsiftError(f"unknown score(s) {unknown}: use {', '.join(KNOWN)}")
-    frames = [pd.DataFrame({"label": train.y}, index=pd.Index(train.example_ids, name="example_id"))]
-    mf = mlp_factory(train, width=config.width, seed=config.seed + 1000)
-    train_kw = dict(batch_size=config.batch_size, lr=config.lr, momentum=config.momentum)
-    wanted = set(config.scores)
-    if wanted & {"el2n", "grand"}:
-        frames.append(data_diet_scores(train, mf, n_inits=config.diet_inits, epochs=config.diet_epochs,
-                                       seed=config.seed, scores=tuple(s for s in ("el2n", "grand") if s in wanted),
-                                       backend=backend, **train_kw))
-    if wanted & set(DYNAMICS):
-        from ..train import fit
-
-        if comm is not None:
-            from ..distributed import fit_distributed
-
-            fit = partial(fit_distributed, comm=comm)  # noqa: F811
-        rec = DynamicsRecorder()
-        fit(mf(0), train, optimizer=f"sgd:lr={config.lr},momentum={config.momentum},weight_decay={config.weight_decay}",
-            epochs=config.epochs, batch_size=config.batch_size, seed=config.seed, recorders=[rec],
-            progress=current() or False)  # epochs shown in the command's display, if any
-        frames.append(rec.scores().drop(columns=["label"])[[c for c in DYNAMICS if c in wanted]])
-    if "memorization" in wanted:
-        mem = memorization_scores(train, mf, n_models=config.mem_models, fraction=config.mem_fraction,
-                                  epochs=config.epochs, weight_decay=config.weight_decay, seed=config.seed,
-                                  backend=backend, **train_kw)
-        frames.append(mem[["mem", "mem_se"]].rename(columns={"mem": "memorization"}))
-    return pd.concat(frames, axis=1)
+        raise GradsiftError(f"unknown score(s) {unknown}. Known: {', '.join(known())}")
+    return score_table(train, config, [s for s in config.scores if s != "random"], backend=backend, comm=comm)
 
 
 def run_pruning_curve(config: PruningCurveConfig, out_dir: str | Path, *, backend=None) -> dict:
     """Score, prune, retrain, evaluate; write ``summary.json``, ``scores.parquet`` and the
     plot (see the module docstring). Returns the summary.
 
-    ``backend`` (e.g. Ray, :mod:`gradsift.distributed.backends`) trains the scoring models
+    ``backend`` (e.g. Ray, :mod:`gradsift.backends`) trains the scoring models
     and the (score, seed) models of each fraction in parallel tasks; the summary is the
     same as in this process."""
     out = Path(out_dir)
@@ -136,8 +102,7 @@ def run_pruning_curve(config: PruningCurveConfig, out_dir: str | Path, *, backen
                     if name == "all":
                         keep = np.arange(len(train))
                     else:
-                        col = "memorization" if name == "memorization" else name
-                        values = np.zeros(len(train)) if name == "random" else scores[col].to_numpy()
+                        values = np.zeros(len(train)) if name == "random" else hardness(scores, name)
                         keep = select(values, frac, labels=train.y, class_balanced=config.class_balanced,
                                       prefer="random" if name == "random" else config.prefer, seed=config.seed + s)
                     m = torch.zeros(len(train), dtype=torch.bool)

@@ -1,6 +1,11 @@
 """Per-example data scores: every function returns one value per training example, keyed
 by ``example_id``; recorders write them to the run directory during :func:`gradsift.fit`.
 
+Every score registers itself in its own file (:mod:`gradsift.scores.registry`): its name,
+whether it is a recorder or a function, its columns and its orientation.
+``gs.scores.SCORES`` lists them; :func:`compute_scores` computes any of them by name; the
+CLI, pruning curves and reports read the registry.
+
 Scores (higher = harder / more atypical / more suspect, unless noted)
 
 =====================  =====================================================  =========================
@@ -9,6 +14,8 @@ column                 what                                                   wh
 ``loss``               loss at the last presentation                          :class:`DynamicsRecorder`
 ``margin``             ``p_y - max_{k!=y} p_k`` at the last presentation      :class:`DynamicsRecorder`
                        (low = suspect)
+``aum``                area under the logit margin ``z_y - max_{k!=y} z_k``   :class:`AUMRecorder`
+                       over training (Pleiss et al.; low = mislabeled)
 ``cum_loss``           sum of the loss over all presentations                 :class:`DynamicsRecorder`
 ``forgetting_events``  correct -> wrong transitions (Toneva et al.)           :class:`DynamicsRecorder`
 ``forgetting``         events; ``T`` (epochs) if never learned                :class:`DynamicsRecorder`
@@ -42,43 +49,28 @@ All functions are pure (model or model factory + data -> DataFrame indexed by
 
 from __future__ import annotations
 
-from typing import Callable
-
-import torch
-from torch import nn
-
-from ..data import Dataset
-from ..models import mlp
-from .basic import (
-    color_filter_scores, el2n, grand, logits, losses, margin, penultimate_embeddings,
-    prototype_distance,
+from ..ensemble import mlp_factory, predict_members, subset_masks, train_members
+from .registry import (
+    SCORES, Score, ScoreSettings, compute_scores, hardness, register_score, score_for_column, score_names,
 )
+from .basic import (
+    color_filter_scores, el2n, grand, logits, losses, margin, penultimate_embeddings, prototype_distance,
+)
+from .aum import AUMRecorder, area_under_margin, logit_margin
 from .datadiet import data_diet_scores
 from .dynamics import (
     DynamicsRecorder, cumulative_loss, forgetting_events, forgetting_score, learning_time,
 )
 from .influence import TracInRecorder, tracin, tracin_checkpoint
-from .members import predict_members, train_members
-from .memorization import memorization_estimate, memorization_scores, subset_masks
+from .memorization import memorization_estimate, memorization_scores
 from .selection import color_filter, prototype_scores
 
-
-def mlp_factory(data: Dataset, *, width: int = 128, depth: int = 2, seed: int = 0) -> Callable[[int], nn.Module]:
-    """``k -> mlp`` for ``data`` (input size and classes from the data), member ``k``
-    initialized with seed ``seed + k``."""
-    in_features = int(data.x[0].size)
-
-    def make(k: int) -> nn.Module:
-        torch.manual_seed(seed * 7919 + k)
-        return mlp(in_features, data.num_classes, width=width, depth=depth)
-
-    return make
-
-
 __all__ = [
-    "color_filter", "color_filter_scores", "cumulative_loss", "data_diet_scores", "DynamicsRecorder",
-    "el2n", "forgetting_events", "forgetting_score", "grand", "learning_time", "logits", "losses",
+    "area_under_margin", "AUMRecorder", "color_filter", "color_filter_scores", "compute_scores",
+    "cumulative_loss", "data_diet_scores", "DynamicsRecorder", "el2n", "forgetting_events",
+    "forgetting_score", "grand", "hardness", "learning_time", "logit_margin", "logits", "losses",
     "margin", "memorization_estimate", "memorization_scores", "mlp_factory", "penultimate_embeddings",
-    "predict_members", "prototype_distance", "prototype_scores", "subset_masks", "tracin",
+    "predict_members", "prototype_distance", "prototype_scores", "register_score", "Score",
+    "score_for_column", "score_names", "SCORES", "ScoreSettings", "subset_masks", "tracin",
     "tracin_checkpoint", "TracInRecorder", "train_members",
 ]

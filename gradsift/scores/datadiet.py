@@ -14,8 +14,9 @@ import pandas as pd
 import torch
 
 from ..data import Dataset
+from ..ensemble import ModelFn, mlp_factory, predict_members, train_members
 from .basic import el2n, grand
-from .members import ModelFn, predict_members, train_members
+from .registry import ScoreSettings, register_score
 
 
 def data_diet_scores(
@@ -40,7 +41,7 @@ def data_diet_scores(
         n_inits: number of initializations averaged.
         epochs: training epochs before scoring ("early in training"; 0 scores at init).
         scores: which of ``el2n``, ``grand`` to compute (GraNd needs per-example gradients).
-        backend: where to train the models (:mod:`gradsift.distributed.backends`).
+        backend: where to train the models (:mod:`gradsift.backends`).
 
     Returns:
         DataFrame indexed by ``example_id`` with the requested columns (means over inits).
@@ -61,3 +62,18 @@ def data_diet_scores(
     if unknown:
         raise ValueError(f"unknown Data Diet score(s): {sorted(unknown)}")
     return pd.DataFrame(cols, index=pd.Index(data.example_ids, name="example_id"))
+
+
+def data_diet(data: Dataset, settings: ScoreSettings, wanted: tuple[str, ...], backend=None) -> pd.DataFrame:
+    """The registry's function for ``el2n`` and ``grand``: :func:`data_diet_scores` with
+    ``settings`` (``diet_inits`` MLPs trained ``diet_epochs`` epochs)."""
+    mf = mlp_factory(data, width=settings.width, seed=settings.seed + 1000)
+    return data_diet_scores(data, mf, n_inits=settings.diet_inits, epochs=settings.diet_epochs, seed=settings.seed,
+                            scores=wanted, backend=backend, batch_size=settings.batch_size, lr=settings.lr,
+                            momentum=settings.momentum)
+
+
+register_score("el2n", kind="function", make=data_diet,
+               description="||softmax - onehot|| early in training, mean over inits (Data Diet)")
+register_score("grand", kind="function", make=data_diet,
+               description="per-example gradient norm early in training, mean over inits (Data Diet)")

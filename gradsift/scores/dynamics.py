@@ -15,6 +15,7 @@ import torch
 
 from ..train import Recorder, StepInfo, Trainer
 from .basic import margin as _margin
+from .registry import register_score
 
 
 def forgetting_events(correct: np.ndarray) -> np.ndarray:
@@ -128,3 +129,19 @@ class DynamicsRecorder(Recorder):
 
     def load_state_dict(self, state: dict) -> None:
         self.correct, self.losses, self.margins = (list(state[k]) for k in ("correct", "losses", "margins"))
+
+
+def dynamics_recorder(settings=None) -> DynamicsRecorder:
+    """The registry's factory for the training-dynamics scores (one recorder serves all)."""
+    return DynamicsRecorder()
+
+
+for _name, _harder, _what in (
+    ("forgetting", True, "forgetting events; T (epochs) if never learned (Toneva et al.)"),
+    ("loss", True, "loss at the last presentation"),
+    ("cum_loss", True, "sum of the loss over all presentations (memorization proxy)"),
+    ("learning_time", True, "first epoch from which it stays correct (T+1: not learned)"),
+    ("margin", False, "p_y - max_{k!=y} p_k at the last presentation (low = suspect)"),
+    ("forgetting_events", True, "correct -> wrong transitions"),
+):
+    register_score(_name, kind="recorder", make=dynamics_recorder, higher_is_harder=_harder, description=_what)

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ..engine import per_example
 from ..train import Recorder, Trainer
+from .registry import register_score
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -98,6 +99,10 @@ class TracInRecorder(Recorder):
             test_ids if test_ids is not None else np.arange(len(test_x)), dtype=np.int64)
         self.self_influence: Tensor | None = None
         self.influence: Tensor | None = None
+        self.example_ids: np.ndarray | None = None
+
+    def on_fit_begin(self, trainer: Trainer) -> None:
+        self.example_ids = trainer.ids.numpy()
 
     def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
         lr = float(trainer.optimizer.param_groups[0]["lr"])
@@ -113,8 +118,10 @@ class TracInRecorder(Recorder):
             if self.influence is not None:
                 trainer.run.write_table("influence", self.influence_table(trainer.ids.numpy()))
 
-    def scores(self, example_ids: np.ndarray) -> pd.DataFrame:
-        """``self_influence`` (and ``test_influence``) indexed by ``example_id``."""
+    def scores(self, example_ids: np.ndarray | None = None) -> pd.DataFrame:
+        """``self_influence`` (and ``test_influence``) indexed by ``example_id``
+        (default: the ids of the training set seen by :func:`gradsift.fit`)."""
+        example_ids = self.example_ids if example_ids is None else example_ids
         cols = {"self_influence": self.self_influence.numpy()}
         if self.influence is not None:
             cols["test_influence"] = self.influence.sum(1).numpy()
@@ -131,3 +138,12 @@ class TracInRecorder(Recorder):
 
     def load_state_dict(self, state: dict) -> None:
         self.self_influence, self.influence = state["self_influence"], state["influence"]
+
+
+def tracin_recorder(settings=None) -> TracInRecorder:
+    """The registry's factory for ``self_influence`` (no test examples)."""
+    return TracInRecorder()
+
+
+register_score("self_influence", kind="recorder", make=tracin_recorder,
+               description="TracIn sum_t lr_t ||g_t(z_i)||^2 over epoch-end checkpoints")

@@ -13,22 +13,10 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-import torch
 
 from ..data import Dataset
-from .members import ModelFn, predict_members, train_members
-
-
-def subset_masks(n: int, n_models: int, fraction: float, seed: int = 0) -> torch.Tensor:
-    """``[K, N]`` bool: each row holds exactly ``round(fraction * N)`` random examples."""
-    if not 0 < fraction < 1:
-        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
-    size = max(1, int(round(fraction * n)))
-    g = torch.Generator().manual_seed(seed)
-    masks = torch.zeros(n_models, n, dtype=torch.bool)
-    for k in range(n_models):
-        masks[k, torch.randperm(n, generator=g)[:size]] = True
-    return masks
+from ..ensemble import ModelFn, mlp_factory, predict_members, subset_masks, train_members
+from .registry import ScoreSettings, register_score
 
 
 def memorization_estimate(in_mask: np.ndarray, correct: np.ndarray) -> pd.DataFrame:
@@ -71,15 +59,17 @@ def memorization_scores(
     backend=None,
 ) -> pd.DataFrame:
     """Train ``n_models`` models on random ``fraction``-subsets of ``data`` (all at once
-    with ``torch.func`` when the model allows, see :func:`~gradsift.scores.members.train_members`)
+    with ``torch.func`` when the model allows, see :func:`gradsift.ensemble.train_members`)
     and estimate memorization.
 
-    ``backend`` (:mod:`gradsift.distributed.backends`, e.g. Ray) trains the models in
+    ``backend`` (:mod:`gradsift.backends`, e.g. Ray) trains the models in
     parallel tasks; the scores are the same as in this process for the same seeds.
 
     Returns:
         DataFrame indexed by ``example_id``: ``mem, mem_se, p_in, p_out, n_in, n_out``.
     """
+    if not 0 < fraction < 1:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
     x, y = data.tensors()
     masks = subset_masks(len(data), n_models, fraction, seed)
     models = train_members(model_fn, x, y, masks, epochs=epochs, batch_size=batch_size, lr=lr,
@@ -89,3 +79,19 @@ def memorization_scores(
     out = memorization_estimate(masks.numpy(), correct)
     out.index = pd.Index(data.example_ids, name="example_id")
     return out
+
+
+def memorization(data: Dataset, settings: ScoreSettings, wanted: tuple[str, ...], backend=None) -> pd.DataFrame:
+    """The registry's function for ``memorization``: :func:`memorization_scores` with
+    ``settings`` (``mem_models`` MLPs on ``mem_fraction`` subsets, ``epochs`` epochs);
+    columns ``memorization`` (= ``mem``) and ``mem_se``."""
+    mf = mlp_factory(data, width=settings.width, seed=settings.seed + 1000)
+    mem = memorization_scores(data, mf, n_models=settings.mem_models, fraction=settings.mem_fraction,
+                              epochs=settings.epochs, weight_decay=settings.weight_decay, seed=settings.seed,
+                              backend=backend, batch_size=settings.batch_size, lr=settings.lr,
+                              momentum=settings.momentum)
+    return mem[["mem", "mem_se"]].rename(columns={"mem": "memorization"})
+
+
+register_score("memorization", kind="function", make=memorization, columns=("memorization", "mem_se"),
+               description="Feldman-Zhang P[correct | in] - P[correct | out] from subset models")

@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from ..data import Dataset
+from ..ensemble import ModelFn, mlp_factory, train_members, train_model
 from .basic import color_filter_scores, penultimate_embeddings, prototype_distance
-from .members import ModelFn, _train_one, train_members
+from .registry import ScoreSettings, register_score
 
 
 def color_filter(
@@ -40,8 +41,8 @@ def color_filter(
                           epochs=prior_epochs, batch_size=batch_size, lr=lr, momentum=momentum, seed=seed)[0]
     conditioned = copy.deepcopy(prior)
     xt, yt = target.tensors()
-    _train_one(conditioned, 0, xt, yt, torch.ones(len(target), dtype=torch.bool), target_epochs,
-               batch_size, lr, momentum, 0.0, seed + 1, nn.CrossEntropyLoss(reduction="none"))
+    train_model(conditioned, xt, yt, epochs=target_epochs, batch_size=batch_size, lr=lr, momentum=momentum,
+                seed=seed + 1)
     score = color_filter_scores(prior, conditioned, x, y).numpy()
     return pd.DataFrame({"color_filter": score}, index=pd.Index(data.example_ids, name="example_id"))
 
@@ -58,3 +59,18 @@ def prototype_scores(data: Dataset, model: nn.Module, *, clusters_per_class: int
     emb = penultimate_embeddings(model, x)
     d = prototype_distance(emb, data.y, clusters_per_class=clusters_per_class, seed=seed)
     return pd.DataFrame({"prototype_distance": np.asarray(d)}, index=pd.Index(data.example_ids, name="example_id"))
+
+
+def prototypes(data: Dataset, settings: ScoreSettings, wanted: tuple[str, ...], backend=None) -> pd.DataFrame:
+    """The registry's function for ``prototype_distance``: one MLP trained ``epochs``
+    epochs on ``data``, then :func:`prototype_scores` (one centroid per class)."""
+    x, y = data.tensors()
+    model = train_members(mlp_factory(data, width=settings.width, seed=settings.seed + 1000), x, y,
+                          torch.ones(1, len(data), dtype=torch.bool), epochs=settings.epochs,
+                          batch_size=settings.batch_size, lr=settings.lr, momentum=settings.momentum,
+                          weight_decay=settings.weight_decay, seed=settings.seed, backend=backend)[0]
+    return prototype_scores(data, model, seed=settings.seed)
+
+
+register_score("prototype_distance", kind="function", make=prototypes,
+               description="distance to its class centroid in penultimate-layer space (Sorscher et al.)")

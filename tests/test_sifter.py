@@ -1,0 +1,239 @@
+"""gs.Sifter in the user's own loop, and gs.fit on torch Datasets, DataLoaders and dict inputs."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import gradsift as gs
+from gradsift.data import load_digits
+from gradsift.models import mlp
+from gradsift.sampling import shuffled_batches
+
+
+@pytest.fixture(scope="module")
+def digits_small():
+    tr, te = load_digits()
+    return tr.subset(np.arange(200)), te.subset(np.arange(80))
+
+
+def make_model(seed=0, width=16):
+    torch.manual_seed(seed)
+    return mlp(64, 10, width=width)
+
+
+def assert_same_params(a, b, **kw):
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, msg=n, **(kw or dict(atol=1e-6, rtol=1e-5)))
+
+
+LOSS = nn.CrossEntropyLoss(reduction="none")
+
+
+@pytest.mark.parametrize("agg", ["winsorize:c=2", "mean"])
+def test_sifter_loop_equals_fit(digits_small, agg):
+    tr, _ = digits_small
+    fitted = gs.fit(make_model(), tr, aggregator=agg, optimizer="sgd:lr=0.2,momentum=0.9", epochs=2,
+                    batch_size=40, seed=5, progress=False).model
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    x, y = tr.tensors()
+    ids = torch.from_numpy(tr.example_ids)
+    sampler = shuffled_batches(len(tr), 40, 5)
+    with gs.Sifter(model, LOSS, aggregator=agg) as sifter:
+        for epoch in (1, 2):
+            for pos in sampler(epoch):
+                losses = sifter.backward(x[pos], y[pos], ids=ids[pos])
+                assert losses.shape == (len(pos),)
+                opt.step()
+                opt.zero_grad()
+            sifter.end_epoch()
+    assert sifter.step == 10 and [r["epoch"] for r in sifter.history] == [1, 2]
+    assert_same_params(model, fitted)
+
+
+def test_mean_costs_one_plain_backward(monkeypatch, digits_small):
+    tr, _ = digits_small
+    x, y = tr.tensors()
+    import gradsift.sifter as sifter_mod
+
+    def boom(*a, **k):
+        raise AssertionError("per-example gradients computed for plain mean")
+
+    monkeypatch.setattr(sifter_mod, "per_example", boom)
+    monkeypatch.setattr(sifter_mod, "aggregated_gradient", boom)
+    model, ref = make_model(), make_model()
+    for agg in (None, "mean"):
+        s = gs.Sifter(model, LOSS, aggregator=agg)
+        losses = s.backward(x[:30], y[:30])
+        LOSS(ref(x[:30]), y[:30]).mean().backward()
+        for p, q in zip(model.parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad, q.grad)
+        torch.testing.assert_close(losses, LOSS(ref(x[:30]), y[:30]).detach())
+        ref.zero_grad()
+
+
+def test_fit_on_torch_dataset_and_dataloader_equals_gs_dataset(digits_small):
+    tr, te = digits_small
+    kw = dict(aggregator="winsorize:c=2", optimizer="sgd:lr=0.2", epochs=2, batch_size=40, seed=1, progress=False)
+    ref = gs.fit(make_model(), tr, te, **kw)
+    x, y = tr.tensors()
+    xt, yt = te.tensors()
+    tds = gs.fit(make_model(), TensorDataset(x, y), TensorDataset(xt, yt), **kw)
+    assert_same_params(tds.model, ref.model)
+    cols = ["train_acc", "train_loss", "test_acc", "test_loss"]
+    pd.testing.assert_frame_equal(tds.history[cols], ref.history[cols], atol=1e-5, rtol=1e-5)
+    # a DataLoader: its own batches; the same as a Sifter loop over the same loader
+    torch.manual_seed(3)
+    loader = DataLoader(gs.data.indexed(TensorDataset(x, y)), batch_size=40, shuffle=True)
+    res = gs.fit(make_model(), loader, DataLoader(TensorDataset(xt, yt), batch_size=64),
+                 **{k: v for k, v in kw.items() if k != "batch_size"})
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    torch.manual_seed(1)  # fit seeds torch with seed=1 before the first epoch
+    with gs.Sifter(model, LOSS, aggregator="winsorize:c=2") as sifter:
+        for _ in range(2):
+            for ids, xb, yb in loader:
+                sifter.backward(xb, yb, ids=ids)
+                opt.step()
+                opt.zero_grad()
+            sifter.end_epoch()
+    assert_same_params(model, res.model)
+    assert list(res.history.epoch) == [1, 2] and res.history.test_acc.notna().all()
+
+
+class DictData(torch.utils.data.Dataset):
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"pixels": self.x[i], "scale": torch.tensor(2.0)}, int(self.y[i])
+
+
+class DictModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = mlp(64, 10, width=16)
+
+    def forward(self, pixels, scale):
+        return self.net(pixels * scale[:, None] / 2)
+
+
+def test_fit_with_dict_inputs_and_recorders(digits_small, tmp_path):
+    tr, te = digits_small
+    x, y = tr.tensors()
+    res = gs.fit(DictModel(), DictData(x, y), DictData(*te.tensors()), aggregator="mean",
+                 optimizer="sgd:lr=0.2", epochs=2, batch_size=40, progress=False,
+                 recorders=[gs.DynamicsRecorder()], run_dir=tmp_path / "r")
+    ref = gs.fit(make_model(), tr, te, aggregator="mean", optimizer="sgd:lr=0.2", epochs=2, batch_size=40,
+                 progress=False)
+    assert_same_params(res.model.net, ref.model)
+    scores = pd.read_parquet(tmp_path / "r" / "scores.parquet")
+    assert sorted(scores.example_id) == list(range(200))  # ids = positions of the torch Dataset
+
+
+def test_indexed_and_malformed_items(digits_small):
+    tr, _ = digits_small
+    x, y = tr.tensors()
+    ds = gs.data.indexed(TensorDataset(x, y), ids=np.arange(len(y)) + 1000)
+    i, xi, yi = ds[3]
+    assert i == 1003 and torch.equal(xi, x[3]) and int(yi) == int(y[3])
+    with pytest.raises(gs.DataError, match="duplicate example ids"):
+        gs.data.indexed(TensorDataset(x, y), ids=np.zeros(len(y)))
+
+    class Bad(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return x[i]  # not (inputs, target)
+
+    with pytest.raises(gs.DataError, match=r"expected \(inputs, target\) or \(example_id, inputs, target\)"):
+        gs.fit(make_model(), Bad(), epochs=1, batch_size=2, progress=False)
+
+    class DupIds(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return 7, x[i], y[i]
+
+    with pytest.raises(gs.DataError, match="duplicate example ids"):
+        gs.data.examples(DupIds()).ids
+    with pytest.raises(gs.DataError, match="cannot train on a str"):
+        gs.fit(make_model(), "digits")
+
+
+def test_sifter_recorders_with_data_and_run_dir(digits_small, tmp_path):
+    tr, _ = digits_small
+    x, y = tr.tensors()
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = DataLoader(gs.data.indexed(tr), batch_size=50, shuffle=True)
+    with gs.Sifter(model, LOSS, aggregator="m3", data=tr, optimizer=opt, run_dir=tmp_path / "own",
+                   recorders=[gs.DynamicsRecorder(), gs.CoherenceRecorder(m=10)]) as sifter:
+        for _ in range(2):
+            for ids, xb, yb in loader:
+                sifter.backward(xb, yb, ids=ids)  # positions looked up in data
+                opt.step()
+                opt.zero_grad()
+            row = sifter.end_epoch(note=1.0)
+    assert {"m_coherence", "lr", "note", "forgotten"} <= set(row)
+    run = gs.open_run(tmp_path / "own")
+    assert run.manifest["status"] == "finished"
+    assert {"metrics", "scores", "dynamics", "coherence"} <= set(run.tables)
+    assert sorted(run.scores().index) == sorted(tr.example_ids.tolist())
+
+
+def test_sifter_without_data_says_what_it_needs():
+    s = gs.Sifter(make_model(), LOSS, recorders=[gs.CoherenceRecorder(m=4)])
+    with pytest.raises(gs.GradsiftError, match="needs the training set"):
+        s.open()
+
+
+def test_privacy_in_own_loop_checks_the_loader(digits_small):
+    tr, _ = digits_small
+    model = make_model()
+    plan = gs.privacy.DPSGD(noise_multiplier=1.0, delta=1e-3, seed=0).plan(len(tr), batch_size=40, epochs=1)
+    ds = gs.data.indexed(tr)
+    with pytest.raises(gs.privacy.PrivacyConfigError, match="Poisson"):
+        gs.Sifter(model, LOSS, privacy=plan, data=DataLoader(ds, batch_size=40, shuffle=True))
+    sampler = gs.sampling.PoissonBatchSampler(len(tr), plan.sample_rate, generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(ds, batch_sampler=sampler)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gs.Sifter(model, LOSS, privacy=plan, data=loader) as sifter:
+        for ids, xb, yb in loader:
+            sifter.backward(xb, yb, ids=ids)
+            opt.step()
+            opt.zero_grad()
+        row = sifter.end_epoch()
+    assert row["epsilon"] > 0 and sifter.privacy_report["steps"] == len(sampler)
+
+
+def test_bf16_precision_runs(digits_small):
+    tr, te = digits_small
+    res = gs.fit(make_model(), tr, te, epochs=1, batch_size=50, precision="bf16", progress=False)
+    assert np.isfinite(res.history.train_loss.iloc[0])
+    with pytest.raises(gs.GradsiftError, match="precision"):
+        gs.fit(make_model(), tr, precision="fp8")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fit_and_sifter_on_cuda(digits_small):
+    tr, te = digits_small
+    kw = dict(aggregator="winsorize:c=2", optimizer="sgd:lr=0.2", epochs=1, batch_size=40, progress=False)
+    cpu = gs.fit(make_model(), tr, te, **kw)
+    gpu = gs.fit(make_model(), tr, te, device="cuda", recorders=[gs.DynamicsRecorder()], **kw)
+    assert next(gpu.model.parameters()).is_cuda
+    for p, q in zip(cpu.model.parameters(), gpu.model.parameters()):
+        torch.testing.assert_close(p, q.cpu(), atol=1e-4, rtol=1e-3)
+    x, y = TensorDataset(*tr.tensors()).tensors
+    loader = DataLoader(TensorDataset(x, y), batch_size=40)
+    res = gs.fit(make_model(), loader, device="cuda", precision="bf16", **{k: v for k, v in kw.items() if k != "batch_size"})
+    assert np.isfinite(res.history.train_loss.iloc[0])
