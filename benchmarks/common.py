@@ -43,10 +43,17 @@ class Settings:
     budget_s: float = 20.0    # a method whose warm-up call takes longer is timed only repeats // 3 times
     skip_s: float = float("inf")  # ... and one whose warm-up takes longer than this is not timed again
     peaks: bool = True        # measure peak memory (subprocesses; 1-thread pass only)
+    smoke: bool = False       # batch sizes cut to 4, one call each: checks that everything runs
 
     @classmethod
-    def make(cls, quick: bool) -> "Settings":
+    def make(cls, quick: bool, smoke: bool = False) -> "Settings":
+        if smoke:
+            return cls(quick=True, repeats=1, budget_s=0.0, peaks=False, smoke=True)
         return cls(quick=True, repeats=3, budget_s=2.0) if quick else cls()
+
+    def b(self, b: int) -> int:
+        """The batch size to run for a configured ``b`` (4 in smoke mode)."""
+        return min(b, 4) if self.smoke else b
 
 
 def set_threads(n: int | None = None) -> int:
@@ -253,10 +260,14 @@ def ratio(a: Timing, b: Timing) -> float:
     return a.seconds / b.seconds if a.ok and b.ok else float("nan")
 
 
-def method_cell(name: str, t: Timing) -> str:
-    """The method's name, with its error (if it failed) or ``*`` (timed once or twice)."""
+def method_cell(name: str, t: Timing, tab: "Table | None" = None, where: str = "") -> str:
+    """The method's name, marked ``FAILED (n)`` if it raised (its error goes to ``tab``'s
+    notes as ``(n)``) or ``*`` if it was timed once or twice."""
     if t.error:
-        return f"{name}  FAILED: {t.error}"
+        if tab is None:
+            return f"{name}  FAILED: {t.error}"
+        tab.notes.append(f"({len(tab.notes) + 1}) {where + ' ' if where else ''}{name}: {t.error}")
+        return f"{name} FAILED ({len(tab.notes)})"
     return name + (" **" if t.n == 0 else " *" if t.n < 3 else "")
 
 

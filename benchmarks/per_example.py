@@ -140,6 +140,7 @@ def run_grads(threads: int, s: C.Settings) -> C.Section:
         notes=[C.TIMED_FEW, "floor = plain fwd/bwd + per-layer bmm into reused buffers (MLP only)"],
     )
     for name, b in GRAD_CONFIGS:
+        b = s.b(b)
         methods, x, y, p = grad_methods(name, b)
         order = ["plain fwd+bwd"] + (["floor"] if "floor" in methods else []) + ["gradsift", "torch.func"]
         t = C.compare({k: (lambda f=methods[k]: f(x, y)) for k in order}, s)
@@ -148,7 +149,7 @@ def run_grads(threads: int, s: C.Settings) -> C.Section:
             for k in ("plain fwd+bwd", "gradsift"):
                 peaks[k] = C.peak_rss_mb("benchmarks.per_example", "grads", name, str(b), k)
         for k in order:
-            tab.rows.append([name, b, p, C.method_cell(k, t[k]), C.ms(t[k]),
+            tab.rows.append([name, b, p, C.method_cell(k, t[k], tab, f"{name} B={b}"), C.ms(t[k]),
                              C.ratio(t[k], t["floor"]) if "floor" in t else float("nan"),
                              C.ratio(t["torch.func"], t[k]), peaks.get(k, float("nan"))])
         g, tf = t["gradsift"], t["torch.func"]
@@ -175,10 +176,11 @@ def run_norms(threads: int, s: C.Settings) -> C.Section:
     tab = C.Table(f"2. Per-example gradient norms ({threads} thread(s); median of up to {s.repeats}, interleaved)",
                   ["model", "B", "method", "ms", "x plain backward"], notes=[C.TIMED_FEW])
     for name, b in NORM_CONFIGS:
+        b = s.b(b)
         methods, x, y = norm_methods(name, b)
         t = C.compare({k: (lambda f=f: f(x, y)) for k, f in methods.items()}, s)
         for k in methods:
-            tab.rows.append([name, b, C.method_cell(k, t[k]), C.ms(t[k]), C.ratio(t[k], t["plain backward"])])
+            tab.rows.append([name, b, C.method_cell(k, t[k], tab, f"{name} B={b}"), C.ms(t[k]), C.ratio(t[k], t["plain backward"])])
         sec.targets.append(C.Target("14", f"per-example norms {name} B={b}: gradsift / plain backward",
                                     C.ratio(t["gradsift norms"], t["plain backward"]), "<=", 1.5, threads,
                                     f"{C.ms(t['gradsift norms']):.1f} vs {C.ms(t['plain backward']):.1f} ms"))

@@ -36,7 +36,7 @@ from .per_example import make_vmap
 warnings.filterwarnings("ignore")
 
 MODELS = ("resnet18-gn", "bert-tiny", "gpt2-tiny", "lstm")
-B = 32
+BATCH = 32
 
 
 def loop_grads(model, loss_fn):
@@ -167,6 +167,7 @@ def _lazy(make):
 def run(threads: int, s: C.Settings, models: tuple[str, ...] = MODELS) -> C.Section:
     C.set_threads(threads)
     sec = C.Section()
+    B = s.b(BATCH)
     grads_tab = C.Table(
         f"4a. Real models, per-example gradients, B={B} ({threads} thread(s); median of up to {s.repeats}, interleaved)",
         ["model", "P", "method", "ms", "x gradsift"], notes=[C.TIMED_FEW])
@@ -186,7 +187,7 @@ def run(threads: int, s: C.Settings, models: tuple[str, ...] = MODELS) -> C.Sect
         t = C.compare({k: (lambda f=f: f(x, y)) for k, f in grads.items()}, s)
         g = t["gradsift"]
         for k in grads:
-            grads_tab.rows.append([name, p, C.method_cell(k, t[k]), C.ms(t[k]), C.ratio(t[k], g)])
+            grads_tab.rows.append([name, p, C.method_cell(k, t[k], grads_tab, name), C.ms(t[k]), C.ratio(t[k], g)])
         opk = next(k for k in grads if k.startswith("opacus"))
         if name == "lstm":
             sec.targets.append(C.Target("12", "real models: LSTM per-example grads, loop / gradsift", C.ratio(t["loop"], g),
@@ -196,7 +197,7 @@ def run(threads: int, s: C.Settings, models: tuple[str, ...] = MODELS) -> C.Sect
             sec.targets.append(C.Target("12", f"real models: {name} per-example grads, opacus / gradsift", C.ratio(t[opk], g),
                                         ">=", 2, threads, f"{C.ms(t[opk]):.0f} vs {C.ms(g):.0f} ms{why}"))
         if name == "resnet18-gn":
-            sec.targets.append(C.Target("14", "per-example grads RESNET18-GN B=32: torch.func / gradsift",
+            sec.targets.append(C.Target("14", f"per-example grads RESNET18-GN B={B}: torch.func / gradsift",
                                         C.ratio(t["torch.func"], g), ">=", 2, threads,
                                         f"{C.ms(t['torch.func']):.0f} vs {C.ms(g):.0f} ms"))
         paths: dict[str, str] = {}
@@ -210,7 +211,7 @@ def run(threads: int, s: C.Settings, models: tuple[str, ...] = MODELS) -> C.Sect
         }
         t = C.compare({k: (lambda f=f: f(x, y)) for k, f in steps.items()}, s)
         for k in steps:
-            step_tab.rows.append([name, C.method_cell(k, t[k]), paths.get(k, "-"), C.ms(t[k]), C.ratio(t[k], t["plain step"]),
+            step_tab.rows.append([name, C.method_cell(k, t[k], step_tab, name), paths.get(k, "-"), C.ms(t[k]), C.ratio(t[k], t["plain step"]),
                                   C.ratio(t[k], t["gradsift dp_sgd"])])
         del m, grads, steps
     sec.tables += [grads_tab, step_tab]

@@ -65,6 +65,7 @@ def _section(name: str, threads: int, s: C.Settings, args) -> C.Section:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repeats; no memorization job, no ensemble")
+    ap.add_argument("--smoke", action="store_true", help="B cut to 4, one call each, no JSON/README: does it all run?")
     ap.add_argument("--threads", default="1,2", help="comma list of torch thread counts (default 1,2)")
     ap.add_argument("--sections", default=",".join(ALL), help=f"comma list of {', '.join(ALL)}")
     ap.add_argument("--baseline", default="/work/wt/baseline", help="checkout of the original main (0dd17d4)")
@@ -78,6 +79,8 @@ def main(argv: list[str] | None = None) -> None:
             result = json.load(f)
     else:
         result = measure(a)
+        if a.smoke:
+            return
         with open(a.json, "w") as f:
             json.dump(result, f, indent=1)
             f.write("\n")
@@ -89,7 +92,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def measure(a) -> dict:
-    s = C.Settings.make(a.quick)
+    s = C.Settings.make(a.quick, a.smoke)
+    a.quick = a.quick or a.smoke
     sections = [x for x in a.sections.split(",") if x]
     unknown = [x for x in sections if x not in ALL]
     if unknown:
@@ -100,7 +104,7 @@ def measure(a) -> dict:
     start, load0 = time.time(), os.getloadavg()
     meta = {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "mode": "quick" if a.quick else "full", "threads": threads, "sections": sections,
+        "mode": "smoke" if s.smoke else "quick" if a.quick else "full", "threads": threads, "sections": sections,
         "commit": _git("rev-parse", "--short", "HEAD"), "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
         "torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count(),
         "step_entry": C.step_entry_name(), "load_before": [round(x, 2) for x in load0],

@@ -111,7 +111,7 @@ def run(threads: int, s: C.Settings) -> C.Section:
         ["B", "step", "path", "ms", "x plain step", "peak MB", "x plain peak"],
         notes=[C.TIMED_FEW, "peak MB = 2 x P float32 (params + grads) + the step's peak-RSS growth; 1-thread pass"],
     )
-    for b in BATCHES:
+    for b in map(s.b, BATCHES):
         paths: dict[str, str] = {}
         fns, model = methods(b, paths=paths)
         t = C.compare(fns, s)
@@ -123,7 +123,7 @@ def run(threads: int, s: C.Settings) -> C.Section:
         plain = t["plain step"]
         for k in fns:
             pk = peaks.get(k, float("nan"))
-            tab.rows.append([b, C.method_cell(k, t[k]), paths.get(k, "-"), C.ms(t[k]), C.ratio(t[k], plain), pk,
+            tab.rows.append([b, C.method_cell(k, t[k], tab, f"B={b}"), paths.get(k, "-"), C.ms(t[k]), C.ratio(t[k], plain), pk,
                              pk / peaks["plain step"] if peaks else float("nan")])
 
         def tgt(k: str, thr: float) -> None:

@@ -20,7 +20,7 @@ from .engine import (
 )
 from .errors import DataError, GradsiftError, NonFiniteGradientError, SpecError, UnsupportedModelError
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "aggregate", "coherence", "per_example", "per_example_gradients", "per_example_losses",

@@ -2,7 +2,7 @@
 
 Two paths compute the same thing (``method=``):
 
-* ``"hooks"`` (:mod:`gradsift.fastpath`): one batched forward and backward pass; layer
+* ``"hooks"`` (:mod:`gradsift.layers`): one batched forward and backward pass; layer
   activations and output gradients give each supported layer's per-example gradients in
   closed form (Linear, Conv1d/2d, Embedding, LayerNorm, GroupNorm, RMSNorm), and norms by
   ghost norms without forming the gradients.
@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from . import fastpath
+from . import layers
 from .aggregate import flat_rows
 from .errors import UnsupportedModelError
 
@@ -128,9 +128,9 @@ def _resolve_method(model: nn.Module, method: str) -> str:
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method == "auto":
-        return "vmap" if fastpath.unsupported_layers(model) else "hooks"
+        return "vmap" if layers.unsupported_layers(model) else "hooks"
     if method == "hooks":
-        fastpath.check_hookable(model)
+        layers.check_hookable(model)
     return method
 
 
@@ -178,10 +178,10 @@ def per_example(
         chunk_size = batch_size if chunk_size is None else chunk_size
         try:
             parts = [
-                fastpath.hook_per_example(model, loss_fn, inputs[s], targets[s])
+                layers.hook_per_example(model, loss_fn, inputs[s], targets[s])
                 for s in _chunks(batch_size, chunk_size)
             ]
-        except fastpath.NotHookable:
+        except layers.NotHookable:
             if method == "hooks":
                 raise
         else:
@@ -307,8 +307,8 @@ def per_example_norms(
     resolved = _resolve_method(model, method)
     if resolved == "hooks" and batch_size > 0:
         try:
-            _, sq, _ = fastpath.hook_norms_sq(model, loss_fn, inputs, targets)
-        except fastpath.NotHookable:
+            _, sq, _ = layers.hook_norms_sq(model, loss_fn, inputs, targets)
+        except layers.NotHookable:
             if method == "hooks":
                 raise
         else:
@@ -417,8 +417,8 @@ def aggregated_gradient(
     p = fused_mod.plan(aggregator) if fuse else None
     if p is not None and inputs.shape[0] > 0 and _resolve_method(model, method) == "hooks":
         try:
-            rec = fastpath.record(model, loss_fn, inputs, targets)
-        except fastpath.NotHookable:
+            rec = layers.record(model, loss_fn, inputs, targets)
+        except layers.NotHookable:
             if method == "hooks":
                 raise
         else:

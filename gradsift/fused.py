@@ -15,7 +15,7 @@ reduced and freed before the next layer's are formed. Peak memory is about
 * Batches holding a non-finite per-example gradient are handed to the unfused path, which
   drops them (``drop_nonfinite``) or raises exactly as it would.
 
-Only hookable models (see :mod:`gradsift.fastpath`) are fused; :func:`gradsift.engine.
+Only hookable models (see :mod:`gradsift.layers`) are fused; :func:`gradsift.engine.
 aggregated_gradient` runs the unfused path for the others.
 """
 
@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from . import fastpath
+from . import layers
 from .aggregate import Aggregator, clip_factors, mean_of
 
 Grads = dict[str, Tensor]
@@ -98,7 +98,7 @@ def _factors(p: FusedPlan, norms_sq: Grads) -> tuple[Tensor | None, dict[str, Te
 
 
 def fused_update(
-    model: nn.Module, rec: fastpath.Recording, p: FusedPlan
+    model: nn.Module, rec: layers.Recording, p: FusedPlan
 ) -> Grads | None:
     """The reduced update (name -> ``param.shape``) from a recording, layer by layer.
 
@@ -108,11 +108,11 @@ def fused_update(
     b = rec.losses.shape[0]
     factor, layer_factor = None, None
     if p.clip is not None or p.positions["drop"] is not None:
-        norms_sq = fastpath.recording_norms_sq(model, rec)
+        norms_sq = layers.recording_norms_sq(model, rec)
         if not all(bool(torch.isfinite(v).all()) for v in norms_sq.values()):
             return None
         factor, layer_factor = _factors(p, norms_sq)
-    names = fastpath.parameter_names(model, {n: c.module for n, c in rec.captures.items()})
+    names = layers.parameter_names(model, {n: c.module for n, c in rec.captures.items()})
     shared = {n for n, k in Counter(names.values()).items() if k > 1}
     update: Grads = {}
     pending: Grads = {}  # per-example grads of shared parameters, reduced at the end
@@ -123,20 +123,20 @@ def fused_update(
         return factor
 
     for lname, cap in rec.captures.items():
-        own = {local: names[(lname, local)] for local in fastpath._own_trainable(cap.module)}
+        own = {local: names[(lname, local)] for local in layers.own_trainable(cap.module)}
         if p.is_mean and not (set(own.values()) & shared):
             # One weight vector per layer, or per parameter when clipping per layer.
             if layer_factor is None:
                 w = (factor if factor is not None else rec.losses.new_ones(b)) / b
-                for local, g in fastpath.layer_weighted_sum(cap, w).items():
+                for local, g in layers.layer_weighted_sum(cap, w).items():
                     update[own[local]] = g
             else:
                 for local, name in own.items():
-                    g = fastpath.layer_weighted_sum(cap, layer_factor[name] / b)[local]
+                    g = layers.layer_weighted_sum(cap, layer_factor[name] / b)[local]
                     update[name] = g
             continue
         if set(own.values()) & shared:
-            for local, g in fastpath.layer_grads(cap).items():
+            for local, g in layers.layer_grads(cap).items():
                 name = own[local]
                 if name in shared:
                     pending[name] = pending[name] + g if name in pending else g
@@ -146,7 +146,7 @@ def fused_update(
                         return None
                     update[name] = part
             continue
-        reduced = fastpath.layer_reduced(cap, p.reducer, lambda local: scale(own[local]))
+        reduced = layers.layer_reduced(cap, p.reducer, lambda local: scale(own[local]))
         if reduced is None:
             return None
         for local, value in reduced.items():

@@ -119,7 +119,7 @@ def versions() -> dict[str, str]:
     import numpy
     import torch
 
-    from . import __version__
+    from .version import __version__
 
     return {
         "gradsift": __version__, "torch": torch.__version__, "numpy": numpy.__version__,

@@ -1,0 +1,88 @@
+"""Per-example gradients, norms and weighted sums from layer hooks, one rule per layer type.
+
+One ordinary forward pass records, for every layer with a *layer rule*, its inputs and
+(after one backward pass over ``sum_i loss_i``) the gradient ``d`` of the summed loss
+with respect to its output. Because examples do not interact, row ``i`` of ``d`` is the
+gradient of ``loss_i`` alone, and each layer's per-example parameter gradients follow in
+closed form (Goodfellow 2015; Opacus; BackPACK). The backward pass asks autograd only
+for the gradients with respect to layer outputs, so the (unneeded) batch gradients of
+the weights are never computed. This is ``method="hooks"`` of :mod:`gradsift.engine`.
+
+Rules, one file per layer family:
+
+=====================  ===================================================================
+file                   layers
+=====================  ===================================================================
+``linear.py``          Linear (on ``[B, ..., in]``)
+``conv.py``            Conv1d, Conv2d, Conv3d (stride, padding incl. ``'same'``, dilation,
+                       groups, every padding mode)
+``embedding.py``       Embedding (``padding_idx``, ``scale_grad_by_freq``, ``max_norm``)
+``norms.py``           LayerNorm, RMSNorm, GroupNorm
+=====================  ===================================================================
+
+A model is *hookable* when every trainable parameter belongs directly to a layer with a
+rule (exact type, not a subclass, which may change ``forward``), each such layer sees
+the batch on axis 0, and no trainable parameter is used outside its layer's ``forward``
+(checked while the forward pass runs). :func:`unsupported_layers` says which layers
+block it; :mod:`gradsift.engine` then falls back to :mod:`torch.func` for the whole
+model.
+
+Your own layer
+--------------
+Register a :class:`LayerRule` for its type; only :meth:`LayerRule.grads` is required
+(norms, weighted sums and reductions default to ones derived from it)::
+
+    import torch
+    from torch import nn
+    import gradsift as gs
+    from gradsift.layers import LayerRule, register_layer_rule
+
+    class Scale(nn.Module):                       # y = x * w, w of shape [d]
+        def __init__(self, d):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(d))
+
+        def forward(self, x):                     # [B, ..., d] -> [B, ..., d]
+            return x * self.weight
+
+    @register_layer_rule(Scale)
+    class ScaleRule(LayerRule):
+        def grads(self, cap):                     # cap.inputs[k], cap.grad_outputs[k]: [B, ..., d]
+            g = sum((a * d).reshape(len(a), -1, a.shape[-1]).sum(1)
+                    for a, d in zip(cap.inputs, cap.grad_outputs))
+            return {"weight": g}                  # [B, d]
+
+    model = nn.Sequential(nn.Linear(4, 3), Scale(3))
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    loss = nn.CrossEntropyLoss(reduction="none")
+    grads = gs.per_example_gradients(model, loss, x, y, method="hooks")
+"""
+
+from __future__ import annotations
+
+from . import conv, embedding, linear, norms  # noqa: F401  (register the built-in rules)
+from .base import RULES, Capture, Grads, LayerRule, own_trainable, register_layer_rule, rule_for
+from .linear import BLOCK_ELEMENTS, MatmulRule
+from .model import (
+    check_hookable,
+    hook_norms_sq,
+    hook_per_example,
+    iter_layer_results,
+    layer_gram,
+    layer_grads,
+    layer_norms_sq,
+    layer_reduced,
+    layer_weighted_sum,
+    parameter_names,
+    recording_norms_sq,
+    unsupported_layers,
+)
+from .record import NotHookable, Recording, hooked_layers, record
+
+__all__ = [
+    "BLOCK_ELEMENTS", "Capture", "Grads", "LayerRule", "MatmulRule", "NotHookable", "RULES",
+    "Recording", "check_hookable", "hook_norms_sq", "hook_per_example", "hooked_layers",
+    "iter_layer_results", "layer_gram", "layer_grads", "layer_norms_sq", "layer_reduced",
+    "layer_weighted_sum", "own_trainable", "parameter_names", "record", "recording_norms_sq",
+    "register_layer_rule", "rule_for", "unsupported_layers",
+]

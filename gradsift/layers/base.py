@@ -1,0 +1,173 @@
+"""The layer-rule contract, its registry and what a rule receives (:class:`Capture`).
+
+A *layer rule* says, for one module type, how to get per-example quantities of the
+module's own trainable parameters from what one batched forward and backward pass
+recorded: the layer's inputs and the gradient of ``sum_i loss_i`` with respect to its
+output. Only :meth:`LayerRule.grads` is required; the other methods have defaults derived
+from it that a rule overrides when it has a cheaper closed form (ghost norms, weighted
+sums, block-wise reductions, Gram matrices).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+Grads = dict[str, Tensor]
+
+
+def own_trainable(module: nn.Module) -> dict[str, Tensor]:
+    """The module's own (not its children's) parameters with ``requires_grad=True``.
+
+    Returns:
+        local name (``"weight"``, ``"bias"``) -> parameter.
+    """
+    return {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+
+
+@dataclass
+class Capture:
+    """What one forward/backward pass recorded for one layer (over all its calls).
+
+    Every tensor has the batch on axis 0 (the recorder moves it there).
+
+    Attributes:
+        module: the layer.
+        inputs: per call, the first positional input ``[B, ...]`` (detached).
+        grad_outputs: per call, ``d sum_i loss_i / d output`` ``[B, ...]``.
+        args: per call, all positional inputs (detached; the first is ``inputs[k]``).
+        kwargs: per call, the keyword inputs (detached).
+        outputs: per call, the output during recording (emptied after the backward pass).
+    """
+
+    module: nn.Module
+    inputs: list[Tensor] = field(default_factory=list)
+    outputs: list[Tensor] = field(default_factory=list)
+    grad_outputs: list[Tensor] = field(default_factory=list)
+    args: list[tuple[Any, ...]] = field(default_factory=list)
+    kwargs: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def batch_size(self) -> int:
+        """``B`` (0 when the layer was never called with a gradient)."""
+        return int(self.grad_outputs[0].shape[0]) if self.grad_outputs else 0
+
+
+class LayerRule:
+    """How to get per-example quantities of one layer type's own parameters.
+
+    Subclass it, implement :meth:`grads`, and register it for module types with
+    :func:`register_layer_rule`. Every method receives a :class:`Capture` whose tensors
+    have the batch on axis 0, and returns a dict keyed by the module's *local*
+    parameter names (``"weight"``, ``"bias"``), restricted to trainable ones
+    (:func:`own_trainable`).
+
+    Attributes:
+        batch_axis_free: whether the layer acts on each position of its input alone, so
+            that the batch may sit on any axis before its feature axes (Linear,
+            Embedding, LayerNorm); else the batch must be axis 0 (Conv, GroupNorm).
+        feature_axes: trailing input axes the layer acts on when ``batch_axis_free``.
+    """
+
+    batch_axis_free: ClassVar[bool] = False
+    feature_axes: ClassVar[int] = 1
+
+    def supports(self, module: nn.Module) -> bool:
+        """Whether this rule handles this instance (e.g. an option it does not cover)."""
+        return True
+
+    def batch_axis_ok(self, module: nn.Module, ndim: int, axis: int) -> bool:
+        """Whether an input with ``ndim`` axes and the batch on ``axis`` is handled."""
+        if self.batch_axis_free:
+            return 0 <= axis < ndim - self.feature_axes_of(module)
+        return axis == 0
+
+    def feature_axes_of(self, module: nn.Module) -> int:
+        """Trailing axes the layer acts on (see :attr:`feature_axes`)."""
+        return self.feature_axes
+
+    def grads(self, cap: Capture) -> Grads:
+        """Per-example gradients: local name -> ``[B, *param.shape]`` (summed over calls)."""
+        raise NotImplementedError
+
+    def norms_sq(self, cap: Capture) -> Grads:
+        """Squared L2 norms of the per-example gradients: local name -> ``[B]``."""
+        return {n: g.flatten(1).square().sum(1) for n, g in self.grads(cap).items()}
+
+    def weighted_sum(self, cap: Capture, weights: Tensor) -> Grads:
+        """``sum_i weights_i * g_i``: local name -> ``param.shape``; ``weights`` is ``[B]``."""
+        return {n: torch.tensordot(weights.to(g.dtype), g, dims=1) for n, g in self.grads(cap).items()}
+
+    def reduced(
+        self,
+        cap: Capture,
+        reducer: Callable[[Tensor], Tensor],
+        factors: Callable[[str], Tensor | None],
+    ) -> Grads | None:
+        """Per-coordinate reduction of the per-example gradients.
+
+        Args:
+            reducer: ``[B, ...] -> [...]``, acting on each coordinate independently.
+            factors: local name -> per-example scale ``[B]`` (clipping) or ``None``.
+
+        Returns:
+            local name -> ``param.shape``, or ``None`` if a per-example gradient is not
+            finite.
+        """
+        out: Grads = {}
+        for local, g in self.grads(cap).items():
+            f = factors(local)
+            if f is not None:
+                g = g * f.view(-1, *([1] * (g.ndim - 1))).to(g.dtype)
+            if not bool(torch.isfinite(g.sum())):
+                return None
+            out[local] = reducer(g)
+        return out
+
+    def gram(self, cap: Capture) -> Grads:
+        """Gram matrices ``G[i, j] = <g_i, g_j>`` of the per-example gradients: local -> ``[B, B]``."""
+        out: Grads = {}
+        for n, g in self.grads(cap).items():
+            flat = g.flatten(1)
+            out[n] = flat @ flat.T
+        return out
+
+
+#: Module type -> :class:`LayerRule` (exact types: a subclass may change ``forward``).
+RULES: dict[type[nn.Module], LayerRule] = {}
+
+
+def register_layer_rule(*module_types: type[nn.Module]):
+    """Class decorator registering a :class:`LayerRule` for ``module_types``.
+
+    Example::
+
+        @register_layer_rule(nn.Linear)
+        class LinearRule(LayerRule): ...
+
+    A later registration for the same type replaces the earlier one. The rule class is
+    instantiated once (without arguments) and returned unchanged.
+    """
+    if not module_types or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in module_types):
+        raise TypeError("register_layer_rule takes one or more nn.Module subclasses")
+
+    def decorate(cls):
+        rule = cls() if isinstance(cls, type) else cls
+        if not isinstance(rule, LayerRule):
+            raise TypeError(f"{cls!r} is not a LayerRule (subclass gradsift.layers.LayerRule)")
+        for t in module_types:
+            RULES[t] = rule
+        return cls
+
+    return decorate
+
+
+def rule_for(module: nn.Module) -> LayerRule | None:
+    """The registered rule handling this module, or ``None`` (exact type match)."""
+    rule = RULES.get(type(module))
+    if rule is None or not rule.supports(module):
+        return None
+    return rule

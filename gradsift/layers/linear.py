@@ -1,0 +1,160 @@
+"""``nn.Linear``, and the shared rule for layers that are a matrix product per position.
+
+For a layer computing ``out_t = W a_t (+ b)`` at positions ``t`` (a sequence's tokens,
+a convolution's output pixels), example ``i``'s gradient is ``sum_t d_it a_it^T``
+(Goodfellow 2015). Its squared norm is ``<A A^T, D D^T>_F`` (ghost norm; for one
+position ``||a||^2 ||d||^2``), computed without the ``[out, in]`` matrix when that is
+cheaper (``T^2 (in + out) < T in out``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .base import Capture, Grads, LayerRule, own_trainable, register_layer_rule
+
+#: Elements of one per-example gradient block in :meth:`MatmulRule.reduced` (4 MB of float32).
+BLOCK_ELEMENTS = 1 << 20
+
+
+class MatmulRule(LayerRule):
+    """A layer that is a (grouped) matrix product per position; subclasses give :meth:`positions`.
+
+    The weight has shape ``[O, K]`` per group (reshaped to the parameter's shape) and
+    the bias ``[O]``.
+    """
+
+    def positions(self, module: nn.Module, a: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+        """One call as ``A [B, G, T, K]`` (inputs per position) and ``D [B, G, T, O]``."""
+        raise NotImplementedError
+
+    def stacked(self, cap: Capture) -> tuple[Tensor, Tensor]:
+        """All calls as ``A [B, G, T, K]`` and ``D [B, G, T, O]`` (positions concatenated)."""
+        parts = [self.positions(cap.module, a, d) for a, d in zip(cap.inputs, cap.grad_outputs)]
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat([p[0] for p in parts], dim=2), torch.cat([p[1] for p in parts], dim=2)
+
+    def grads(self, cap: Capture) -> Grads:
+        own = own_trainable(cap.module)
+        if not cap.inputs:
+            return {}
+        A, D = self.stacked(cap)
+        out: Grads = {}
+        if "weight" in own:
+            g = torch.matmul(D.transpose(2, 3), A)  # [B, G, O/G, K]
+            out["weight"] = g.reshape(g.shape[0], *own["weight"].shape)
+        if "bias" in own:
+            out["bias"] = D.sum(2).reshape(D.shape[0], -1)
+        return out
+
+    def weighted_sum(self, cap: Capture, weights: Tensor) -> Grads:
+        own = own_trainable(cap.module)
+        if not cap.inputs:
+            return {}
+        A, D = self.stacked(cap)
+        Dw = D * weights.view(-1, 1, 1, 1).to(D.dtype)
+        out: Grads = {}
+        if "weight" in own:
+            g = torch.einsum("bgto,bgtk->gok", Dw, A)
+            out["weight"] = g.reshape(own["weight"].shape)
+        if "bias" in own:
+            out["bias"] = Dw.sum((0, 2)).reshape(-1)
+        return out
+
+    def norms_sq(self, cap: Capture) -> Grads:
+        own = own_trainable(cap.module)
+        if not cap.inputs:
+            return {}
+        A, D = self.stacked(cap)
+        out: Grads = {}
+        if "weight" in own:
+            t, k, o = A.shape[2], A.shape[3], D.shape[3]
+            if t == 1:
+                out["weight"] = (A.square().sum((2, 3)) * D.square().sum((2, 3))).sum(1)
+            elif t * (k + o) < k * o:
+                gram_a = A @ A.transpose(2, 3)  # [B, G, T, T]
+                gram_d = D @ D.transpose(2, 3)
+                out["weight"] = (gram_a * gram_d).sum((1, 2, 3))
+            else:
+                out["weight"] = torch.matmul(D.transpose(2, 3), A).square().sum((1, 2, 3))
+        if "bias" in own:
+            out["bias"] = D.sum(2).square().sum((1, 2))
+        return out
+
+    def gram(self, cap: Capture) -> Grads:
+        """``G[i, j] = sum_g sum_{t,s} (a_it . a_js)(d_it . d_js)``, never forming the gradients."""
+        own = own_trainable(cap.module)
+        if not cap.inputs:
+            return {}
+        A, D = self.stacked(cap)
+        b, g, t, k = A.shape
+        o = D.shape[3]
+        out: Grads = {}
+        if "weight" in own:
+            if t * t * b < k * o:
+                # [G, B*T, K] x [G, K, B*T] -> elementwise product of the two Grams
+                Af = A.transpose(0, 1).reshape(g, b * t, k)
+                Df = D.transpose(0, 1).reshape(g, b * t, o)
+                prod = (Af @ Af.transpose(1, 2)) * (Df @ Df.transpose(1, 2))
+                out["weight"] = prod.view(g, b, t, b, t).sum((0, 2, 4))
+            else:
+                flat = torch.matmul(D.transpose(2, 3), A).reshape(b, -1)
+                out["weight"] = flat @ flat.T
+        if "bias" in own:
+            s = D.sum(2).reshape(b, -1)
+            out["bias"] = s @ s.T
+        return out
+
+    def reduced(
+        self,
+        cap: Capture,
+        reducer: Callable[[Tensor], Tensor],
+        factors: Callable[[str], Tensor | None],
+    ) -> Grads | None:
+        """Forms the weight's per-example gradients a block of output channels at a time.
+
+        About :data:`BLOCK_ELEMENTS` values per block, so the block stays in cache and no
+        ``B x layer`` tensor is ever allocated.
+        """
+        own = own_trainable(cap.module)
+        if not cap.inputs:
+            return {}
+        A, D = self.stacked(cap)
+        b, groups, _, k = A.shape
+        o = D.shape[3]
+        out: Grads = {}
+        if "weight" in own:
+            f = factors("weight")
+            Dw = D if f is None else D * f.view(-1, 1, 1, 1).to(D.dtype)
+            w = D.new_empty(groups, o, k)
+            rows = max(1, BLOCK_ELEMENTS // max(1, b * groups * k))
+            for start in range(0, o, rows):
+                g = torch.matmul(Dw[..., start : start + rows].transpose(2, 3), A)  # [B, G, r, K]
+                if not bool(torch.isfinite(g.sum())):
+                    return None
+                w[:, start : start + rows] = reducer(g)
+            out["weight"] = w.reshape(own["weight"].shape)
+        if "bias" in own:
+            f = factors("bias")
+            g = D.sum(2).reshape(b, -1)
+            if f is not None:
+                g = g * f.view(-1, 1).to(g.dtype)
+            if not bool(torch.isfinite(g.sum())):
+                return None
+            out["bias"] = reducer(g)
+        return out
+
+
+@register_layer_rule(nn.Linear)
+class LinearRule(MatmulRule):
+    """``nn.Linear`` on ``[B, ..., in]``: every position along the middle axes is one ``t``."""
+
+    batch_axis_free = True
+
+    def positions(self, module: nn.Module, a: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+        b = a.shape[0]
+        return a.reshape(b, 1, -1, module.in_features), d.reshape(b, 1, -1, module.out_features)

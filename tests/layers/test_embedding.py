@@ -1,0 +1,30 @@
+"""Embedding rule (padding_idx, scale_grad_by_freq, max_norm, sparse)."""
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from .harness import check_per_example
+
+SETTINGS = settings(max_examples=15, deadline=None, derandomize=True)
+
+
+@SETTINGS
+@given(
+    b=st.integers(1, 4), t=st.integers(1, 6), v=st.integers(2, 12), d=st.integers(1, 5),
+    pad=st.booleans(), freq=st.booleans(), seed=st.integers(0, 2**16),
+)
+def test_embedding(b, t, v, d, pad, freq, seed):
+    torch.manual_seed(seed)
+    layer = nn.Embedding(v, d, padding_idx=0 if pad else None, scale_grad_by_freq=freq)
+    check_per_example(layer, torch.randint(0, v, (b, t)))
+
+
+def test_max_norm_and_sparse():
+    # method="vmap" cannot run these (torch.func limitation), the hooks path can
+    layer = nn.Embedding(10, 4, max_norm=1.0)
+    x = torch.randint(0, 10, (5, 3))
+    layer(x)  # renormalize the rows the batch touches, as the batched pass will
+    check_per_example(layer, x, methods=("hooks",))
+    check_per_example(nn.Embedding(10, 4, sparse=True), x, methods=("hooks",))
