@@ -31,12 +31,16 @@ ACC_TOL = 0.01
 COH_REL_TOL = 0.02
 
 
-def run_job(root: str, out: Path) -> float:
-    """Wall seconds of ``gradsift memorization`` (defaults) run from checkout ``root``."""
+SMOKE_ARGS = ("--epochs", "1", "--n-train", "40")
+
+
+def run_job(root: str, out: Path, extra: tuple[str, ...] = ()) -> float:
+    """Wall seconds of ``gradsift memorization`` (defaults, unless ``extra`` options) run
+    from checkout ``root``."""
     env = dict(os.environ, PYTHONPATH=root)
     env.pop("GRADSIFT_BENCH_THREADS", None)
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "gradsift", "memorization", "--out", str(out), "-q"], cwd=root, env=env,
+    subprocess.run([sys.executable, "-m", "gradsift", "memorization", "--out", str(out), "-q", *extra], cwd=root, env=env,
                    check=True, capture_output=True, text=True)
     return time.perf_counter() - start
 
@@ -54,7 +58,10 @@ def results(out: Path) -> dict[tuple[str, str], dict]:
 
 
 def run(s: C.Settings, baseline: str = DEFAULT_BASELINE, repeats: int = 1) -> C.Section:
+    """Smoke mode (``s.smoke``) runs both checkouts with :data:`SMOKE_ARGS` (1 epoch, 40
+    examples) to check the plumbing only."""
     sec = C.Section()
+    extra = SMOKE_ARGS if s.smoke else ()
     if not (Path(baseline) / "gradsift").is_dir():
         sec.targets.append(C.Target("14", "memorization wall time / original main", float("nan"), "<=", 0.4, None,
                                     f"no baseline checkout at {baseline}: git worktree add {baseline} {BASELINE_COMMIT}"))
@@ -68,7 +75,7 @@ def run(s: C.Settings, baseline: str = DEFAULT_BASELINE, repeats: int = 1) -> C.
             for name, root in roots.items():
                 out = Path(tmp) / f"{name.split()[0]}-{r}"
                 try:
-                    times[name].append(run_job(root, out))
+                    times[name].append(run_job(root, out, extra))
                     outs[name] = out
                 except subprocess.CalledProcessError as e:
                     errors[name] = (e.stderr or "").strip().splitlines()[-1:][0] if e.stderr else str(e)
@@ -78,7 +85,8 @@ def run(s: C.Settings, baseline: str = DEFAULT_BASELINE, repeats: int = 1) -> C.
             return sec
         res = {name: results(out) for name, out in outs.items()}
     t_cur, t_base = min(times["current"]), min(times["original 0dd17d4"])
-    tab = C.Table(f"5. gradsift memorization (defaults), wall seconds (best of {repeats}, torch default threads)",
+    what = "smoke: " + " ".join(extra) if extra else "defaults"
+    tab = C.Table(f"5. gradsift memorization ({what}), wall seconds (best of {repeats}, torch default threads)",
                   ["checkout", "wall s", "x original"])
     tab.rows += [["original 0dd17d4", t_base, 1.0], ["current", t_cur, t_cur / t_base]]
     cols = ["train acc", "test acc", "m-coh init", "m-coh ep 2", "m-coh end"]

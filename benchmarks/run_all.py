@@ -81,14 +81,18 @@ def main(argv: list[str] | None = None) -> None:
         result = measure(a)
         if a.smoke:
             return
-        with open(a.json, "w") as f:
-            json.dump(result, f, indent=1)
-            f.write("\n")
+        _dump(result, a.json)
         print(f"wrote {a.json}")
     if a.write_readme:
         from .readme import write_readme
 
         print(f"wrote {write_readme(result)}")
+
+
+def _dump(result: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+        f.write("\n")
 
 
 def measure(a) -> dict:
@@ -98,7 +102,7 @@ def measure(a) -> dict:
     unknown = [x for x in sections if x not in ALL]
     if unknown:
         raise SystemExit(f"unknown sections {unknown}; known: {', '.join(ALL)}")
-    if a.quick:
+    if a.quick and not s.smoke:
         sections = [x for x in sections if x not in FULL_ONLY]
     threads = [int(t) for t in a.threads.split(",")]
     start, load0 = time.time(), os.getloadavg()
@@ -117,6 +121,7 @@ def measure(a) -> dict:
     print(f"gradsift benchmarks, {meta['mode']} mode, {meta['date']}, commit {meta['commit']}, torch {meta['torch']}, "
           f"{meta['cpus']} cpus, load average {load0[0]:.2f}; step entry point {meta['step_entry']}", flush=True)
     tables, targets = [], []
+    partial = {"meta": meta, "tables": tables, "targets": targets, "partial": True}
 
     def take(sec: C.Section) -> None:
         for t in sec.tables:
@@ -127,6 +132,11 @@ def measure(a) -> dict:
             targets.append(t.to_json())
         if sec.targets:
             print(flush=True)
+        if not s.smoke:  # what is measured so far survives an interrupted run
+            meta["load_after"] = [round(x, 2) for x in os.getloadavg()]
+            meta["seconds"] = round(time.time() - start, 1)
+            partial["counts"] = {k: sum(t["status"] == k for t in targets) for k in ("MET", "MISSED", "FAILED")}
+            _dump(partial, a.json)
 
     for name in sections:
         if name in THREADED:

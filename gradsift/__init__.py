@@ -47,6 +47,7 @@ from .label_issues import find_label_issues, label_issue_scores  # noqa: E402
 
 __all__ += ["actions", "reweight", "select", "find_label_issues", "label_issue_scores"]
 
-from . import masking, optim, privacy, sampling, sven  # noqa: E402
+from . import optim, privacy, sampling  # noqa: E402
+from .aggregate import masking, sven  # noqa: E402
 
 __all__ += ["masking", "optim", "privacy", "sampling", "sven"]

@@ -14,8 +14,8 @@ Two paths compute the same thing (``method=``):
   model. Both give the same gradients up to float rounding.
 
 The batch is processed in chunks so that the per-example memory stays under a bound.
-:func:`aggregated_gradient` goes further: it reduces each layer's per-example gradients
-as soon as they exist, so the full ``B x P`` matrix is never held.
+:func:`gradsift.aggregate.aggregated_gradient` goes further: it reduces each layer's
+per-example gradients as soon as they exist, so the full ``B x P`` matrix is never held.
 
 Conventions
 -----------
@@ -28,14 +28,13 @@ Conventions
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Callable, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from . import layers
-from .aggregate import flat_rows
 from .errors import UnsupportedModelError
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -124,7 +123,10 @@ def _single_loss_fn(model: nn.Module, loss_fn: LossFn, frozen: dict[str, Tensor]
     return single
 
 
-def _resolve_method(model: nn.Module, method: str) -> str:
+def resolve_method(model: nn.Module, method: str) -> str:
+    """The path ``"hooks"`` or ``"vmap"`` that ``method`` means for ``model`` (``"auto"``:
+    hooks when every trainable layer has a rule). Raises for an unknown method, or for
+    ``"hooks"`` on a model with unsupported layers."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method == "auto":
@@ -171,7 +173,7 @@ def per_example(
     """
     check_per_example_safe(model)
     batch_size = _check_batch(inputs, targets)
-    resolved = _resolve_method(model, method)
+    resolved = resolve_method(model, method)
     if resolved == "hooks" and batch_size > 0:
         # The hook path holds no per-example intermediates beyond its result, so it runs
         # the batch whole unless asked to chunk (chunks cost a final copy).
@@ -274,7 +276,7 @@ def grad_norms(grads: Grads, *, per_layer: bool = False) -> Tensor | dict[str, T
 
 def _squared_norms(grads: Grads) -> dict[str, Tensor]:
     """name -> ``[B]`` squared L2 norm of each example's gradient of that parameter."""
-    return {n: flat_rows(g).square().sum(1) for n, g in grads.items()}
+    return {n: (g.flatten(1) if g.ndim > 1 else g.unsqueeze(1)).square().sum(1) for n, g in grads.items()}
 
 
 def _norms_from_squares(sq: dict[str, Tensor], *, per_layer: bool) -> Tensor | dict[str, Tensor]:
@@ -304,7 +306,7 @@ def per_example_norms(
     """
     check_per_example_safe(model)
     batch_size = _check_batch(inputs, targets)
-    resolved = _resolve_method(model, method)
+    resolved = resolve_method(model, method)
     if resolved == "hooks" and batch_size > 0:
         try:
             _, sq, _ = layers.hook_norms_sq(model, loss_fn, inputs, targets)
@@ -339,102 +341,3 @@ def batch_gradient(model: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: T
     g = torch.autograd.grad(losses.mean(), list(params.values()), allow_unused=True)
     grads = {n: (gi if gi is not None else torch.zeros_like(p)) for (n, p), gi in zip(params.items(), g)}
     return grads, losses.detach(), outputs.detach()
-
-
-@dataclass
-class Aggregated:
-    """Result of :func:`aggregated_gradient`.
-
-    Attributes:
-        update: name -> ``param.shape`` update direction (write it with
-            :func:`gradsift.aggregate.write_grads`, then step any optimizer).
-        losses: ``[B]`` per-example losses (detached).
-        outputs: ``[B, ...]`` model outputs (detached).
-        state: the aggregator's new state.
-        fused: whether the layer-by-layer path ran (else per-example gradients were
-            formed for the whole model, then aggregated).
-    """
-
-    update: Grads
-    losses: Tensor
-    outputs: Tensor
-    state: Any
-    fused: bool
-
-
-def aggregated_gradient(
-    model: nn.Module,
-    loss_fn: LossFn,
-    inputs: Tensor,
-    targets: Tensor,
-    aggregator: Any,
-    state: Any = None,
-    *,
-    method: Method = "auto",
-    fuse: bool = True,
-    chunk_size: int | None = None,
-) -> Aggregated:
-    """Aggregate per-example gradients into one update, layer by layer where possible.
-
-    For aggregators ``[drop_nonfinite] > [clip] > reducer > [batch-level steps]``, with
-    ``reducer`` per coordinate (mean, winsorize, trimmed_mean, coordinate_median, m3), on
-    a hookable model (see :func:`per_example`), each layer's per-example gradients are
-    formed, clipped (by total norms from ghost norms), reduced and freed in turn: peak
-    memory about ``B x (largest layer)``; ``mean`` and ``clip > mean`` never form them at
-    all. Any other aggregator or model runs unfused: :func:`per_example`, then
-    ``aggregator.update``. Both give the same update up to float rounding.
-
-    Args:
-        model, loss_fn, inputs, targets: as for :func:`per_example`.
-        aggregator: an :class:`~gradsift.aggregate.Aggregator` (or a spec string such as
-            ``"clip:max_norm=1+winsorize:c=2"``, see :mod:`gradsift.specs`).
-        state: the aggregator's state; ``None`` initializes it.
-        method: ``"auto"``, ``"hooks"`` or ``"vmap"`` (``"vmap"`` never fuses).
-        fuse: ``False`` forces the unfused path (for checks and benchmarks).
-        chunk_size: for the unfused path, as in :func:`per_example`.
-
-    Returns:
-        :class:`Aggregated` ``(update, losses, outputs, state, fused)``.
-    """
-    from . import fused as fused_mod
-    from .aggregate import Aggregator
-
-    if isinstance(aggregator, str):
-        from .specs import aggregator_from_spec
-
-        aggregator = aggregator_from_spec(aggregator)
-    if not isinstance(aggregator, Aggregator):
-        raise TypeError(f"aggregator must be an Aggregator or a spec string, got {type(aggregator)}")
-    if aggregator.output != "batch":
-        raise ValueError(
-            f"aggregator {aggregator.name} gives per-example gradients; chain a reducer such as "
-            "gs.aggregate.mean() after it"
-        )
-    check_per_example_safe(model)
-    _check_batch(inputs, targets)
-    if state is None:
-        state = aggregator.init({n: p.detach() for n, p in trainable_parameters(model).items()})
-    p = fused_mod.plan(aggregator) if fuse else None
-    if p is not None and inputs.shape[0] > 0 and _resolve_method(model, method) == "hooks":
-        try:
-            rec = layers.record(model, loss_fn, inputs, targets)
-        except layers.NotHookable:
-            if method == "hooks":
-                raise
-        else:
-            update = fused_mod.fused_update(model, rec, p)
-            if update is not None:
-                update, state = fused_mod.run_tail(p, update, state)
-                return Aggregated(update, rec.losses, rec.outputs, state, fused=True)
-    pe = per_example(model, loss_fn, inputs, targets, chunk_size=chunk_size, method=method)
-    if aggregator.input == "per_example":
-        grads = pe.grads
-    else:
-        grads = {n: g.mean(0) for n, g in pe.grads.items()}
-    extras = {"losses": pe.losses, "outputs": pe.outputs, "targets": targets}
-    needs = getattr(aggregator, "needs", ())
-    if needs:
-        update, state = aggregator.update(grads, state, **{k: extras[k] for k in needs if k in extras})
-    else:
-        update, state = aggregator.update(grads, state)
-    return Aggregated(update, pe.losses, pe.outputs, state, fused=False)

@@ -14,7 +14,8 @@ both ways). The released update is::
         =   sum_{i in B_t} g~_i / L  +  N(0, (sigma C / L)^2 I)
 
 Opacus adds ``N(0, sigma^2 C^2)`` to the *sum* and divides by the *expected* batch size
-``L``; gradsift does the same in two aggregators: :func:`normalized_sum` (``sum / L``)
+``L``; gradsift does the same in two aggregators, defined with the others in
+:mod:`gradsift.aggregate.dp` and re-exported here: :func:`normalized_sum` (``sum / L``)
 and :func:`gaussian_noise` (adds standard deviation ``sigma C / L`` per coordinate).
 Dividing by the expected rather than the actual batch size matters: the actual size
 depends on the data and is not part of the analysed mechanism. Empty batches still take
@@ -39,15 +40,13 @@ from __future__ import annotations
 
 import functools
 import math
-import secrets
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
-from . import aggregate
-from .aggregate import Aggregator, Grads, State
+from .aggregate import Aggregator
+from .aggregate.dp import dp_sgd, gaussian_noise, normalized_sum, require_all_parameters
 from .engine import check_per_example_safe
 from .errors import GradsiftError, UnsupportedModelError
 from .sampling import declared_sampling, poisson_batches, steps_per_epoch
@@ -65,119 +64,6 @@ ACCOUNTANTS = ("rdp", "prv")
 
 class PrivacyConfigError(GradsiftError, ValueError):
     """A configuration that would silently break the differential-privacy guarantee."""
-
-
-# ---------------------------------------------------------------- aggregators
-
-def normalized_sum(expected_batch_size: float) -> Aggregator:
-    """``sum_i g_i / L`` over the batch: per-example ``[B, *shape]`` -> batch ``shape``.
-
-    Args:
-        expected_batch_size: L = q N, the *expected* batch size under Poisson sampling
-            (not the actual B, which depends on the data). B = 0 gives zeros.
-    """
-    L = float(expected_batch_size)
-    if not L > 0:
-        raise ValueError(f"normalized_sum: expected_batch_size must be > 0, got {L}")
-
-    def reduce(x: Tensor) -> Tensor:
-        return x.sum(0) / L
-
-    def update(grads: Grads, state: State) -> tuple[Grads, State]:
-        return {n: reduce(g) for n, g in grads.items()}, state
-
-    return Aggregator(f"normalized_sum(L={L:g})", lambda params: (), update, "per_example",
-                      "batch", per_coordinate=reduce)
-
-
-def _step_generator(seed: int | None, step: int, device: torch.device) -> torch.Generator:
-    g = torch.Generator(device=device)
-    if seed is None:
-        g.manual_seed(secrets.randbits(63))
-    else:
-        g.manual_seed((int(seed) * 1_000_003 + 7_919 * step + 1) % (2**63 - 1))
-    return g
-
-
-def gaussian_noise(noise_multiplier: float, max_norm: float, expected_batch_size: float = 1.0,
-                   *, seed: int | None = None) -> Aggregator:
-    """Add ``N(0, (sigma C / L)^2)`` to every coordinate of a batch update (batch -> batch).
-
-    Applied after :func:`normalized_sum` of gradients clipped to ``C``, this is Opacus's
-    "noise ``N(0, sigma^2 C^2)`` on the sum, then divide by L".
-
-    Args:
-        noise_multiplier: sigma.
-        max_norm: C, the clipping bound (the sensitivity of the sum).
-        expected_batch_size: L; 1 gives noise on the sum itself.
-        seed: ``None`` (default) draws each step's seed from :mod:`secrets`; an int makes
-            the noise a deterministic function of ``(seed, step)`` (tests, research).
-
-    State: the number of steps taken (an ``int``), so a resumed run continues the stream.
-    """
-    sigma, C, L = float(noise_multiplier), float(max_norm), float(expected_batch_size)
-    if sigma < 0 or not C > 0 or not L > 0:
-        raise ValueError(
-            f"gaussian_noise: need noise_multiplier >= 0, max_norm > 0, expected_batch_size > 0; "
-            f"got {sigma}, {C}, {L}"
-        )
-    std = sigma * C / L
-
-    def update(grads: Grads, state: State) -> tuple[Grads, State]:
-        step = int(state)
-        if std == 0 or not grads:
-            return dict(grads), step + 1
-        device = next(iter(grads.values())).device
-        gen = _step_generator(seed, step, device)
-        out = {}
-        for n, u in grads.items():
-            noise = torch.randn(u.shape, generator=gen, device=device, dtype=u.dtype)
-            out[n] = u + std * noise
-        return out, step + 1
-
-    return Aggregator(f"gaussian_noise(sigma={sigma:g}, C={C:g}, L={L:g})", lambda params: 0,
-                      update, "batch", "batch")
-
-
-def require_all_parameters() -> Aggregator:
-    """Pass per-example gradients through, but refuse a batch that lacks any trainable
-    parameter seen at ``init`` (a layer without per-example gradients would otherwise be
-    updated — or not — outside the privacy analysis)."""
-
-    def init(params: Grads) -> State:
-        return tuple(params)
-
-    def update(grads: Grads, state: State) -> tuple[Grads, State]:
-        missing = [n for n in state if n not in grads]
-        if missing:
-            raise UnsupportedModelError(
-                f"DP-SGD: no per-example gradients for {', '.join(missing[:5])}"
-                f"{' ...' if len(missing) > 5 else ''}; every trainable parameter needs them for "
-                "clipping. Freeze those parameters (requires_grad=False) or use the general "
-                "torch.func engine."
-            )
-        for n, g in grads.items():
-            if n in state and g.ndim == 0:
-                raise UnsupportedModelError(f"DP-SGD: gradient of '{n}' is not per-example")
-        return grads, state
-
-    return Aggregator("require_all_parameters", init, update, "per_example", "per_example")
-
-
-def dp_sgd(max_norm: float, noise_multiplier: float, expected_batch_size: float, *,
-           per_layer: bool = False, seed: int | None = None) -> Aggregator:
-    """The DP-SGD update: check, clip to ``C``, sum, divide by ``L``, add noise.
-
-    ``chain(require_all_parameters(), clip(C, per_layer), normalized_sum(L),
-    gaussian_noise(sigma, C, L))``: per-example gradients in, one private update out.
-    See the module docstring for the math.
-    """
-    return aggregate.chain(
-        require_all_parameters(),
-        aggregate.clip(max_norm, per_layer=per_layer),
-        normalized_sum(expected_batch_size),
-        gaussian_noise(noise_multiplier, max_norm, expected_batch_size, seed=seed),
-    )
 
 
 # ---------------------------------------------------------------- accounting
@@ -429,14 +315,3 @@ class PrivacyRecorder(Recorder):
 
     def on_fit_end(self, trainer) -> None:
         self._update(trainer)
-
-
-def _register() -> None:
-    from .specs import register_aggregator
-
-    register_aggregator("normalized_sum", normalized_sum)
-    register_aggregator("gaussian_noise", gaussian_noise)
-    register_aggregator("dp_sgd", dp_sgd)
-
-
-_register()

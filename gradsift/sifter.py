@@ -34,12 +34,11 @@ import torch
 from torch import Tensor, nn
 
 from . import aggregate as agg_mod
-from .aggregate import Aggregator
+from .aggregate import Aggregator, aggregated_gradient, aggregator_from_spec
 from .data.sources import Examples, batch_size_of, examples, to_device
-from .engine import aggregated_gradient, check_per_example_safe, per_example, trainable_parameters
+from .engine import check_per_example_safe, per_example, trainable_parameters
 from .errors import GradsiftError, NonFiniteGradientError
 from .recorders import Recorder, StepInfo
-from .specs import aggregator_from_spec
 from .rundir import RunDir
 
 __all__ = ["Sifter", "Plugin", "call_model", "PRECISIONS"]

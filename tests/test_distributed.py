@@ -11,7 +11,7 @@ import gradsift.aggregate as A
 from gradsift.aggregate import Aggregator
 from gradsift.distributed import GlobalAggregation, shard_bounds
 from gradsift.errors import NonFiniteGradientError
-from gradsift.specs import aggregator_from_spec
+from gradsift.aggregate import aggregator_from_spec
 
 from ._dist import run_threads
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from gradsift import aggregate as A
-from gradsift.engine import aggregated_gradient
+from gradsift.aggregate import aggregated_gradient
 
 CE = nn.CrossEntropyLoss(reduction="none")
 
@@ -88,7 +88,7 @@ PEAK_SCRIPT = textwrap.dedent(
     import json, sys, torch
     from torch import nn
     from gradsift import aggregate as A
-    from gradsift.engine import aggregated_gradient
+    from gradsift.aggregate import aggregated_gradient
     torch.set_num_threads(1)  # the cores are shared; oversubscribed threads crawl
     torch.manual_seed(0)
     width, depth, b = 512, 8, 32

@@ -7,8 +7,8 @@ import gradsift as gs
 from gradsift.aggregate import apply
 from gradsift.data import load_digits
 from gradsift.models import mlp
-from gradsift.specs import aggregator_from_spec
-from gradsift.sven import sven, sven_direction
+from gradsift.aggregate import aggregator_from_spec
+from gradsift.aggregate.sven import sven, sven_direction
 
 
 def _jacobian(seed=0, b=6, shapes=((4, 3), (5,))):

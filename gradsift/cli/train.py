@@ -47,9 +47,9 @@ def train(
     import torch
 
     from .. import data as data_mod
+    from ..aggregate import aggregator_from_spec
     from ..models import model_from_spec
     from ..recorders import CoherenceRecorder
-    from ..specs import aggregator_from_spec
     from ..train import fit
 
     agg = aggregator_from_spec(aggregator)  # fail fast on a bad spec, before loading data

@@ -35,8 +35,8 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .aggregate import Aggregator, Grads, State
-from .errors import GradsiftError
+from ..errors import GradsiftError
+from .base import Aggregator, Grads, RowScale, State
 
 __all__ = ["GroupAssignment", "assign_parameters", "tags_from_names", "mask_gradients",
            "group_masking", "remove_group", "UNTAGGED"]
@@ -164,14 +164,10 @@ def mask_gradients(grads: Grads, tags: Tensor, assignment: GroupAssignment) -> G
     for n, g in grads.items():
         if tags.shape[0] != g.shape[0]:
             raise ValueError(f"{tags.shape[0]} tags for a batch of {g.shape[0]} gradients")
-        k = assignment.owner(n)
-        if k is None:
+        if assignment.owner(n) is None:
             out[n] = g
             continue
-        allowed = tags.to(g.device) == k
-        if assignment.untagged == "all":
-            allowed = allowed | (tags.to(g.device) == UNTAGGED)
-        keep = allowed.view(-1, *([1] * (g.ndim - 1)))
+        keep = mask_factors(n, tags, assignment).to(g.device).bool().view(-1, *([1] * (g.ndim - 1)))
         out[n] = torch.where(keep, g, torch.zeros((), dtype=g.dtype, device=g.device))
     return out
 
@@ -197,9 +193,27 @@ def group_masking(assignment: GroupAssignment, tags: Tensor | Sequence[int]) -> 
     def update(grads: Grads, state: State, positions: Tensor) -> tuple[Grads, State]:
         return mask_gradients(grads, all_tags[torch.as_tensor(positions).cpu()], assignment), state
 
+    def factors(norms_sq: Grads, positions: Tensor) -> Grads:
+        # Layer-wise form: the mask is a 0/1 factor per example and parameter.
+        tags = all_tags[torch.as_tensor(positions).cpu()]
+        return {n: mask_factors(n, tags, assignment) for n in norms_sq}
+
     name = f"group_masking({', '.join(assignment.groups)})"
     return Aggregator(name, lambda params: (), update, "per_example", "per_example",
-                      needs=("positions",))
+                      kind="group_masking", example_wise=True, needs=("positions",),
+                      row_scale=RowScale(factors, needs_norms=False))
+
+
+def mask_factors(name: str, tags: Tensor, assignment: GroupAssignment) -> Tensor:
+    """``[B]`` 0/1 factors: may each example (by its tag) update parameter ``name``?"""
+    tags = torch.as_tensor(tags).reshape(-1)
+    k = assignment.owner(name)
+    if k is None:
+        return torch.ones(tags.shape[0])
+    allowed = tags == k
+    if assignment.untagged == "all":
+        allowed = allowed | (tags == UNTAGGED)
+    return allowed.to(torch.get_default_dtype())
 
 
 @torch.no_grad()

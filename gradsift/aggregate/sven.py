@@ -23,6 +23,10 @@ Two ways to get the factors (``method``):
 
 Use it as an aggregator: ``fit(..., aggregator="sven:rank=16")`` (it reads the
 per-example losses, a side input declared in ``needs``) or call :func:`sven_direction`.
+
+No layer-wise form: the direction needs the whole ``[B, P]`` Jacobian (its Gram matrix
+could come from ghost Gram matrices, but ``J^T w`` is then one more weighted sum; not
+done yet). No sharded form: the runner gathers every rank's rows.
 """
 
 from __future__ import annotations
@@ -30,8 +34,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .aggregate import Aggregator, Grads, State, _check_finite
-from .specs import register_aggregator
+from .base import Aggregator, Grads, State, check_finite, register_aggregator
 
 __all__ = ["sven_direction", "sven"]
 
@@ -118,6 +121,7 @@ def sven_direction(
     return out
 
 
+@register_aggregator("sven")
 def sven(rank: int | None = None, rcond: float = 1e-4, damping: float = 0.0,
          method: str = "gram", niter: int = 2) -> Aggregator:
     """Sven as an aggregator: per-example gradients + losses -> ``pinv_k(J) r``.
@@ -134,11 +138,10 @@ def sven(rank: int | None = None, rcond: float = 1e-4, damping: float = 0.0,
     kw = dict(rank=rank, rcond=float(rcond), damping=float(damping), method=method, niter=int(niter))
 
     def update(grads: Grads, state: State, losses: Tensor) -> tuple[Grads, State]:
-        _check_finite(grads, "sven")
+        check_finite(grads, "sven")
         return sven_direction(grads, losses, **kw), state
 
     name = f"sven(rank={rank}, rcond={rcond:g}, damping={damping:g}, method={method})"
-    return Aggregator(name, lambda params: (), update, "per_example", "batch", needs=("losses",))
+    return Aggregator(name, lambda params: (), update, "per_example", "batch", kind="sven",
+                      options=kw, needs=("losses",))
 
-
-register_aggregator("sven", sven)

@@ -1,0 +1,154 @@
+"""DP-SGD's aggregators: check, clip, sum over the expected batch size, add noise.
+
+The mechanism and its accounting are described in :mod:`gradsift.privacy`; here is its
+aggregation half::
+
+    u = ( sum_{i in B} clip_C(g_i) + N(0, sigma^2 C^2 I) ) / L
+
+* :func:`normalized_sum`: ``sum_i g_i / L`` -- one weighted sum (weights ``1/L``), so
+  ``clip > normalized_sum`` runs layer-wise from ghost norms and one weighted sum per
+  layer (book-keeping: the per-example gradients never exist), and sharded as one
+  all-reduce of ``P`` values.
+* :func:`gaussian_noise`: batch -> batch, ``N(0, (sigma C / L)^2)`` per coordinate.
+* :func:`require_all_parameters`: refuses a batch lacking any trainable parameter.
+* :func:`dp_sgd`: the chain of all of them.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import torch
+from torch import Tensor
+
+from ..errors import UnsupportedModelError
+from .base import (Aggregator, Grads, RowScale, State, WeightedSums, chain, reducer,
+                   register_aggregator)
+from .clip import clip
+
+
+@register_aggregator("normalized_sum")
+def normalized_sum(expected_batch_size: float) -> Aggregator:
+    """``sum_i g_i / L`` over the batch: per-example ``[B, *shape]`` -> batch ``shape``.
+
+    Args:
+        expected_batch_size: L = q N, the *expected* batch size under Poisson sampling
+            (not the actual B, which depends on the data). B = 0 gives zeros.
+    """
+    L = float(expected_batch_size)
+    if not L > 0:
+        raise ValueError(f"normalized_sum: expected_batch_size must be > 0, got {L}")
+
+    def weights(b: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        return torch.full((1, b), 1.0 / L, dtype=dtype, device=device)
+
+    form = WeightedSums(weights, lambda sums: {n: s[0] for n, s in sums.items()})
+    return reducer(f"normalized_sum(L={L:g})", "normalized_sum", weighted_sums=form,
+                   expected_batch_size=L)
+
+
+def step_generator(seed: int | None, step: int, device: torch.device) -> torch.Generator:
+    """The noise generator of step ``step``: from :mod:`secrets` when ``seed`` is None,
+    else a deterministic function of ``(seed, step)``."""
+    g = torch.Generator(device=device)
+    if seed is None:
+        g.manual_seed(secrets.randbits(63))
+    else:
+        g.manual_seed((int(seed) * 1_000_003 + 7_919 * step + 1) % (2**63 - 1))
+    return g
+
+
+@register_aggregator("gaussian_noise")
+def gaussian_noise(noise_multiplier: float, max_norm: float, expected_batch_size: float = 1.0,
+                   *, seed: int | None = None) -> Aggregator:
+    """Add ``N(0, (sigma C / L)^2)`` to every coordinate of a batch update (batch -> batch).
+
+    Applied after :func:`normalized_sum` of gradients clipped to ``C``, this is Opacus's
+    "noise ``N(0, sigma^2 C^2)`` on the sum, then divide by L".
+
+    Args:
+        noise_multiplier: sigma.
+        max_norm: C, the clipping bound (the sensitivity of the sum).
+        expected_batch_size: L; 1 gives noise on the sum itself.
+        seed: ``None`` (default) draws each step's seed from :mod:`secrets`; an int makes
+            the noise a deterministic function of ``(seed, step)`` (tests, research).
+
+    State: the number of steps taken (an ``int``), so a resumed run continues the stream.
+    """
+    sigma, C, L = float(noise_multiplier), float(max_norm), float(expected_batch_size)
+    if sigma < 0 or not C > 0 or not L > 0:
+        raise ValueError(
+            f"gaussian_noise: need noise_multiplier >= 0, max_norm > 0, expected_batch_size > 0; "
+            f"got {sigma}, {C}, {L}"
+        )
+    std = sigma * C / L
+
+    def update(grads: Grads, state: State) -> tuple[Grads, State]:
+        step = int(state)
+        if std == 0 or not grads:
+            return dict(grads), step + 1
+        device = next(iter(grads.values())).device
+        gen = step_generator(seed, step, device)
+        out = {}
+        for n, u in grads.items():
+            noise = torch.randn(u.shape, generator=gen, device=device, dtype=u.dtype)
+            out[n] = u + std * noise
+        return out, step + 1
+
+    return Aggregator(f"gaussian_noise(sigma={sigma:g}, C={C:g}, L={L:g})", lambda params: 0,
+                      update, "batch", "batch", kind="gaussian_noise",
+                      options={"noise_multiplier": sigma, "max_norm": C, "expected_batch_size": L})
+
+
+def _missing(state: State, names) -> list[str]:
+    return [n for n in state if n not in names]
+
+
+def _refuse(missing: list[str]) -> None:
+    raise UnsupportedModelError(
+        f"DP-SGD: no per-example gradients for {', '.join(missing[:5])}"
+        f"{' ...' if len(missing) > 5 else ''}; every trainable parameter needs them for "
+        "clipping. Freeze those parameters (requires_grad=False) or use the general "
+        "torch.func engine."
+    )
+
+
+@register_aggregator("require_all_parameters")
+def require_all_parameters() -> Aggregator:
+    """Pass per-example gradients through, but refuse a batch that lacks any trainable
+    parameter seen at ``init`` (a layer without per-example gradients would otherwise be
+    updated -- or not -- outside the privacy analysis)."""
+
+    def init(params: Grads) -> State:
+        return tuple(params)
+
+    def update(grads: Grads, state: State) -> tuple[Grads, State]:
+        missing = _missing(state, grads)
+        if missing:
+            _refuse(missing)
+        for n, g in grads.items():
+            if n in state and g.ndim == 0:
+                raise UnsupportedModelError(f"DP-SGD: gradient of '{n}' is not per-example")
+        return grads, state
+
+    # Layer-wise, every trainable parameter gets its norms from a layer rule or the
+    # runner materializes the model; nothing to scale.
+    return Aggregator("require_all_parameters", init, update, "per_example", "per_example",
+                      kind="require_all_parameters", example_wise=True,
+                      row_scale=RowScale(lambda norms_sq: {}, needs_norms=False))
+
+
+@register_aggregator("dp_sgd")
+def dp_sgd(max_norm: float, noise_multiplier: float, expected_batch_size: float, *,
+           per_layer: bool = False, seed: int | None = None) -> Aggregator:
+    """The DP-SGD update: check, clip to ``C``, sum, divide by ``L``, add noise.
+
+    ``chain(require_all_parameters(), clip(C, per_layer), normalized_sum(L),
+    gaussian_noise(sigma, C, L))``: per-example gradients in, one private update out.
+    """
+    return chain(
+        require_all_parameters(),
+        clip(max_norm, per_layer=per_layer),
+        normalized_sum(expected_batch_size),
+        gaussian_noise(noise_multiplier, max_norm, expected_batch_size, seed=seed),
+    )

@@ -1,0 +1,428 @@
+"""One aggregation step: :func:`step_update` (and the layer-wise runner behind it).
+
+A step turns a batch into an update through an aggregator, by the cheapest of three
+paths, each asked of the aggregator (never of its name):
+
+* **plain backward**: the aggregator takes batch gradients (``rm3``) and nothing needs
+  per-example gradients: one ordinary backward pass of the mean loss;
+* **layer-wise**: the aggregator is ``[row-scale stages] > reducer > [batch stages]``
+  where every row-scale stage has a :class:`~gradsift.aggregate.base.RowScale` form
+  (``clip``, ``drop_nonfinite``, ``group_masking``, ``require_all_parameters``) and the
+  reducer has a ``weighted_sums`` form (``mean``, ``normalized_sum``, ``m3``, ``gaf``) or
+  is ``per_coordinate`` (``winsorize``, ``trimmed_mean``, ``coordinate_median``), on a
+  hookable model. One forward and one backward pass record each layer's activations and
+  output gradients; the row factors come from ghost norms; a weighted-sums reducer never
+  forms per-example gradients (book-keeping: ``clip > mean`` costs about one backward),
+  a per-coordinate one forms them a cache-sized block of one layer at a time;
+* **materialized**: per-example gradients of the whole model
+  (:func:`gradsift.engine.per_example`), then the aggregator's local form.
+
+With ``comm`` (a :class:`~gradsift.distributed.comm.Comm`) every path is exact across
+ranks: the layer-wise path all-reduces the weighted sums, the others run
+:class:`~gradsift.aggregate.sharded.GlobalAggregation`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .. import layers
+from ..engine import (LossFn, Method, batch_gradient, check_per_example_safe, per_example,
+                      resolve_method, trainable_parameters)
+from .base import (Aggregator, Comm, Grads, Shard, State, aggregator_from_spec, apply,
+                   row_view)
+from .sharded import GlobalAggregation
+
+
+# ---------------------------------------------------------------- the layer-wise plan
+
+@dataclass(frozen=True)
+class LayerwisePlan:
+    """How to run an aggregator layer by layer.
+
+    Attributes:
+        scales: ``(index in the chain, stage)`` of the row-scale stages, in order.
+        reducer: the reducing stage and its index.
+        tail: ``(index, stage)`` of the batch -> batch stages after it.
+        chained: the aggregator is a chain (its state is a tuple).
+    """
+
+    scales: tuple[tuple[int, Aggregator], ...]
+    reducer: tuple[int, Aggregator]
+    tail: tuple[tuple[int, Aggregator], ...]
+    chained: bool
+
+    @property
+    def needs_norms(self) -> bool:
+        return any(s.row_scale.needs_norms for _, s in self.scales)  # type: ignore[union-attr]
+
+
+def plan(aggregator: Aggregator) -> LayerwisePlan | None:
+    """A :class:`LayerwisePlan` for ``aggregator``, or ``None`` when it has no layer-wise
+    form (see the module doc)."""
+    stages = aggregator.stages
+    i, scales = 0, []
+    while i < len(stages) and stages[i].output == "per_example":
+        if stages[i].row_scale is None:
+            return None
+        scales.append((i, stages[i]))
+        i += 1
+    if i >= len(stages):
+        return None
+    red = stages[i]
+    if red.input != "per_example" or red.needs or (red.weighted_sums is None and red.per_coordinate is None):
+        return None
+    tail = []
+    for j in range(i + 1, len(stages)):
+        if stages[j].input != "batch" or stages[j].parts or stages[j].needs:
+            return None
+        tail.append((j, stages[j]))
+    return LayerwisePlan(tuple(scales), (i, red), tuple(tail), bool(aggregator.parts))
+
+
+def _row_factors(p: LayerwisePlan, model: nn.Module, rec: layers.Recording,
+                 side: dict[str, Tensor]) -> dict[str, Tensor] | None:
+    """Product of the row-scale stages' factors, name -> ``[B]`` (absent: 1), or ``None``
+    when the batch must be materialized (non-finite norms, a stage that declines)."""
+    if not p.scales:
+        return {}
+    b = rec.losses.shape[0]
+    if p.needs_norms:
+        norms = layers.recording_norms_sq(model, rec)
+        if not all(bool(torch.isfinite(v).all()) for v in norms.values()):
+            return None
+    else:
+        norms = {n: rec.losses.new_zeros(b) for n in trainable_parameters(model)}
+    factors: dict[str, Tensor] = {}
+    for _, stage in p.scales:
+        f = stage.row_scale.factors(norms, **{k: side[k] for k in stage.needs})  # type: ignore[union-attr]
+        if f is None:
+            return None
+        if isinstance(f, Tensor):
+            f = {n: f for n in norms}
+        for n, v in f.items():
+            v = v.to(rec.losses.device, rec.losses.dtype)
+            factors[n] = factors[n] * v if n in factors else v
+            norms[n] = norms[n] * v.square()
+    return factors
+
+
+def layerwise_update(model: nn.Module, rec: layers.Recording, p: LayerwisePlan,
+                     side: dict[str, Tensor] | None = None, shard: Shard | None = None) -> Grads | None:
+    """The reduced update (name -> ``param.shape``) from a recording, layer by layer.
+
+    Args:
+        side: side inputs for the row-scale stages (``positions`` for masking), ``[B]`` each.
+        shard: this rank's place in a global batch: the weighted sums are all-reduced
+            (only weighted-sums reducers).
+
+    Returns:
+        ``None`` when the batch must take the materialized path instead (some per-example
+        gradient is not finite, or a stage declines); the caller then runs it, which
+        drops or reports those examples. With ``shard`` every rank returns ``None`` alike.
+    """
+    side = side or {}
+    b = rec.losses.shape[0]
+    factors = _row_factors(p, model, rec, side)
+    if shard is not None and not _agree(shard, factors is not None):
+        return None
+    if factors is None:
+        return None
+    names = layers.parameter_names(model, {n: c.module for n, c in rec.captures.items()})
+    red = p.reducer[1]
+    if red.weighted_sums is not None:
+        update = _weighted(model, rec, names, factors, red, b, shard)
+    else:
+        update = _per_coordinate(model, rec, names, factors, red)
+    if shard is not None and not _agree(shard, update is not None):
+        return None
+    return update
+
+
+def _agree(shard: Shard, ok: bool) -> bool:
+    """True on every rank when ``ok`` on every rank."""
+    return int(shard.comm.all_reduce_sum(torch.tensor([0.0 if ok else 1.0]))[0]) == 0
+
+
+def _own(names: dict[tuple[str, str], str], lname: str) -> dict[str, str]:
+    return {local: n for (l, local), n in names.items() if l == lname}
+
+
+def _weighted(model, rec, names, factors, red: Aggregator, b: int, shard: Shard | None) -> Grads | None:
+    form = red.weighted_sums
+    dtype, device = rec.losses.dtype, rec.losses.device
+    if shard is None:
+        W = form.weights(b, dtype, device)
+    else:
+        W = form.weights(shard.total, dtype, device)[:, shard.offset : shard.offset + b]
+    k = W.shape[0]
+    sums: dict[str, list[Tensor]] = {}
+
+    def add(name: str, j: int, value: Tensor) -> None:
+        parts = sums.setdefault(name, [None] * k)  # type: ignore[list-item]
+        parts[j] = value if parts[j] is None else parts[j] + value
+
+    for lname, cap in rec.captures.items():
+        own = _own(names, lname)
+        fs = {local: factors.get(n) for local, n in own.items()}
+        same = len({id(f) for f in fs.values()}) == 1
+        for j in range(k):
+            if same:
+                f = next(iter(fs.values()))
+                w = W[j] if f is None else W[j] * f
+                for local, g in layers.layer_weighted_sum(cap, w).items():
+                    add(own[local], j, g)
+            else:
+                for local, name in own.items():
+                    f = fs[local]
+                    w = W[j] if f is None else W[j] * f
+                    add(name, j, layers.layer_weighted_sum(cap, w)[local])
+    stacked: Grads = {}
+    for n, par in trainable_parameters(model).items():
+        parts = sums.get(n)
+        stacked[n] = (torch.stack(parts) if parts is not None and all(x is not None for x in parts)
+                      else par.new_zeros((k, *par.shape)))
+    if shard is not None:
+        stacked = shard.all_reduce(stacked)
+    if not all(bool(torch.isfinite(s).all()) for s in stacked.values()):
+        return None
+    return form.combine(stacked)
+
+
+def _per_coordinate(model, rec, names, factors, red: Aggregator) -> Grads | None:
+    fn = red.per_coordinate
+    shared = {n for n, c in Counter(names.values()).items() if c > 1}
+    update: Grads = {}
+    pending: Grads = {}  # per-example grads of shared parameters, reduced at the end
+
+    def reduce_one(name: str, g: Tensor) -> Tensor | None:
+        f = factors.get(name)
+        if f is not None:
+            g = g * row_view(f, g)
+        if not bool(torch.isfinite(g.sum())):
+            return None
+        return fn(g)
+
+    for lname, cap in rec.captures.items():
+        own = _own(names, lname)
+        if set(own.values()) & shared:
+            for local, g in layers.layer_grads(cap).items():
+                name = own[local]
+                if name in shared:
+                    pending[name] = pending[name] + g if name in pending else g
+                else:
+                    part = reduce_one(name, g)
+                    if part is None:
+                        return None
+                    update[name] = part
+            continue
+        reduced = layers.layer_reduced(cap, fn, lambda local, own=own: factors.get(own[local]))
+        if reduced is None:
+            return None
+        for local, value in reduced.items():
+            update[own[local]] = value
+    for name, g in pending.items():
+        part = reduce_one(name, g)
+        if part is None:
+            return None
+        update[name] = part
+    for name, par in trainable_parameters(model).items():
+        if name not in update:
+            update[name] = torch.zeros_like(par)
+    return update
+
+
+def run_tail(p: LayerwisePlan, update: Grads, state: State) -> tuple[Grads, State]:
+    """Apply the batch stages after the reducer; return the new full state."""
+    if not p.chained:
+        return update, state
+    new_state = list(state)
+    for j, agg in p.tail:
+        update, new_state[j] = agg.update(update, new_state[j])
+    return update, tuple(new_state)
+
+
+# ---------------------------------------------------------------- one step
+
+class StepUpdate(NamedTuple):
+    """What :func:`step_update` returns.
+
+    Attributes:
+        update: name -> ``param.shape`` (write it with :func:`~gradsift.aggregate.write_grads`).
+        state: the aggregator's new state.
+        losses: ``[b]`` per-example losses of this process's examples (detached).
+        outputs: ``[b, ...]`` model outputs (detached).
+        grads: name -> ``[b, *shape]`` per-example gradients when they were formed for the
+            whole model (always with ``keep_grads=True``), else ``None``.
+        path: ``"plain"``, ``"layerwise"`` or ``"materialized"``.
+    """
+
+    update: Grads
+    state: State
+    losses: Tensor
+    outputs: Tensor
+    grads: Grads | None
+    path: str
+
+
+def _resolve(aggregator: Aggregator | str) -> Aggregator:
+    if isinstance(aggregator, str):
+        aggregator = aggregator_from_spec(aggregator)
+    if not isinstance(aggregator, Aggregator):
+        raise TypeError(f"aggregator must be an Aggregator or a spec string, got {type(aggregator)}")
+    if aggregator.output != "batch":
+        raise ValueError(
+            f"aggregator {aggregator.name} gives per-example gradients; chain a reducer such as "
+            "gs.aggregate.mean() after it"
+        )
+    return aggregator
+
+
+def step_update(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: Tensor,
+    targets: Tensor,
+    aggregator: Aggregator | str,
+    state: State = None,
+    *,
+    keep_grads: bool = False,
+    comm: Comm | None = None,
+    chunk_size: int | None = None,
+    method: Method = "auto",
+    layerwise: bool = True,
+    **side_inputs: Tensor,
+) -> StepUpdate:
+    """One step's update through ``aggregator``, by the cheapest exact path.
+
+    Args:
+        model, loss_fn: as for :func:`gradsift.engine.per_example`.
+        inputs: ``[b, ...]`` this process's examples; targets: ``[b, ...]``.
+        aggregator: an :class:`~gradsift.aggregate.Aggregator` or a spec string.
+        state: its state (``None``: ``aggregator.init``).
+        keep_grads: form and return the per-example gradients (a recorder needs them).
+        comm: make the update exact over the ranks of this process group (each rank
+            passes its contiguous shard of the global batch, in rank order).
+        chunk_size: for the materialized path, as in :func:`~gradsift.engine.per_example`.
+        method: ``"auto"``, ``"hooks"`` or ``"vmap"`` (``"vmap"`` never runs layer-wise).
+        layerwise: ``False`` forbids the layer-wise path (checks and benchmarks).
+        **side_inputs: ``positions``, ``example_ids``, ... (``[b]`` each) for aggregators
+            that declare them in ``needs``; ``losses``, ``outputs``, ``targets`` are supplied.
+
+    Returns:
+        :class:`StepUpdate` ``(update, state, losses, outputs, grads, path)``.
+    """
+    aggregator = _resolve(aggregator)
+    if inputs.shape[:1] != targets.shape[:1]:
+        raise ValueError(f"inputs and targets disagree on the batch size: {inputs.shape[0]} vs {targets.shape[0]}")
+    if state is None:
+        state = aggregator.init({n: p.detach() for n, p in trainable_parameters(model).items()})
+    ga = GlobalAggregation(aggregator, comm) if comm is not None else None
+    b = int(inputs.shape[0])
+
+    if aggregator.input == "batch" and not keep_grads:
+        grads, losses, outputs = batch_gradient(model, loss_fn, inputs, targets) if b else (
+            {n: torch.zeros_like(p) for n, p in trainable_parameters(model).items()},
+            inputs.new_zeros((0,)), inputs.new_zeros((0,)))
+        extras = {"losses": losses, "outputs": outputs, "targets": targets, **side_inputs}
+        if ga is not None:
+            update, state = ga.update_batch(grads, b, state, **extras)
+        else:
+            update, state = apply(aggregator, grads, state, **extras)
+        return StepUpdate(update, state, losses, outputs, None, "plain")
+
+    check_per_example_safe(model)
+    p = plan(aggregator) if (layerwise and not keep_grads) else None
+    if p is not None and (ga is not None and p.reducer[1].weighted_sums is None):
+        p = None  # sharded per-coordinate reducers need every rank's rows: materialize
+    if p is not None:
+        rec = None
+        if b > 0 and resolve_method(model, method) == "hooks":
+            try:
+                rec = layers.record(model, loss_fn, inputs, targets)
+            except layers.NotHookable:
+                if method == "hooks":
+                    raise
+        # under comm every rank takes the same path (a rank without examples materializes)
+        if ga is not None and not _agree_comm(comm, rec is not None):
+            rec = None
+        if rec is not None:
+            shard = ga.shard(b) if ga is not None else None
+            update = layerwise_update(model, rec, p, dict(side_inputs), shard)
+            if update is not None:
+                update, state = run_tail(p, update, state)
+                return StepUpdate(update, state, rec.losses, rec.outputs, None, "layerwise")
+
+    pe = per_example(model, loss_fn, inputs, targets, chunk_size=chunk_size, method=method)
+    extras = {"losses": pe.losses, "outputs": pe.outputs, "targets": targets, **side_inputs}
+    if aggregator.input == "per_example":
+        if ga is not None:
+            update, state = ga.update(pe.grads, state, **extras)
+        else:
+            update, state = apply(aggregator, pe.grads, state, **extras)
+    else:
+        batch = {n: g.mean(0) if g.shape[0] else g.new_zeros(g.shape[1:]) for n, g in pe.grads.items()}
+        if ga is not None:
+            update, state = ga.update_batch(batch, b, state, **extras)
+        else:
+            update, state = apply(aggregator, batch, state, **extras)
+    return StepUpdate(update, state, pe.losses, pe.outputs, pe.grads, "materialized")
+
+
+def _agree_comm(comm: Comm, ok: bool) -> bool:
+    return int(comm.all_reduce_sum(torch.tensor([0.0 if ok else 1.0]))[0]) == 0
+
+
+# ---------------------------------------------------------------- aggregated_gradient
+
+@dataclass
+class Aggregated:
+    """Result of :func:`aggregated_gradient`.
+
+    Attributes:
+        update: name -> ``param.shape`` update direction.
+        losses: ``[B]`` per-example losses (detached).
+        outputs: ``[B, ...]`` model outputs (detached).
+        state: the aggregator's new state.
+        fused: whether the layer-wise path ran (else per-example gradients were formed
+            for the whole model, then aggregated).
+    """
+
+    update: Grads
+    losses: Tensor
+    outputs: Tensor
+    state: Any
+    fused: bool
+
+
+def aggregated_gradient(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: Tensor,
+    targets: Tensor,
+    aggregator: Aggregator | str,
+    state: Any = None,
+    *,
+    method: Method = "auto",
+    fuse: bool = True,
+    chunk_size: int | None = None,
+) -> Aggregated:
+    """Aggregate per-example gradients into one update, layer by layer where possible.
+
+    :func:`step_update` for per-example aggregators (a batch-input aggregator such as
+    ``rm3`` gets the mean of materialized per-example gradients here); ``fuse=False``
+    forces the materialized path. Both give the same update up to float rounding.
+
+    Returns:
+        :class:`Aggregated` ``(update, losses, outputs, state, fused)``.
+    """
+    aggregator = _resolve(aggregator)
+    check_per_example_safe(model)
+    r = step_update(model, loss_fn, inputs, targets, aggregator, state, method=method,
+                    layerwise=fuse, chunk_size=chunk_size, keep_grads=aggregator.input == "batch")
+    return Aggregated(r.update, r.losses, r.outputs, r.state, fused=r.path == "layerwise")

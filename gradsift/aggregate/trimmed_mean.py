@@ -1,0 +1,73 @@
+"""``trimmed_mean``: coordinate-wise trimmed mean.
+
+Math: per coordinate, ``k = floor(fraction * B)`` values are dropped at each end and the
+rest averaged; ``k`` is capped at ``(B - 1) // 2`` so at least one value remains.
+
+Layer-wise form: per coordinate. Sharded form: global ``(k+1)``-th smallest/largest
+bounds from an all-gather of every rank's ``k+1`` extremes (``2(k+1)P``), then one
+all-reduce of ``3P`` (sums strictly inside the bounds and tie counts).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .base import Aggregator, Grads, Shard, State, empty_guard, reducer, register_aggregator
+from .winsorize import global_bounds
+
+
+def trimmed_mean_of(x: Tensor, fraction: float) -> Tensor:
+    """Trimmed mean over the batch axis: ``[B, ...] -> [...]`` (see the module doc)."""
+    if not 0.0 <= fraction < 0.5:
+        raise ValueError(f"fraction must be in [0, 0.5), got {fraction}")
+    empty = empty_guard(x)
+    if empty is not None:
+        return empty
+    b = x.shape[0]
+    k = min(int(math.floor(fraction * b)), (b - 1) // 2)
+    if k == 0:
+        return x.mean(0)
+    s = torch.sort(x, dim=0).values
+    return s[k : b - k].mean(0)
+
+
+@register_aggregator("trimmed_mean")
+def trimmed_mean(fraction: float = 0.1) -> Aggregator:
+    """Coordinate-wise trimmed mean; see :func:`trimmed_mean_of`."""
+    fraction = float(fraction)
+    if not 0.0 <= fraction < 0.5:
+        raise ValueError(f"trimmed_mean: fraction must be in [0, 0.5), got {fraction}")
+    name = f"trimmed_mean(fraction={fraction:g})"
+
+    def sharded(grads: Grads, state: State, shard: Shard) -> tuple[Grads, State]:
+        shard.check_finite(grads, name)
+        b = shard.total
+        if b == 0:
+            return {n: g.new_zeros(g.shape[1:]) for n, g in grads.items()}, state
+        k = min(int(math.floor(fraction * b)), (b - 1) // 2)
+        if k == 0:
+            return {n: v / b for n, v in shard.all_reduce({n: g.sum(0) for n, g in grads.items()}).items()}, state
+        # l, u: the smallest and largest kept values. Kept: everything strictly between,
+        # plus (#<=l - k) copies of l and (#>=u - k) copies of u; all of it is l if l == u.
+        stats, bounds = {}, {}
+        for n, g in grads.items():
+            lower, upper = global_bounds(shard, g, k + 1)
+            inside = (g > lower) & (g < upper)
+            stats[n] = torch.stack([
+                torch.where(inside, g, torch.zeros_like(g)).sum(0),
+                (g <= lower).sum(0).to(g.dtype),
+                (g >= upper).sum(0).to(g.dtype),
+            ])
+            bounds[n] = (lower, upper)
+        out = {}
+        for n, s in shard.all_reduce(stats).items():
+            lower, upper = bounds[n]
+            kept = s[0] + lower * (s[1] - k) + upper * (s[2] - k)
+            out[n] = torch.where(lower == upper, lower, kept / (b - 2 * k))
+        return out, state
+
+    return reducer(name, "trimmed_mean", per_coordinate=lambda x: trimmed_mean_of(x, fraction),
+                   sharded=sharded, fraction=fraction)

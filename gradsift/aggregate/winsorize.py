@@ -1,0 +1,170 @@
+"""``winsorize``: coordinate-wise winsorized mean (Chatterjee, "Coherent Gradients", 2020).
+
+Math: per coordinate, the ``c`` smallest values are raised to the ``(c+1)``-th smallest
+and the ``c`` largest lowered to the ``(c+1)``-th largest, then the B values are
+averaged. ``c`` is capped at ``(B - 1) // 2`` (the coordinate median).
+
+Layer-wise form: per coordinate (cache-sized blocks of one layer). Sharded form: each
+rank sends its ``c+1`` largest and smallest values per coordinate (all-gather of
+``2(c+1)P``), every rank finds the global bounds and all-reduces the sums of the clamped
+values (``P``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import (Aggregator, Grads, Shard, State, empty_guard, reducer, register_aggregator)
+
+#: Largest ``c`` winsorized by the tournament (its cost grows like c^2); above, topk.
+TOURNAMENT_MAX_C = 3
+#: Elements per column block of the tournament (about 4 MB of float32: cache-sized).
+BLOCK_ELEMENTS = 1 << 20
+
+
+def winsorized_mean(x: Tensor, c: int) -> Tensor:
+    """Winsorized mean over the batch axis: ``[B, ...] -> [...]`` (see the module doc).
+
+    Computed by selection, never by sorting the batch: the result is
+    ``(sum - top_c - bottom_c + c * u + c * l) / B`` with ``u``/``l`` the ``(c+1)``-th
+    largest/smallest values. For ``c <= 3`` these come from a pairwise tournament of
+    element-wise max/min over cache-sized column blocks (:func:`batch_extremes`); larger
+    ``c`` uses ``topk``.
+    """
+    if c < 0:
+        raise ValueError(f"c must be >= 0, got {c}")
+    empty = empty_guard(x)
+    if empty is not None:
+        return empty
+    b = x.shape[0]
+    c = min(c, (b - 1) // 2)
+    if c == 0:
+        return x.mean(0)
+    flat = x.reshape(b, -1)
+    if c > TOURNAMENT_MAX_C:
+        top = torch.topk(flat, c + 1, dim=0, largest=True, sorted=True).values
+        bottom = torch.topk(flat, c + 1, dim=0, largest=False, sorted=True).values
+        out = flat.sum(0) - top[:c].sum(0) - bottom[:c].sum(0) + c * (top[c] + bottom[c])
+        return (out / b).view(x.shape[1:])
+    out = flat.new_empty(flat.shape[1])
+    block = max(1, BLOCK_ELEMENTS // b)
+    for start in range(0, flat.shape[1], block):
+        part = flat[:, start : start + block]
+        top, bottom = batch_extremes(part, c + 1)
+        acc = part.sum(0)
+        for t in top[:c]:
+            acc -= t
+        for t in bottom[:c]:
+            acc -= t
+        acc += c * (top[c] + bottom[c])
+        out[start : start + block] = acc / b
+    return out.view(x.shape[1:])
+
+
+def merge_sorted(a: list[Tensor], b: list[Tensor], k: int, largest: bool) -> list[Tensor]:
+    """The k largest (or smallest) of two per-coordinate sorted lists, sorted.
+
+    The j-th largest of the union is ``max_i min(a_i, b_{j-i})`` over the splits with
+    ``a_0 = b_0 = +inf`` (the terms with ``a_0``/``b_0`` are just ``b_j``/``a_j``).
+    """
+    better, worse = (torch.maximum, torch.minimum) if largest else (torch.minimum, torch.maximum)
+    out = []
+    for j in range(1, min(k, len(a) + len(b)) + 1):
+        best: Tensor | None = None
+        for i in range(0, j + 1):
+            if i > len(a) or j - i > len(b):
+                continue
+            if i == 0:
+                term = b[j - 1]
+            elif i == j:
+                term = a[j - 1]
+            else:
+                term = worse(a[i - 1], b[j - i - 1])
+            best = term if best is None else better(best, term)
+        out.append(best)
+    return out
+
+
+def batch_extremes(x: Tensor, k: int) -> tuple[list[Tensor], list[Tensor]]:
+    """Per-coordinate k largest (descending) and k smallest (ascending) over axis 0.
+
+    A pairwise tournament: the two halves of the batch are merged element-wise with
+    max/min (one op per output element at the first level, ``O(k^2)`` after), so the
+    work is a few passes over ``x``, all on contiguous rows.
+
+    Args:
+        x: ``[B, N]`` with ``B >= k``.
+
+    Returns:
+        (``k`` tensors ``[N]``, largest first; ``k`` tensors ``[N]``, smallest first).
+    """
+    m = x.shape[0]
+    if m < k:
+        raise ValueError(f"need at least k={k} rows, got {m}")
+    top: list[Tensor] = [x]
+    bottom: list[Tensor] = [x]
+    leftovers: list[tuple[list[Tensor], list[Tensor]]] = []
+    first = True
+    while m > 1:
+        h = m // 2
+        if m % 2:
+            leftovers.append(([t[2 * h :] for t in top], [t[2 * h :] for t in bottom]))
+        if first:
+            hi = torch.maximum(x[:h], x[h : 2 * h])
+            lo = torch.minimum(x[:h], x[h : 2 * h])
+            top, bottom = [hi, lo][:k], [lo, hi][:k]
+            first = False
+        else:
+            top = merge_sorted([t[:h] for t in top], [t[h : 2 * h] for t in top], k, True)
+            bottom = merge_sorted([t[:h] for t in bottom], [t[h : 2 * h] for t in bottom], k, False)
+        m = h
+    for lt, lb in reversed(leftovers):
+        top = merge_sorted(top, lt, k, True)
+        bottom = merge_sorted(bottom, lb, k, False)
+    return [t[0] for t in top], [t[0] for t in bottom]
+
+
+def topk_padded(x: Tensor, k: int, largest: bool) -> Tensor:
+    """The ``k`` largest (or smallest) values per coordinate of ``x`` ``[n, ...]`` ->
+    ``[k, ...]``, padded with -inf (+inf) when ``n < k``."""
+    if x.shape[0] < k:
+        fill = float("-inf") if largest else float("inf")
+        x = torch.cat([x, x.new_full((k - x.shape[0], *x.shape[1:]), fill)])
+    return torch.topk(x, k, dim=0, largest=largest, sorted=True).values
+
+
+def global_bounds(shard: Shard, x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Global k-th smallest and k-th largest per coordinate of the rows of all ranks."""
+    top = torch.cat(shard.comm.all_gather(topk_padded(x, k, largest=True)))
+    bottom = torch.cat(shard.comm.all_gather(topk_padded(x, k, largest=False)))
+    upper = torch.topk(top, k, dim=0, largest=True, sorted=True).values[-1]
+    lower = torch.topk(bottom, k, dim=0, largest=False, sorted=True).values[-1]
+    return lower, upper
+
+
+@register_aggregator("winsorize")
+def winsorize(c: int = 1) -> Aggregator:
+    """Coordinate-wise winsorized mean; see :func:`winsorized_mean`."""
+    c = int(c)
+    if c < 0:
+        raise ValueError(f"winsorize: c must be >= 0, got {c}")
+    name = f"winsorize(c={c})"
+
+    def sharded(grads: Grads, state: State, shard: Shard) -> tuple[Grads, State]:
+        shard.check_finite(grads, name)
+        b = shard.total
+        if b == 0:
+            return {n: g.new_zeros(g.shape[1:]) for n, g in grads.items()}, state
+        cc = min(c, (b - 1) // 2)
+        sums = {}
+        for n, g in grads.items():
+            if cc == 0:
+                sums[n] = g.sum(0)
+                continue
+            lower, upper = global_bounds(shard, g, cc + 1)
+            sums[n] = torch.minimum(torch.maximum(g, lower), upper).sum(0)
+        return {n: v / b for n, v in shard.all_reduce(sums).items()}, state
+
+    return reducer(name, "winsorize", per_coordinate=lambda x: winsorized_mean(x, c),
+                   sharded=sharded, c=c)
