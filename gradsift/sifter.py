@@ -311,6 +311,10 @@ class Sifter:
         self._epoch_row = None
         if self.run is not None:
             self.run.write_table("metrics", pd.DataFrame(self.history))
+        for r in self.recorders:
+            logged = getattr(r, "on_epoch_logged", None)
+            if logged is not None:
+                logged(self, row)
         return row
 
     def close(self, **manifest: Any) -> None:
