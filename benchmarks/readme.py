@@ -98,8 +98,7 @@ def render(result: dict) -> str:
                       "processes running during the measurement, so absolute times are inflated and noisy; read "
                       "the ratios, which compare interleaved calls, and re-run on a quiet machine for final numbers."]
     if result.get("partial"):
-        parts += ["", f"**Partial run**: interrupted after sections {', '.join(sorted({t.get('title', '')[:2] for t in result['tables']}))}; "
-                      "the other sections were not measured."]
+        parts += ["", "**Partial run**: the run stopped early; only the tables below were measured."]
     if m["mode"] == "quick":
         parts += ["", "Quick mode: fewer repeats; the real models (section 4) at the first thread count only; "
                       "the main job (section 5) and the ensemble were not run."]

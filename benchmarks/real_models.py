@@ -151,7 +151,7 @@ def opacus_ghost_step(model, b: int):
     return run
 
 
-def _lazy(make):
+def lazy(make):
     """Build a method on first call, so a constructor that raises (Opacus refusing a
     model) becomes that method's error row."""
     box = []
@@ -180,8 +180,8 @@ def run(threads: int, s: C.Settings, models: tuple[str, ...] = MODELS) -> C.Sect
         m = [copy.deepcopy(model) for _ in range(6)]
         grads = {
             "gradsift": lambda x, y, mm=m[0]: C.per_example_grads(mm, loss_fn, x, y),
-            "opacus" + (" (DPLSTM)" if name == "lstm" else ""): _lazy(lambda: opacus_grads(opacus_model(name, m[1]), loss_fn)),
-            "torch.func": _lazy(lambda: make_vmap(m[2], loss_fn)),
+            "opacus" + (" (DPLSTM)" if name == "lstm" else ""): lazy(lambda: opacus_grads(opacus_model(name, m[1]), loss_fn)),
+            "torch.func": lazy(lambda: make_vmap(m[2], loss_fn)),
             "loop": loop_grads(m[3], loss_fn),
         }
         t = C.compare({k: (lambda f=f: f(x, y)) for k, f in grads.items()}, s)
@@ -205,9 +205,9 @@ def run(threads: int, s: C.Settings, models: tuple[str, ...] = MODELS) -> C.Sect
             "plain step": plain_step(m[4], loss_fn),
             "gradsift dp_sgd": gradsift_dp_step(m[5], loss_fn, B, paths),
             "opacus DP" + (" (DPLSTM)" if name == "lstm" else ""):
-                _lazy(lambda: opacus_dp_step(opacus_model(name, copy.deepcopy(model)), loss_fn, B)),
+                lazy(lambda: opacus_dp_step(opacus_model(name, copy.deepcopy(model)), loss_fn, B)),
             "opacus ghost DP" + (" (DPLSTM)" if name == "lstm" else ""):
-                _lazy(lambda: opacus_ghost_step(opacus_model(name, copy.deepcopy(model)), B)),
+                lazy(lambda: opacus_ghost_step(opacus_model(name, copy.deepcopy(model)), B)),
         }
         t = C.compare({k: (lambda f=f: f(x, y)) for k, f in steps.items()}, s)
         for k in steps:

@@ -88,9 +88,9 @@ def methods(b: int, names: list[str] | None = None, paths: dict[str, str] | None
 
         out[name] = agg_step()
     if names is None or "opacus ghost DP" in names:
-        from .real_models import _lazy, opacus_ghost_step
+        from .real_models import lazy, opacus_ghost_step
 
-        ghost = _lazy(lambda m=copy.deepcopy(model): opacus_ghost_step(m, b))
+        ghost = lazy(lambda m=copy.deepcopy(model): opacus_ghost_step(m, b))
         out["opacus ghost DP"] = lambda: ghost(x, y)
     return out, model
 

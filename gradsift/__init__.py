@@ -10,7 +10,7 @@ Five-line example::
     print(gs.coherence(grads)["m_coherence"])
 """
 
-from . import aggregate
+from . import aggregate, layers, losses
 from .coherence import coherence
 from .engine import (
     per_example,
@@ -23,17 +23,17 @@ from .errors import DataError, GradsiftError, NonFiniteGradientError, SpecError,
 from .version import __version__
 
 __all__ = [
-    "aggregate", "coherence", "per_example", "per_example_gradients", "per_example_losses",
+    "aggregate", "coherence", "layers", "losses", "per_example", "per_example_gradients", "per_example_losses",
     "per_example_norms", "DataError", "GradsiftError", "NonFiniteGradientError", "SpecError",
     "UnsupportedModelError", "__version__",
 ]
 
 from . import data, distributed, models  # noqa: E402
-from .recorders import CoherenceRecorder  # noqa: E402
+from .recorders import CoherenceRecorder, TensorBoardRecorder  # noqa: E402
 from .sifter import Sifter  # noqa: E402
 from .train import FitResult, Recorder, Trainer, fit  # noqa: E402
 
-__all__ += ["data", "distributed", "models", "CoherenceRecorder", "FitResult", "Recorder", "Sifter", "Trainer", "fit"]
+__all__ += ["data", "distributed", "models", "CoherenceRecorder", "FitResult", "Recorder", "Sifter", "TensorBoardRecorder", "Trainer", "fit"]
 
 from . import backends, ensemble, scores  # noqa: E402
 from .rundir import Run, open_run  # noqa: E402

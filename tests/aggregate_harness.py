@@ -146,7 +146,7 @@ def check_layerwise(agg, model=None, x=None, y=None, steps: int = 2, atol=1e-6, 
         lw = step_update(model, CE, xs, ys, agg, s_lw, **extra)
         mat = step_update(model, CE, xs, ys, agg, s_mat, layerwise=False, **extra)
         assert mat.path == "materialized"
-        assert (lw.path == "layerwise") == expect_layerwise, (agg.name, lw.path)
+        assert (lw.path in ("layerwise", "plain")) == expect_layerwise, (agg.name, lw.path)
         assert set(lw.update) == set(mat.update)
         for n in mat.update:
             torch.testing.assert_close(lw.update[n], mat.update[n], atol=atol, rtol=rtol,
@@ -195,7 +195,7 @@ def check_step_sharded(agg, world_size: int = 2, b: int = 12, expect: str = "lay
 
     for got in run_threads(world_size, rank):
         assert not isinstance(got, BaseException), got
-        assert got.path == expect, got.path
+        assert got.path == expect or (expect == "layerwise" and got.path == "plain"), got.path
         for n in want.update:
             torch.testing.assert_close(got.update[n], want.update[n], atol=1e-5, rtol=1e-4)
 

@@ -76,7 +76,9 @@ def test_step_update_paths():
 
     model, x, y = small_model()
     assert A.step_update(model, CE, x, y, "rm3").path == "plain"
-    assert A.step_update(model, CE, x, y, "mean").path == "layerwise"
+    assert A.step_update(model, CE, x, y, "mean").path == "plain"
+    assert A.step_update(model, CE, x, y, "clip:max_norm=1+mean").path == "layerwise"
+    assert A.step_update(model, CE, x, y, "m3").path == "layerwise"
     r = A.step_update(model, CE, x, y, "mean", keep_grads=True)
     assert r.path == "materialized" and r.grads["4.weight"].shape == (20, 16, 144)
     prelu = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3), torch.nn.PReLU())

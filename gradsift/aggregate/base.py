@@ -75,10 +75,13 @@ class WeightedSums:
         weights: ``(B, dtype, device) -> [k, B]``: row j weighs the B examples of sum j.
         combine: name -> ``[k, *shape]`` sums -> name -> ``shape`` update. It sees every
             parameter at once (``gaf`` needs whole-model cosines).
+        uniform: ``k = 1`` and every weight is ``1/B``: the sum is the gradient of the mean
+            loss, which one ordinary backward pass gives (``mean``).
     """
 
     weights: Callable[[int, torch.dtype, torch.device], Tensor]
     combine: Callable[[Grads], Grads]
+    uniform: bool = False
 
 
 class Comm(Protocol):
@@ -256,6 +259,24 @@ def group_weights(b: int, groups: int, dtype: torch.dtype, device: torch.device)
         if s.stop > s.start:
             w[j, s] = 1.0 / (s.stop - s.start)
     return w
+
+
+#: Elements per block of :func:`by_column_blocks` (about 1 MB of float32: cache-sized).
+SELECT_BLOCK_ELEMENTS = 1 << 18
+
+
+def by_column_blocks(x: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
+    """Apply a per-coordinate selection ``fn: [n, B] -> [n]`` to ``x [B, ...] -> [...]``,
+    a cache-sized block of coordinates at a time, each block transposed so that every
+    coordinate's B values are contiguous (selection along the strided batch axis is
+    several times slower)."""
+    b = x.shape[0]
+    flat = x.reshape(b, -1)
+    out = flat.new_empty(flat.shape[1])
+    block = max(1, SELECT_BLOCK_ELEMENTS // max(b, 1))
+    for start in range(0, flat.shape[1], block):
+        out[start : start + block] = fn(flat[:, start : start + block].T.contiguous())
+    return out.view(x.shape[1:])
 
 
 def median3(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
@@ -478,7 +499,7 @@ __all__ = [
     "Aggregator", "RowScale", "WeightedSums", "Shard", "SIDE_INPUTS", "Grads", "State",
     "chain", "apply", "write_grads", "flat_rows", "finite_rows", "check_finite",
     "squared_norms", "group_slices", "group_weights", "median3", "reducer",
-    "weighted_update", "weighted_sharded", "row_view", "empty_guard", "batch_size",
+    "weighted_update", "weighted_sharded", "row_view", "empty_guard", "batch_size", "by_column_blocks",
     "AGGREGATORS", "register_aggregator", "aggregator_from_spec", "factory_options",
     "clip_factors",
 ]

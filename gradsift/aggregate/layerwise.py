@@ -3,7 +3,8 @@
 A step turns a batch into an update through an aggregator, by the cheapest of three
 paths, each asked of the aggregator (never of its name):
 
-* **plain backward**: the aggregator takes batch gradients (``rm3``) and nothing needs
+* **plain backward**: the aggregator takes batch gradients (``rm3``), or its reducer is
+  the uniform weighted sum (``mean``, with only batch stages after it), and nothing needs
   per-example gradients: one ordinary backward pass of the mean loss;
 * **layer-wise**: the aggregator is ``[row-scale stages] > reducer > [batch stages]``
   where every row-scale stage has a :class:`~gradsift.aggregate.base.RowScale` form
@@ -94,7 +95,7 @@ def _row_factors(p: LayerwisePlan, model: nn.Module, rec: layers.Recording,
     b = rec.losses.shape[0]
     if p.needs_norms:
         norms = layers.recording_norms_sq(model, rec)
-        if not all(bool(torch.isfinite(v).all()) for v in norms.values()):
+        if not _all_finite(norms.values()):
             return None
     else:
         norms = {n: rec.losses.new_zeros(b) for n in trainable_parameters(model)}
@@ -161,6 +162,7 @@ def _weighted(model, rec, names, factors, red: Aggregator, b: int, shard: Shard 
     else:
         W = form.weights(shard.total, dtype, device)[:, shard.offset : shard.offset + b]
     k = W.shape[0]
+    spans = [_span(W[j]) for j in range(k)]
     sums: dict[str, list[Tensor]] = {}
 
     def add(name: str, j: int, value: Tensor) -> None:
@@ -171,27 +173,69 @@ def _weighted(model, rec, names, factors, red: Aggregator, b: int, shard: Shard 
         own = _own(names, lname)
         fs = {local: factors.get(n) for local, n in own.items()}
         same = len({id(f) for f in fs.values()}) == 1
+        sliceable = k > 1 and _sliceable(cap, b)
         for j in range(k):
+            # a row that weighs one contiguous run of examples (m3's groups, gaf's
+            # micro-batches) only needs that run: k sums cost about one
+            lo, hi = spans[j] if sliceable and spans[j] is not None else (0, b)
+            if hi <= lo:
+                continue
+            part = cap if (lo, hi) == (0, b) else _slice_capture(cap, lo, hi)
+            wj = W[j, lo:hi]
             if same:
                 f = next(iter(fs.values()))
-                w = W[j] if f is None else W[j] * f
-                for local, g in layers.layer_weighted_sum(cap, w).items():
+                w = wj if f is None else wj * f[lo:hi]
+                for local, g in layers.layer_weighted_sum(part, w).items():
                     add(own[local], j, g)
             else:
                 for local, name in own.items():
                     f = fs[local]
-                    w = W[j] if f is None else W[j] * f
-                    add(name, j, layers.layer_weighted_sum(cap, w)[local])
+                    w = wj if f is None else wj * f[lo:hi]
+                    add(name, j, layers.layer_weighted_sum(part, w)[local])
     stacked: Grads = {}
     for n, par in trainable_parameters(model).items():
         parts = sums.get(n)
-        stacked[n] = (torch.stack(parts) if parts is not None and all(x is not None for x in parts)
-                      else par.new_zeros((k, *par.shape)))
+        if parts is None:
+            stacked[n] = par.new_zeros((k, *par.shape))
+        else:
+            stacked[n] = torch.stack([x if x is not None else par.new_zeros(par.shape) for x in parts])
     if shard is not None:
         stacked = shard.all_reduce(stacked)
-    if not all(bool(torch.isfinite(s).all()) for s in stacked.values()):
+    if not _all_finite(stacked.values()):
         return None
     return form.combine(stacked)
+
+
+def _all_finite(tensors) -> bool:
+    """Every value finite (a sum is non-finite when any term is: one pass, no bool mask;
+    a finite sum that overflows only sends the batch to the materialized path)."""
+    return all(bool(torch.isfinite(t.sum())) for t in tensors)
+
+
+def _span(w: Tensor) -> tuple[int, int] | None:
+    """``(lo, hi)`` when the nonzero weights of ``w [B]`` are exactly ``lo..hi-1``."""
+    nz = torch.nonzero(w).flatten()
+    if nz.numel() == 0:
+        return (0, 0)
+    lo, hi = int(nz[0]), int(nz[-1]) + 1
+    return (lo, hi) if hi - lo == nz.numel() else None
+
+
+def _sliceable(cap: layers.Capture, b: int) -> bool:
+    """The capture holds only batch-first tensors (no extra call arguments), so a run of
+    examples is a slice of each."""
+    return (not any(cap.kwargs) and all(len(a) <= 1 for a in cap.args)
+            and all(t.shape[:1] == (b,) for t in (*cap.inputs, *cap.grad_outputs)))
+
+
+def _slice_capture(cap: layers.Capture, lo: int, hi: int) -> layers.Capture:
+    """The capture of examples ``lo..hi-1`` only."""
+    return layers.Capture(
+        cap.module, inputs=[a[lo:hi] for a in cap.inputs],
+        grad_outputs=[d[lo:hi] for d in cap.grad_outputs],
+        args=[tuple(x[lo:hi] if isinstance(x, Tensor) else x for x in a) for a in cap.args],
+        kwargs=[dict(kw) for kw in cap.kwargs],
+    )
 
 
 def _per_coordinate(model, rec, names, factors, red: Aggregator) -> Grads | None:
@@ -338,6 +382,23 @@ def step_update(
 
     check_per_example_safe(model)
     p = plan(aggregator) if (layerwise and not keep_grads) else None
+    if p is not None and not p.scales and p.reducer[1].weighted_sums is not None \
+            and p.reducer[1].weighted_sums.uniform and (b > 0 or ga is not None):
+        # the mean of per-example gradients is the gradient of the mean loss
+        if b > 0:
+            grads, losses, outputs = batch_gradient(model, loss_fn, inputs, targets)
+        else:  # a rank without examples still joins the collectives
+            grads = {n: torch.zeros_like(v) for n, v in trainable_parameters(model).items()}
+            losses = outputs = inputs.new_zeros((0,))
+        if ga is not None:
+            grads = ga.global_mean(grads, b)
+        finite = _all_finite(grads.values())
+        if ga is not None:
+            finite = _agree_comm(comm, finite)
+        if finite:  # else materialize: the reducer names the examples (or drops them)
+            update = p.reducer[1].weighted_sums.combine({n: g.unsqueeze(0) for n, g in grads.items()})
+            update, state = run_tail(p, update, state)
+            return StepUpdate(update, state, losses, outputs, None, "plain")
     if p is not None and (ga is not None and p.reducer[1].weighted_sums is None):
         p = None  # sharded per-coordinate reducers need every rank's rows: materialize
     if p is not None:
@@ -389,8 +450,8 @@ class Aggregated:
         losses: ``[B]`` per-example losses (detached).
         outputs: ``[B, ...]`` model outputs (detached).
         state: the aggregator's new state.
-        fused: whether the layer-wise path ran (else per-example gradients were formed
-            for the whole model, then aggregated).
+        fused: whether the per-example gradients of the whole model were never formed
+            (the layer-wise or, for ``mean``, the plain path ran).
     """
 
     update: Grads
@@ -425,4 +486,4 @@ def aggregated_gradient(
     check_per_example_safe(model)
     r = step_update(model, loss_fn, inputs, targets, aggregator, state, method=method,
                     layerwise=fuse, chunk_size=chunk_size, keep_grads=aggregator.input == "batch")
-    return Aggregated(r.update, r.losses, r.outputs, r.state, fused=r.path == "layerwise")
+    return Aggregated(r.update, r.losses, r.outputs, r.state, fused=r.path != "materialized")

@@ -1,8 +1,8 @@
 """``mean``: the plain mean of per-example gradients (the ordinary SGD direction).
 
-Math: ``u = (1/B) sum_i g_i``, one weighted sum with weights ``1/B`` -- so the
-layer-wise form never forms per-example gradients, and the sharded form is one
-all-reduce of ``P`` values.
+Math: ``u = (1/B) sum_i g_i``, one weighted sum with uniform weights ``1/B``: the gradient
+of the mean loss, so a step needs one ordinary backward pass (no per-example gradients,
+no hooks), and the sharded form is one all-reduce of ``P`` values.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ def _first(sums: Grads) -> Grads:
     return {n: s[0] for n, s in sums.items()}
 
 
-#: ``mean`` as one weighted sum (``W = [1/B, ..., 1/B]``).
-MEAN_FORM = WeightedSums(_weights, _first)
+#: ``mean`` as one weighted sum (``W = [1/B, ..., 1/B]``): a plain backward pass gives it.
+MEAN_FORM = WeightedSums(_weights, _first, uniform=True)
 
 
 @register_aggregator("mean", aliases=("sgd",))
