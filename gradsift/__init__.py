@@ -29,11 +29,11 @@ __all__ = [
 ]
 
 from . import data, distributed, models  # noqa: E402
-from .recorders import CoherenceRecorder  # noqa: E402
+from .recorders import CoherenceRecorder, TensorBoardRecorder  # noqa: E402
 from .sifter import Sifter  # noqa: E402
 from .train import FitResult, Recorder, Trainer, fit  # noqa: E402
 
-__all__ += ["data", "distributed", "models", "CoherenceRecorder", "FitResult", "Recorder", "Sifter", "Trainer", "fit"]
+__all__ += ["data", "distributed", "models", "CoherenceRecorder", "FitResult", "Recorder", "Sifter", "TensorBoardRecorder", "Trainer", "fit"]
 
 from . import backends, ensemble, scores  # noqa: E402
 from .rundir import Run, open_run  # noqa: E402

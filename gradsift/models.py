@@ -22,10 +22,20 @@ def mlp(in_features: int, num_classes: int, *, width: int = 512, depth: int = 2)
 
 
 def cnn(example_shape: tuple[int, ...], num_classes: int, *, channels: int = 16) -> nn.Sequential:
-    """A small CNN: Conv2d for image examples ``(H, W)``, Conv1d for sequences ``(L,)``.
+    """A small CNN: Conv2d for images ``(C, H, W)`` (inputs ``[B, C, H, W]``) or flat
+    images ``(H, W)`` (inputs ``[B, H*W]``), Conv1d for sequences ``(L,)``.
 
     Uses GroupNorm (per-example safe), never BatchNorm.
     """
+    if channels < 1:
+        raise ValueError(f"channels must be >= 1, got {channels}")
+    if len(example_shape) == 3:
+        c, h, w = example_shape
+        return nn.Sequential(
+            nn.Conv2d(c, channels, 3, padding=1), nn.GroupNorm(min(4, channels), channels), nn.ReLU(),
+            nn.Conv2d(channels, channels, 3, padding=1, stride=2), nn.ReLU(),
+            nn.Flatten(), nn.Linear(channels * math.ceil(h / 2) * math.ceil(w / 2), num_classes),
+        )
     if len(example_shape) == 2:
         h, w = example_shape
         return nn.Sequential(
@@ -42,7 +52,7 @@ def cnn(example_shape: tuple[int, ...], num_classes: int, *, channels: int = 16)
             nn.Conv1d(channels, channels, 5, padding=2, stride=2), nn.ReLU(),
             nn.Flatten(), nn.Linear(channels * math.ceil(length / 2), num_classes),
         )
-    raise SpecError(f"cnn: examples of shape {example_shape} are not supported (use (H, W) or (L,))")
+    raise SpecError(f"cnn: examples of shape {example_shape} are not supported (use (C, H, W), (H, W) or (L,))")
 
 
 def model_from_spec(spec: str, example_shape: tuple[int, ...], num_classes: int) -> nn.Module:

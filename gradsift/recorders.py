@@ -31,7 +31,7 @@ from .engine import per_example
 if TYPE_CHECKING:  # annotations only
     from .sifter import Sifter
 
-__all__ = ["StepInfo", "Recorder", "CoherenceRecorder"]
+__all__ = ["StepInfo", "Recorder", "CoherenceRecorder", "TensorBoardRecorder"]
 
 
 @dataclass
@@ -82,6 +82,9 @@ class Recorder:
     def on_epoch_end(self, trainer: "Sifter", epoch: int) -> dict | None: ...
 
     def on_fit_end(self, trainer: "Sifter") -> None: ...
+
+    def on_epoch_logged(self, trainer: "Sifter", row: dict) -> None:
+        """The epoch's finished history row (every recorder's metrics and the evaluation)."""
 
     def state_dict(self) -> dict:
         return {}
@@ -146,3 +149,71 @@ class CoherenceRecorder(Recorder):
 
     def load_state_dict(self, state: dict) -> None:
         self.rows = list(state["rows"])
+
+
+class TensorBoardRecorder(Recorder):
+    """Writes each epoch to TensorBoard (``torch.utils.tensorboard``; needs the
+    ``tensorboard`` package): every number in the epoch's history row as a scalar
+    (``train/acc``, ``test/loss``, ``m_coherence``, ``epsilon`` (privacy spent), ...) and a
+    histogram of every per-example score column of the recorders that keep scores
+    (``scores/forgetting``, ``scores/cum_loss``, ...).
+
+    Args:
+        log_dir: where to write the event files (default: ``RUN/tensorboard`` with a run
+            directory, else ``runs/tensorboard``).
+    """
+
+    def __init__(self, log_dir: str | None = None):
+        self.log_dir = log_dir
+        self.writer = None
+
+    def on_fit_begin(self, trainer: "Sifter") -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:  # tensorboard is an optional dependency
+            from .errors import GradsiftError
+
+            raise GradsiftError("TensorBoardRecorder needs tensorboard: pip install tensorboard") from e
+        log_dir = self.log_dir or (str(trainer.run.path / "tensorboard") if trainer.run is not None
+                                   else "runs/tensorboard")
+        self.writer = SummaryWriter(log_dir=log_dir)
+
+    def on_epoch_logged(self, trainer: "Sifter", row: dict) -> None:
+        epoch = int(row["epoch"])
+        for key, value in row.items():
+            if key == "epoch" or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            split, _, metric = key.partition("_")
+            tag = f"{split}/{metric}" if split in ("train", "test") and metric else key
+            self.writer.add_scalar(tag, float(value), epoch)
+        for r in trainer.recorders:
+            frame = _scores_of(r, trainer)
+            if frame is None:
+                continue
+            for col in frame.columns:
+                values = pd.to_numeric(frame[col], errors="coerce").to_numpy(dtype=float)
+                values = values[~pd.isna(values)]
+                if len(values):
+                    self.writer.add_histogram(f"scores/{col}", values, epoch)
+        self.writer.flush()
+
+    def on_fit_end(self, trainer: "Sifter") -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _scores_of(recorder: Recorder, trainer: "Sifter") -> pd.DataFrame | None:
+    """A recorder's per-example scores so far, if it keeps any."""
+    scores = getattr(recorder, "scores", None)
+    if not callable(scores) or isinstance(recorder, TensorBoardRecorder):
+        return None
+    try:
+        frame = scores()
+    except TypeError:  # scores(example_ids)
+        try:
+            frame = scores(trainer.ids.numpy())
+        except Exception:  # noqa: BLE001 - a recorder without scores yet
+            return None
+    except Exception:  # noqa: BLE001
+        return None
+    return frame.drop(columns=[c for c in ("label",) if c in frame.columns]) if isinstance(frame, pd.DataFrame) else None

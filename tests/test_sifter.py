@@ -237,3 +237,42 @@ def test_fit_and_sifter_on_cuda(digits_small):
     loader = DataLoader(TensorDataset(x, y), batch_size=40)
     res = gs.fit(make_model(), loader, device="cuda", precision="bf16", **{k: v for k, v in kw.items() if k != "batch_size"})
     assert np.isfinite(res.history.train_loss.iloc[0])
+
+
+def test_tensorboard_recorder(digits_small, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tr, te = digits_small
+    gs.fit(make_model(), tr, te, epochs=2, batch_size=50, progress=False, run_dir=tmp_path / "r",
+           recorders=[gs.DynamicsRecorder(), gs.CoherenceRecorder(m=8), gs.TensorBoardRecorder()],
+           privacy=gs.privacy.DPSGD(noise_multiplier=1.0, delta=1e-3, seed=0))
+    acc = EventAccumulator(str(tmp_path / "r" / "tensorboard"))
+    acc.Reload()
+    scalars = set(acc.Tags()["scalars"])
+    assert {"train/acc", "test/loss", "m_coherence", "epsilon"} <= scalars
+    assert [e.step for e in acc.Scalars("epsilon")] == [1, 2]
+    assert {"scores/forgetting", "scores/cum_loss"} <= set(acc.Tags()["histograms"])
+
+
+def test_issue_example_own_loop_without_data(digits_small, tmp_path):
+    """The issue's loop: Sifter(..., recorders=[DynamicsRecorder()], run_dir=...), no data=."""
+    tr, _ = digits_small
+    x, y = tr.tensors()
+    train = gs.data.indexed(TensorDataset(x, y))  # ids = positions
+    loader = DataLoader(train, batch_size=32, shuffle=True)
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gs.Sifter(model, LOSS, aggregator="winsorize:c=3", recorders=[gs.DynamicsRecorder()],
+                   run_dir=tmp_path / "own") as sifter:
+        for epoch in range(2):
+            for ids, xb, yb in loader:
+                losses = sifter.backward(xb, yb, ids=ids)
+                assert losses.shape == (len(ids),)
+                optimizer.step()
+                optimizer.zero_grad()
+            sifter.end_epoch()
+    scores = gs.open_run(tmp_path / "own").scores()
+    assert sorted(scores.index) == list(range(len(tr)))
+    np.testing.assert_array_equal(scores.label.to_numpy(), tr.y)
+    assert scores.forgetting.notna().all()

@@ -8,13 +8,15 @@ be joined back to the data.
 """
 
 from .builtin import BUILTIN, load_digits, load_mnist1d
-from .dataset import Dataset, validate
-from .files import load, load_csv, load_npz
+from .dataset import MAX_CLASSES, Dataset, holdout, validate
+from .files import encode_labels, load, load_csv, load_npz, load_parquet
+from .images import ImageFolder, image_folder, load_image_folder
 from .noise import asymmetric_noise, corrupt, random_labels, symmetric_noise
 from .sources import Examples, IndexedDataset, examples, indexed, to_device
 
 __all__ = [
-    "BUILTIN", "Dataset", "validate", "load_digits", "load_mnist1d", "load", "load_csv",
-    "load_npz", "asymmetric_noise", "corrupt", "random_labels", "symmetric_noise", "Examples",
+    "BUILTIN", "MAX_CLASSES", "Dataset", "holdout", "validate", "load_digits", "load_mnist1d",
+    "encode_labels", "load", "load_csv", "load_npz", "load_parquet", "ImageFolder", "image_folder",
+    "load_image_folder", "asymmetric_noise", "corrupt", "random_labels", "symmetric_noise", "Examples",
     "IndexedDataset", "examples", "indexed", "to_device",
 ]

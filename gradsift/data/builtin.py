@@ -11,11 +11,12 @@ from .dataset import Dataset
 BUILTIN = ("digits", "mnist1d")
 
 
-def load_digits(*, n_train: int = 1400, seed: int = 0) -> tuple[Dataset, Dataset]:
+def load_digits(*, n_train: int = 1400, seed: int = 0, images: bool = False) -> tuple[Dataset, Dataset]:
     """scikit-learn's 8x8 digits (1797 examples, 10 classes), scaled to [0, 1].
 
     Shuffled with ``seed``; the first ``n_train`` examples train, the rest test.
-    Returns ``(train, test)`` with ``x`` of shape ``[N, 64]``.
+    Returns ``(train, test)`` with ``x`` of shape ``[N, 64]`` (``images=True``: images
+    ``[N, 1, 8, 8]`` for CNNs; ``mlp`` flattens either).
     """
     from sklearn.datasets import load_digits as _load
 
@@ -26,7 +27,10 @@ def load_digits(*, n_train: int = 1400, seed: int = 0) -> tuple[Dataset, Dataset
     if not 0 < n_train < len(y):
         raise DataError(f"n_train must be in (0, {len(y)}), got {n_train}")
     tr, te = order[:n_train], order[n_train:]
-    make = lambda idx: Dataset(x[idx], y[idx], 10, example_ids=idx, name="digits", shape=(8, 8))
+    if images:
+        x = x.reshape(-1, 1, 8, 8)
+    shape = (1, 8, 8) if images else (8, 8)
+    make = lambda idx: Dataset(x[idx], y[idx], 10, example_ids=idx, name="digits", shape=shape)
     return make(tr), make(te)
 
 

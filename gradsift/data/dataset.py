@@ -13,6 +13,9 @@ import torch
 
 from ..errors import DataError
 
+#: labels must mean at most this many classes (a label of 1e9 is a mistake, not a class)
+MAX_CLASSES = 100_000
+
 
 @dataclass
 class Dataset:
@@ -28,6 +31,9 @@ class Dataset:
             ``(40,)`` for MNIST-1D), or ``None``.
         clean_y: the labels before corruption, when labels were corrupted.
         corrupted: ``[K]`` positions whose label was changed by corruption.
+        classes: the class names when labels were names (``classes[y]`` is the name),
+            else ``None``.
+        token_ids: ``x`` holds int64 token ids ``[N, L]`` (kept as integers), not features.
     """
 
     x: np.ndarray
@@ -38,9 +44,18 @@ class Dataset:
     shape: tuple[int, ...] | None = None
     clean_y: np.ndarray | None = None
     corrupted: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    classes: tuple[str, ...] | None = None
+    token_ids: bool = False
 
     def __post_init__(self) -> None:
-        self.x = np.asarray(self.x, dtype=np.float32)
+        x = np.asarray(self.x)
+        if x.dtype.kind not in "biuf":
+            raise DataError(f"features have dtype {x.dtype}; they must be real numbers (bool, int or float)")
+        self.x = x.astype(np.int64 if self.token_ids else np.float32, copy=False)
+        if self.classes is not None:
+            self.classes = tuple(str(c) for c in self.classes)
+            if len(self.classes) > self.num_classes:
+                raise DataError(f"{len(self.classes)} class names for num_classes={self.num_classes}")
         self.y = np.asarray(self.y)
         if self.example_ids is None:
             self.example_ids = np.arange(len(self.y), dtype=np.int64)
@@ -56,7 +71,7 @@ class Dataset:
         return len(self.y)
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(x [N, ...] float32, y [N] int64)`` as torch tensors."""
+        """``(x [N, ...] float32 (int64 token ids), y [N] int64)`` as torch tensors."""
         return torch.from_numpy(self.x), torch.from_numpy(self.y)
 
     def subset(self, index: np.ndarray) -> "Dataset":
@@ -81,6 +96,18 @@ class Dataset:
         return mask
 
 
+def holdout(data: Dataset, test_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """Split ``data`` into ``(train, test)``: ``test_fraction`` of the examples (at least
+    one), chosen by a permutation seeded with ``seed``; both keep position order."""
+    if not 0 < test_fraction < 1:
+        raise DataError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    order = np.random.default_rng(seed).permutation(len(data))
+    n_test = max(1, int(round(test_fraction * len(data))))
+    if n_test >= len(data):
+        raise DataError(f"too few examples ({len(data)}) to hold out a test split")
+    return data.subset(np.sort(order[n_test:])), data.subset(np.sort(order[:n_test]))
+
+
 def validate(x: np.ndarray, y: np.ndarray, num_classes: int) -> None:
     """Raise :class:`DataError` for empty data, mismatched lengths, or bad labels."""
     if x.ndim == 0 or len(x) == 0:
@@ -94,8 +121,8 @@ def validate(x: np.ndarray, y: np.ndarray, num_classes: int) -> None:
             pass
         else:
             raise DataError(f"labels must be integers, got dtype {y.dtype}")
-    if num_classes < 1:
-        raise DataError(f"num_classes must be >= 1, got {num_classes}")
+    if not 1 <= num_classes <= MAX_CLASSES:
+        raise DataError(f"num_classes must be in 1..{MAX_CLASSES}, got {num_classes}")
     bad = (y < 0) | (y >= num_classes)
     if bad.any():
         first = int(np.flatnonzero(bad)[0])

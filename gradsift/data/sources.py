@@ -242,6 +242,8 @@ class Examples:
             ds = self.dataset
             if isinstance(ds, IndexedDataset):
                 self._ids = ds.ids
+            elif split_item(ds[0], f"0 of {type(ds).__name__}")[0] is None:  # (inputs, target): positions
+                self._ids = torch.arange(len(self))
             else:
                 self._scan()
         return self._ids

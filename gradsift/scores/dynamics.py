@@ -83,8 +83,13 @@ class DynamicsRecorder(Recorder):
         self._rows: list[pd.DataFrame] = []
 
     def on_fit_begin(self, trainer: Trainer) -> None:
-        self.ids = trainer.ids.numpy()
-        self.labels = trainer.y.numpy()
+        self._slots: dict[int, int] | None = None
+        if getattr(trainer, "data", True) is None:  # a Sifter without data=: learn the ids as they come
+            self._slots = {}
+            self.ids, self.labels = np.zeros(0, np.int64), np.zeros(0, np.int64)
+        else:
+            self.ids = trainer.ids.numpy()
+            self.labels = trainer.y.numpy()
         done = len(self.correct)  # epochs restored from a checkpoint
         if trainer.run is not None:
             trainer.run.drop_parts("dynamics", lambda label: int(label) <= done)
@@ -93,9 +98,27 @@ class DynamicsRecorder(Recorder):
         n = len(self.ids)
         self._epoch = (np.zeros(n, bool), np.full(n, np.nan), np.full(n, np.nan), np.zeros(n, bool))
 
+    def _slots_of(self, step: StepInfo) -> np.ndarray:
+        """Slots of the step's examples when the ids are learnt as they come (new ids get
+        new slots; earlier epochs read as not seen for them)."""
+        ids, targets = step.example_ids.tolist(), step.targets.detach().cpu().numpy()
+        new = [i for i in dict.fromkeys(ids) if i not in self._slots]
+        if new:
+            k = len(new)
+            self._slots.update({i: len(self.ids) + j for j, i in enumerate(new)})
+            first = {i: targets[j] for j, i in reversed(list(enumerate(ids)))}
+            self.ids = np.concatenate([self.ids, np.asarray(new, np.int64)])
+            self.labels = np.concatenate([self.labels, np.asarray([first[i] for i in new], np.int64)])
+            pad = lambda a, v: np.concatenate([a, np.full(k, v, a.dtype)])  # noqa: E731
+            self.correct = [pad(a, False) for a in self.correct]
+            self.losses = [pad(a, np.nan) for a in self.losses]
+            self.margins = [pad(a, np.nan) for a in self.margins]
+            self._epoch = tuple(pad(a, v) for a, v in zip(self._epoch, (False, np.nan, np.nan, False)))
+        return np.asarray([self._slots[i] for i in ids], np.int64)
+
     def on_step(self, trainer: Trainer, step: StepInfo) -> None:
+        pos = step.positions.numpy() if self._slots is None else self._slots_of(step)
         correct, loss, marg, seen = self._epoch
-        pos = step.positions.numpy()
         with torch.no_grad():
             correct[pos] = (step.outputs.argmax(1) == step.targets).numpy()
             loss[pos] = step.losses.double().numpy()
