@@ -10,7 +10,7 @@ Five-line example::
     print(gs.coherence(grads)["m_coherence"])
 """
 
-from . import aggregate
+from . import aggregate, layers, losses
 from .coherence import coherence
 from .engine import (
     per_example,
@@ -23,7 +23,7 @@ from .errors import DataError, GradsiftError, NonFiniteGradientError, SpecError,
 from .version import __version__
 
 __all__ = [
-    "aggregate", "coherence", "per_example", "per_example_gradients", "per_example_losses",
+    "aggregate", "coherence", "layers", "losses", "per_example", "per_example_gradients", "per_example_losses",
     "per_example_norms", "DataError", "GradsiftError", "NonFiniteGradientError", "SpecError",
     "UnsupportedModelError", "__version__",
 ]
