@@ -60,9 +60,15 @@ __all__ = ["RunDir", "Run", "RunDirError", "RunInUseError", "open_run", "atomic_
            "write_parquet", "versions", "is_run_dir", "fingerprint", "config_differences",
            "allow_checkpoint_types", "RESUMABLE"]
 
-# Config keys that may differ when a run is resumed: they cannot change the results so far.
-RESUMABLE = frozenset({"epochs"})
+# Config keys that may differ when a run is resumed: they cannot change the results so far
+# (world_size: the exact distributed mode gives the one-process update on the global batch).
+RESUMABLE = frozenset({"epochs", "world_size"})
 LOCK_NAME = ".lock"
+
+
+# Types of the manifest's fields that gradsift reads back.
+_MANIFEST_TYPES = {"config": (dict, "an object"), "versions": (dict, "an object"), "seed": (int, "an integer"),
+                   "n_train": (int, "an integer"), "status": (str, "a string"), "created": (str, "a string")}
 
 
 class RunDirError(GradsiftError, ValueError):
@@ -421,6 +427,11 @@ class RunDir:
             raise RunDirError(f"{self.manifest_path} is not valid JSON ({e}); fix or delete it") from None
         if not isinstance(manifest, dict):
             raise RunDirError(f"{self.manifest_path} does not hold a JSON object; fix or delete it")
+        for key, (kind, what) in _MANIFEST_TYPES.items():
+            value = manifest.get(key)
+            if value is not None and not (isinstance(value, kind) and not isinstance(value, bool)):
+                raise RunDirError(f"{self.manifest_path}: '{key}' should be {what}, got {json.dumps(value)}; "
+                                  "fix or delete it")
         return manifest
 
     @property
@@ -495,10 +506,8 @@ class RunDir:
 
     def read_table(self, name: str) -> pd.DataFrame:
         """One table as a DataFrame (parts concatenated in order)."""
-        files = self.table_files(name)
-        if len(files) == 1:
-            return pd.read_parquet(files[0])
-        return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+        frames = [_read_parquet(f) for f in self.table_files(name)]
+        return frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
 
     table = read_table
 
@@ -516,6 +525,8 @@ class RunDir:
                     f"read_parquet([{listed}], union_by_name=true)"
                 )
             return con.execute(query).df()
+        except duckdb.IOException as e:
+            raise RunDirError(f"a table of {self.path} is not readable Parquet ({e})") from None
         finally:
             con.close()
 
@@ -530,7 +541,7 @@ class RunDir:
         new = _by_example_id(frame)
         path = self.path / "scores.parquet"
         if path.exists():
-            old = pd.read_parquet(path).set_index("example_id")
+            old = _read_parquet(path).set_index("example_id")
             old = old.drop(columns=[c for c in new.columns if c in old.columns])
             new = old.join(new, how="outer") if len(old.columns) else new.join(old, how="outer")
         merged = new.sort_index().reset_index()
@@ -603,6 +614,14 @@ def open_run(path: str | Path) -> RunDir:
     if not path.is_dir():
         raise FileNotFoundError(f"no run directory at {path}")
     return RunDir(path)
+
+
+def _read_parquet(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_parquet(path)
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunDirError(f"{path} is not a readable Parquet table ({first}); delete it or rewrite the run") from None
 
 
 def _by_example_id(frame: pd.DataFrame) -> pd.DataFrame:

@@ -39,7 +39,7 @@ from .data.sources import Examples, batch_size_of, examples, to_device
 from .engine import check_per_example_safe, per_example, trainable_parameters
 from .errors import GradsiftError, NonFiniteGradientError
 from .recorders import Recorder, StepInfo
-from .rundir import RunDir
+from .rundir import RunDir, fingerprint
 
 __all__ = ["Sifter", "Plugin", "call_model", "PRECISIONS"]
 
@@ -83,6 +83,18 @@ def autocast(precision: str | None, device: torch.device) -> contextlib.Abstract
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise GradsiftError("precision='bf16': this GPU does not support bfloat16; use precision='fp32'")
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def data_identity(data: Examples) -> str:
+    """A fingerprint of a data set for manifests: the hash of the arrays of a data set held
+    in memory, else its type and size."""
+    if data.kind == "memory":
+        return fingerprint(data.source)
+    try:
+        size = str(len(data))
+    except TypeError:
+        size = "?"
+    return f"{type(data.dataset).__name__}[{size}]"
 
 
 class Sifter:
@@ -233,15 +245,35 @@ class Sifter:
         return data.map_positions(fn, torch.arange(len(data), device=self.device))
 
     # ------------------------------------------------------------ life cycle
+    def run_config(self) -> dict[str, Any]:
+        """What determines the results, written to the manifest and checked on resume
+        (:meth:`gradsift.rundir.RunDir.start`): the ``config`` given (a trainer's optimizer,
+        epochs, batch size, seed, ...), the aggregator, the training data's fingerprint, the
+        model's parameter shapes and the privacy plugin."""
+        return {
+            "privacy": None if self.plugin is None else repr(self.plugin),  # a trainer gives its declaration
+            **self.config, "aggregator": self.aggregator.name,
+            "data": None if self.data is None else data_identity(self.data),
+            "model": fingerprint(*(f"{n}:{tuple(t.shape)}" for n, t in self.model.state_dict().items())),
+        }
+
+    def start(self, *, resume: bool = False, overwrite: bool = False, **manifest: Any) -> dict | None:
+        """Begin writing the run directory: take its lock and check it holds no other run
+        (:meth:`RunDir.start <gradsift.rundir.RunDir.start>` with :meth:`run_config`);
+        returns the checkpoint to continue from when ``resume``. Done by :meth:`open` if
+        not called before it; the lock is released by :meth:`close`."""
+        if self.run is None or self.run.locked:
+            return None
+        return self.run.start(self.run_config(), resume=resume, overwrite=overwrite, **manifest)
+
     def open(self, **manifest: Any) -> "Sifter":
-        """Start the run: write the manifest and call the recorders' ``on_fit_begin``
-        (done by ``with`` or the first :meth:`backward`)."""
+        """Start the run: :meth:`start` it (if not done) and call the recorders'
+        ``on_fit_begin`` (done by ``with`` or the first :meth:`backward`)."""
         if self._opened:
             return self
         self._opened = True
-        if self.run is not None:
-            config = {**self.config, "aggregator": self.aggregator.name}
-            self.run.write_manifest(config, status="running", **manifest)
+        if self.run is not None and not self.run.locked:
+            self.start(**manifest)
         for r in self.recorders:
             r.on_fit_begin(self)
         return self
@@ -295,6 +327,7 @@ class Sifter:
             r.on_fit_end(self)
         if self.run is not None:
             self.run.update_manifest(status="finished", **manifest)
+            self.run.unlock()
 
     def __enter__(self) -> "Sifter":
         return self.open()
@@ -305,6 +338,7 @@ class Sifter:
         elif self.run is not None:
             with contextlib.suppress(OSError):
                 self.run.update_manifest(status="failed", error=f"{exc_type.__name__}: {exc}")
+            self.run.unlock()
 
     # ------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from .engine import trainable_parameters
 from .optim import optimizer_from_spec, scheduler_from_spec
 from .recorders import Recorder, StepInfo
 from .sampling import Sampler, shuffled_batches
-from .sifter import Sifter, autocast, call_model
+from .sifter import Sifter, autocast, call_model, data_identity
 
 __all__ = ["fit", "FitResult", "Trainer", "evaluate", "evaluate_batches", "Recorder", "StepInfo",
            "shuffled_batches"]
@@ -133,7 +133,9 @@ class Trainer:
 
             progress = current() or sys.stderr.isatty()
         self.progress = progress
-        config = {**(config or {}), "epochs": epochs, "batch_size": batch_size,
+        config = {**(config or {}), "epochs": epochs, "batch_size": batch_size, "seed": seed,
+                  "test_data": None if self.test_data is None else data_identity(self.test_data),
+                  "privacy": None if privacy is None else repr(privacy),  # the declaration, not its plan
                   "optimizer": repr(self.optimizer.__class__.__name__),
                   "optimizer_defaults": _plain(self.optimizer.defaults),
                   "lr_schedule": None if self.scheduler is None else type(self.scheduler).__name__}
@@ -256,11 +258,11 @@ class Trainer:
             "loader_generator": None if gen is None else gen.get_state(),
         })
 
-    def resume(self) -> bool:
-        """Load the run directory's checkpoint, if any; training continues after its epoch."""
-        if self.run is None:
-            return False
-        ckpt = self.run.load_checkpoint()
+    def start_run(self, *, resume: bool = False, overwrite: bool = False) -> bool:
+        """Begin writing the run directory (:meth:`Sifter.start`: its lock, the checks of
+        :meth:`RunDir.start`, the manifest); with ``resume``, load its checkpoint. Returns
+        whether it resumed."""
+        ckpt = self.sifter.start(resume=resume, overwrite=overwrite, seed=self.seed, n_train=len(self.data))
         if ckpt is None:
             return False
         self.load_state(ckpt)
@@ -279,10 +281,17 @@ class Trainer:
         if gen is not None and ckpt.get("loader_generator") is not None:
             gen.set_state(ckpt["loader_generator"])
 
-    def fit(self, *, resume: bool = False) -> FitResult:
+    def fit(self, *, resume: bool = False, overwrite: bool = False) -> FitResult:
         torch.manual_seed(self.seed)
-        resumed = self.resume() if resume else False
-        self.sifter.open(seed=self.seed, n_train=len(self.data))
+        resumed = self.start_run(resume=resume, overwrite=overwrite)
+        try:
+            return self._fit_epochs(resumed)
+        finally:
+            if self.run is not None:
+                self.run.unlock()
+
+    def _fit_epochs(self, resumed: bool) -> FitResult:
+        self.sifter.open()
         from .progress import progress_bar
 
         self.model.train()
@@ -320,6 +329,7 @@ def fit(
     test: Any = None,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     **kwargs: Any,
 ) -> FitResult:
     """Train ``model`` on ``train`` with a per-example view; evaluate on ``test`` each epoch.
@@ -338,7 +348,10 @@ def fit(
         epochs, batch_size, seed: as usual; the run is deterministic under ``seed``.
         recorders: :class:`Recorder` objects (e.g. :class:`~gradsift.recorders.CoherenceRecorder`).
         run_dir: where to write the manifest, ``metrics.parquet`` and checkpoints.
-        resume: continue from ``run_dir``'s last checkpoint if there is one.
+        resume: continue from ``run_dir``'s checkpoint; the run directory must hold one, made
+            with the same config (only ``epochs`` may grow), else :class:`~gradsift.rundir.RunDirError`.
+        overwrite: clear ``run_dir`` first if it holds a run (without it, and without
+            ``resume``, a run directory that is not empty is refused).
         on_nonfinite: ``"raise"`` (default) or ``"drop"`` examples whose gradient is NaN/inf.
         sampler: ``epoch -> iterable of [B] position tensors`` (:mod:`gradsift.sampling`);
             default shuffled batches. Not with a ``DataLoader``.
@@ -363,4 +376,4 @@ def fit(
     Returns:
         :class:`FitResult` with ``history`` (a DataFrame, one row per epoch).
     """
-    return Trainer(model, train, test, **kwargs).fit(resume=resume)
+    return Trainer(model, train, test, **kwargs).fit(resume=resume, overwrite=overwrite)

@@ -178,3 +178,38 @@ def test_invalid_manifest_is_an_error(tmp_path):
     (tmp_path / "manifest.json").write_text("[1, 2]")
     with pytest.raises(RunDirError, match="does not hold a JSON object"):
         open_run(tmp_path).manifest
+
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from gradsift.cli import app
+
+    r = CliRunner().invoke(app, list(args))
+    assert "Traceback" not in r.output
+    return r.exit_code, " ".join(r.output.split())
+
+
+def test_cli_resume_grows_epochs_and_overwrite_starts_over(tmp_path):
+    run = ["train", "--model", "mlp:width=8", "--batch-size", "200", "--no-coherence", "-q", "--run-dir", str(tmp_path)]
+    assert _cli(*run, "--epochs", "1")[0] == 0
+    assert _cli(*run, "--epochs", "2", "--resume")[0] == 0
+    r = open_run(tmp_path)
+    assert list(r.table("metrics").epoch) == [1, 2] and r.manifest["config"]["epochs"] == 2
+    assert r.manifest["resumed"] is True and r.manifest["status"] == "finished"
+    code, text = _cli(*run, "--epochs", "1")
+    assert code == 2 and "already holds a run" in text and "--overwrite" in text
+    assert _cli(*run, "--epochs", "1", "--overwrite", "--seed", "4")[0] == 0
+    r = open_run(tmp_path)
+    assert list(r.table("metrics").epoch) == [1] and r.manifest["config"]["seed"] == 4
+
+
+def test_cli_scores_adds_columns_only_to_the_same_run(tmp_path):
+    base = ["scores", "--epochs", "1", "--width", "8", "-q", "--run-dir", str(tmp_path)]
+    assert _cli(*base, "--scores", "loss")[0] == 0
+    first = set(open_run(tmp_path).scores().columns)
+    assert _cli(*base, "--scores", "margin")[0] == 0
+    r = open_run(tmp_path)
+    assert first < set(r.scores().columns) and r.manifest["config"]["scores"] == ["loss", "margin"]
+    code, text = _cli(*base, "--scores", "loss", "--seed", "1")
+    assert code == 2 and "holds a run with a different config: data:" in text and "seed: 0 -> 1" in text

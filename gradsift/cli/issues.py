@@ -38,7 +38,7 @@ def issues(
     from ..report import write_report
     from ..rundir import atomic_path
 
-    if method not in METHODS:
+    if method not in METHODS:  # before loading data
         raise UsageError(f"unknown method '{method}': use one of {', '.join(METHODS)}")
     noise_rate = noise_rate_for(label_noise, noise_rate, default=0.2)
     if out.suffix.lower() != ".csv":
@@ -50,8 +50,11 @@ def issues(
                                    num_issues=num_issues, seed=seed)
     with atomic_path(out) as tmp:
         result.table.to_csv(tmp, index=False)
-    report = write_report(out, dataset=dataset, seed=seed)
-    msg = f"flagged {len(result.table)} of {result.n_examples} examples; wrote {out} and {report}"
+    if len(result.table):
+        report = write_report(out, dataset=dataset, seed=seed)
+        msg = f"flagged {len(result.table)} of {result.n_examples} examples; wrote {out} and {report}"
+    else:
+        msg = f"flagged none of {result.n_examples} examples; wrote {out} (empty, so no report)"
     if result.quality is not None:
         q = result.quality
         msg += (f"\n  injected {q['injected']} label errors: precision {q['precision']:.3f}, "

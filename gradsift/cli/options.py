@@ -50,6 +50,9 @@ Backend = Annotated[str, typer.Option(callback=choice("local", "ray"),
 RayAddress = Annotated[Optional[str], typer.Option(
     help="Ray cluster to join (e.g. auto, ray://HOST:10001); default: a local ray.init()")]
 RunDirOption = Annotated[Path, typer.Option("--run-dir", "--out", help="run directory")]
+Resume = Annotated[bool, typer.Option("--resume", help="continue the run in the run directory from its checkpoint "
+                                                       "(same options; only --epochs may grow)")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="clear the run directory first if it holds a run")]
 OutDir = Annotated[Path, typer.Option("--out", help="output directory")]
 
 

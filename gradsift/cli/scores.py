@@ -9,8 +9,8 @@ import typer
 
 from ..scores import score_names
 from .common import UsageError, many_model_backend, out_console, show_progress, split_list
-from .options import (Backend, ClassBalanced, Dataset, Encoding, LabelColumn, KeepHard, LabelNoise, MemModels, NoiseRate, Quiet,
-                      RayAddress, RunDirOption, Seed, Width, noise_rate_for)
+from .options import (Backend, ClassBalanced, Dataset, Encoding, KeepHard, LabelColumn, LabelNoise, MemModels,
+                      NoiseRate, Overwrite, Quiet, RayAddress, RunDirOption, Seed, Width, noise_rate_for)
 
 
 def scores(
@@ -28,34 +28,49 @@ def scores(
     seed: Seed = 0,
     backend: Backend = "local",
     ray_address: RayAddress = None,
+    overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
     """Score every training example; write RUN/scores.parquet (one row per example_id).
 
     With --backend ray the models behind el2n/grand and memorization are Ray tasks. Started
     by torchrun, the ranks share those models and train the dynamics run data-parallel;
-    rank 0 writes. The table is the same either way."""
+    rank 0 writes. The table is the same either way.
+
+    Into a run directory that already holds scores of the same data and options, the new
+    columns are added; any other run there is refused (unless --overwrite)."""
     from .. import data as data_mod
     from ..experiments.pruning_curve import PruningCurveConfig, compute_scores
     from ..progress import progress_scope
-    from ..rundir import RunDir
+    from ..rundir import RunDir, fingerprint
 
     noise_rate = noise_rate_for(label_noise, noise_rate)
-    config = PruningCurveConfig(dataset=dataset, scores=tuple(split_list(scores)), epochs=epochs, width=width,
+    names = split_list(scores)
+    config = PruningCurveConfig(dataset=dataset, scores=tuple(names), epochs=epochs, width=width,
                                 mem_models=mem_models, seed=seed)
     train_data, _ = data_mod.load(dataset, seed=seed, label_column=label_column, encoding=encoding)
     train_data = data_mod.corrupt(train_data, label_noise, noise_rate, seed=seed)
-    with many_model_backend(backend, ray_address) as (runner, comm), \
-            progress_scope(show_progress(quiet) and (comm is None or comm.rank == 0)):
-        table = compute_scores(config, train_data, backend=runner, comm=comm)
-    if comm is not None and comm.rank != 0:
-        return
-    if len(train_data.corrupted):
-        table["corrupted"] = train_data.is_noisy
     run = RunDir(run_dir)
-    run.write_manifest({"command": "scores", "dataset": dataset, "scores": list(config.scores),
-                        "label_noise": label_noise, "noise_rate": noise_rate, "epochs": epochs}, seed=seed)
-    run.write_scores(table)
+    with many_model_backend(backend, ray_address) as (runner, comm):
+        writer = comm is None or comm.rank == 0
+        if writer:  # refuse a run directory holding another run before the work
+            before = (run.read_manifest().get("config") or {}).get("scores") or []
+            run_config = {"command": "scores", "dataset": dataset, "data": fingerprint(train_data),
+                          "label_noise": label_noise, "noise_rate": noise_rate, "epochs": epochs, "width": width,
+                          "mem_models": mem_models, "seed": seed,
+                          "scores": sorted(set(before) | set(names)) if not overwrite else names}
+            run.start(run_config, merge=not overwrite, overwrite=overwrite, may_differ={"scores"}, seed=seed)
+        try:
+            with progress_scope(show_progress(quiet) and writer):
+                table = compute_scores(config, train_data, backend=runner, comm=comm)
+            if not writer:
+                return
+            if len(train_data.corrupted):
+                table["corrupted"] = train_data.is_noisy
+            run.write_scores(table)
+            run.update_manifest(status="finished")
+        finally:
+            run.unlock()
     out_console.print(table.describe().T.to_string())
     out_console.print(f"wrote {run_dir / 'scores.parquet'}")
 

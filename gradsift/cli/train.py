@@ -9,7 +9,8 @@ from typing import Optional
 import typer
 
 from .common import UsageError, out_console, show_progress
-from .options import Dataset, Encoding, LabelColumn, LabelNoise, NoiseRate, Quiet, RunDirOption, Seed, choice, noise_rate_for
+from .options import (Dataset, Encoding, LabelColumn, LabelNoise, NoiseRate, Overwrite, Quiet, Resume, RunDirOption,
+                      Seed, choice, noise_rate_for)
 
 
 def train(
@@ -27,7 +28,8 @@ def train(
     coherence: bool = typer.Option(True, help="record m-coherence on a probe batch each epoch"),
     on_nonfinite: str = typer.Option("raise", callback=choice("raise", "drop"), help="raise or drop examples with NaN/inf gradients"),
     run_dir: RunDirOption = Path("runs/train"),
-    resume: bool = typer.Option(False, help="continue from the run directory's last checkpoint"),
+    resume: Resume = False,
+    overwrite: Overwrite = False,
     seed: Seed = 0,
     quiet: Quiet = False,
     dist_mode: str = typer.Option("exact", help="under torchrun: exact (same update as one process on the global batch) or local (each rank aggregates its slice, then mean)"),
@@ -77,7 +79,7 @@ def train(
                   label_noise=label_noise, noise_rate=noise_rate, corrupted=len(train_data.corrupted))
     kwargs = dict(
         aggregator=agg, optimizer=optimizer, epochs=epochs, batch_size=batch_size, seed=seed,
-        run_dir=run_dir, resume=resume, recorders=[CoherenceRecorder(seed=seed)] if coherence else [],
+        run_dir=run_dir, resume=resume, overwrite=overwrite, recorders=[CoherenceRecorder(seed=seed)] if coherence else [],
         on_nonfinite=on_nonfinite, progress=show_progress(quiet), config=config, privacy=privacy,
         lr_schedule=lr_schedule,
     )

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from ..aggregate import Aggregator
 from ..data import Dataset
 from ..recorders import StepInfo
+from ..rundir import RunDirError
 from ..sifter import Sifter
 from ..train import FitResult, Trainer, evaluate_batches
 from .comm import Comm, DistributedError, TorchComm, gather_rows, init_from_env, shard_bounds
@@ -130,7 +131,8 @@ class DistributedTrainer(Trainer):
         self.comm, self.mode = comm, mode
         self.rank0 = comm.rank == 0
         model.to(getattr(comm, "device", torch.device("cpu")))
-        config = {**(config or {}), "world_size": comm.world_size, "dist_mode": mode}
+        # the exact mode gives the one-process update: such a run resumes in one process too
+        config = {**(config or {}), "world_size": comm.world_size, **({"dist_mode": mode} if mode != "exact" else {})}
         super().__init__(model, train, test, run_dir=run_dir if self.rank0 else None,
                          progress=progress if self.rank0 else False, config=config, **kwargs)
         if self.data.kind == "loader":
@@ -198,18 +200,28 @@ class DistributedTrainer(Trainer):
             row[f"{prefix}_loss"] = float(s[1]) / total
         return row
 
-    def resume(self) -> bool:
-        ckpt = self.run.load_checkpoint() if (self.rank0 and self.run is not None) else None
-        ckpt = self.comm.broadcast_object(ckpt)
+    def start_run(self, *, resume: bool = False, overwrite: bool = False) -> bool:
+        """Rank 0 starts the run directory (lock, checks, checkpoint); every rank gets the
+        checkpoint, or the same error."""
+        outcome: tuple = (None, None)
+        if self.rank0 and self.run is not None:
+            try:
+                outcome = (self.sifter.start(resume=resume, overwrite=overwrite, seed=self.seed,
+                                             n_train=len(self.data)), None)
+            except RunDirError as e:
+                outcome = (None, str(e))
+        ckpt, error = self.comm.broadcast_object(outcome)
+        if error is not None:
+            raise RunDirError(error)
         if ckpt is None:
             return False
         self.load_state(ckpt)
         return True
 
-    def fit(self, *, resume: bool = False) -> FitResult:
+    def fit(self, *, resume: bool = False, overwrite: bool = False) -> FitResult:
         try:
             self._sync_replicas()
-            result = super().fit(resume=resume)
+            result = super().fit(resume=resume, overwrite=overwrite)
         except DistributedError as e:
             where = ""
             if self.run_path is not None:
@@ -235,6 +247,7 @@ def fit_distributed(
     backend: str = "auto",
     timeout_s: float = 300.0,
     resume: bool = False,
+    overwrite: bool = False,
     **kwargs: Any,
 ) -> FitResult:
     """:func:`gradsift.fit` across the ranks of a ``torch.distributed`` job.
@@ -250,7 +263,7 @@ def fit_distributed(
         comm: the process group; ``None`` joins the one torchrun describes
             (:func:`~gradsift.distributed.comm.init_from_env` with ``backend``, ``timeout_s``).
         mode: ``"exact"`` or ``"local"``; see :mod:`gradsift.distributed.reduce`.
-        resume, **kwargs: as :func:`gradsift.fit` (``batch_size`` is the global batch).
+        resume, overwrite, **kwargs: as :func:`gradsift.fit` (``batch_size`` is the global batch).
 
     Returns:
         The :class:`~gradsift.train.FitResult`, equal on every rank.
@@ -260,4 +273,4 @@ def fit_distributed(
             epochs are in the run directory, resume from them).
     """
     comm = comm or init_from_env(backend, timeout_s)
-    return DistributedTrainer(model, train, test, comm=comm, mode=mode, **kwargs).fit(resume=resume)
+    return DistributedTrainer(model, train, test, comm=comm, mode=mode, **kwargs).fit(resume=resume, overwrite=overwrite)

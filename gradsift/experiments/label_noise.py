@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 
 from ..data import Dataset
-from ..label_issues import find_label_issues
+from ..errors import DataError, SpecError
+from ..label_issues import METHODS, find_label_issues
 
 
 @dataclass
@@ -61,6 +62,14 @@ def rank_label_issues(train: Dataset, *, method: str = "combined", folds: int = 
     The table holds the flagged examples, most suspect first: ``example_id``, ``score``,
     ``given_label``, ``suggested_label``, and ``corrupted`` when ``train`` has injected noise.
     """
+    if method not in METHODS:
+        raise SpecError(f"unknown method '{method}': use one of {', '.join(METHODS)}")
+    n, classes = len(train), len(np.unique(train.y))
+    if classes < 2:
+        raise DataError(f"all {n} training labels are one class; finding label issues needs at least two classes")
+    if not 2 <= folds <= n:
+        raise DataError(f"{folds} cross-validation folds need at least {folds} training examples, and the data "
+                        f"set has {n}; " + (f"use --folds {n} or fewer" if n >= 2 else "use a larger data set"))
     order, details = find_label_issues(train.x, train.y, num_classes=train.num_classes, method=method,
                                        folds=folds, epochs=epochs, width=width, num_issues=num_issues,
                                        seed=seed, return_details=True)

@@ -100,7 +100,7 @@ def _one_run(config: MemorizationConfig, tr, test, labels: str, name: str, spec:
                      if config.lr_decay_epoch and config.lr_decay_epoch <= config.epochs else None),
         epochs=config.epochs, batch_size=config.batch_size, seed=config.seed,
         recorders=[CoherenceRecorder(config.probe_size, seed=config.seed)],
-        run_dir=run_dir, progress=progress,
+        run_dir=run_dir, overwrite=True, progress=progress,  # the experiment owns its runs: a rerun replaces them
         config={"experiment": "memorization", "labels": labels, **asdict(config)},
     )
     h = result.history

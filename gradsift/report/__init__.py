@@ -17,18 +17,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import GradsiftError
 from ..rundir import atomic_path, is_run_dir
 from .experiment import experiment_sections, is_experiment_dir
-from .html import page
+from .html import ReportError, page
 from .run_sections import run_sections
 from .sift import issues_section
 
 __all__ = ["build_report", "write_report", "ReportError"]
-
-
-class ReportError(GradsiftError, ValueError):
-    """The path given is not a run or experiment directory."""
 
 
 def build_report(path: str | Path, *, top_issues: int = 12, dataset: str | None = None, seed: int = 0) -> str:

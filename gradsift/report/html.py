@@ -17,6 +17,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
+from ..errors import GradsiftError
+
 CSS = """
 :root { --fg: #1d232a; --muted: #5b6570; --line: #d9dee3; --accent: #2f6db5; --bg: #fbfcfd; }
 * { box-sizing: border-box; }
@@ -51,6 +53,10 @@ details { margin: 10px 0; background: #fff; border: 1px solid var(--line); borde
 details > summary { cursor: pointer; font-weight: 600; }
 .columns { display: flex; flex-wrap: wrap; gap: 0 32px; align-items: flex-start; }
 """
+
+
+class ReportError(GradsiftError, ValueError):
+    """The path given is not a run or experiment directory, or what it holds is unreadable."""
 
 
 def esc(value: Any) -> str:

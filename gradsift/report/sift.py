@@ -13,7 +13,7 @@ import pandas as pd
 
 from ..rundir import RunDir
 from . import figures
-from .html import Section, esc, figure, fmt, table
+from .html import ReportError, Section, esc, figure, fmt, table
 
 # Columns of per-example tables that are identifiers or labels, not scores.
 NOT_SCORES = {"example_id", "epoch", "step", "position", "label", "given_label", "suggested_label",
@@ -236,4 +236,12 @@ def pruning_section(summary: Mapping[str, Any], prefix: str = "") -> Section | N
 
 def read_json(path: Path) -> dict | None:
     """The JSON object in ``path``, or ``None`` when there is no such file."""
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ReportError(f"{path} is not valid JSON ({e}); fix or delete it") from None
+    if not isinstance(value, dict):
+        raise ReportError(f"{path} does not hold a JSON object; fix or delete it")
+    return value
