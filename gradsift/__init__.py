@@ -10,7 +10,7 @@ Five-line example::
     print(gs.coherence(grads)["m_coherence"])
 """
 
-from . import aggregate
+from . import aggregate, layers, losses
 from .coherence import coherence
 from .engine import (
     per_example,
@@ -23,7 +23,7 @@ from .errors import DataError, GradsiftError, NonFiniteGradientError, SpecError,
 from .version import __version__
 
 __all__ = [
-    "aggregate", "coherence", "per_example", "per_example_gradients", "per_example_losses",
+    "aggregate", "coherence", "layers", "losses", "per_example", "per_example_gradients", "per_example_losses",
     "per_example_norms", "DataError", "GradsiftError", "NonFiniteGradientError", "SpecError",
     "UnsupportedModelError", "__version__",
 ]
@@ -43,9 +43,10 @@ __all__ += ["backends", "ensemble", "scores", "Run", "open_run", "AUMRecorder", 
 
 from . import actions  # noqa: E402
 from .actions import reweight, select  # noqa: E402
+from .audit import audit  # noqa: E402
 from .label_issues import find_label_issues, label_issue_scores  # noqa: E402
 
-__all__ += ["actions", "reweight", "select", "find_label_issues", "label_issue_scores"]
+__all__ += ["actions", "audit", "reweight", "select", "find_label_issues", "label_issue_scores"]
 
 from . import optim, privacy, sampling  # noqa: E402
 from .aggregate import masking, sven  # noqa: E402
