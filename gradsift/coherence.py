@@ -5,12 +5,24 @@ For per-example gradients g_1..g_m::
     alpha       = ||mean_i g_i||^2 / mean_i ||g_i||^2        in [0, 1]
     m_coherence = m * alpha       (about 1 when the g_i are orthogonal, m when all agree)
     alpha_ratio = alpha / (1/m)   (= m_coherence: alpha relative to the orthogonal baseline)
+
+Ghost coherence: every statistic above needs only the ``[m, m]`` Gram matrix
+``K_ij = g_i . g_j``, and :func:`gradient_gram` gets it exactly from one forward and one
+backward pass with hooks, from each layer's activation and output-gradient Grams, without
+forming the per-example gradients (each layer rule's ``gram``, :func:`gradsift.layers.layer_gram`:
+the ghost form for Linear and Conv, per-layer per-example gradients for the others). :func:`gram_coherence` then gives m-coherence, per-class
+coherence and each example's alignment with the rest of the batch::
+
+    K = gradient_gram(model, loss_fn, x, y)             # [B, B] float64
+    stats = gram_coherence(K, labels=y)                 # m_coherence, per_class, alignment [B]
 """
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from . import layers
 
 Grads = dict[str, Tensor]
 
@@ -50,4 +62,65 @@ def coherence(grads: Grads, *, per_layer: bool = False) -> dict:
     out = _stats(total_mean_sq, total_sq_mean, m)
     if per_layer:
         out["layers"] = layers
+    return out
+
+
+# ---------------------------------------------------------------- from the B x B Gram matrix
+
+def gradient_gram(model: nn.Module, loss_fn, inputs: Tensor, targets: Tensor, *,
+                  per_layer: bool = False) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+    """The exact ``[B, B]`` Gram matrix ``K_ij = g_i . g_j`` of the per-example gradients
+    of ``loss_fn(model(inputs), targets)`` (one forward and one backward pass with hooks;
+    per-layer Grams from :func:`gradsift.layers.layer_gram`, which never forms per-example
+    gradients for Linear and Conv layers), summed in float64.
+
+    Args:
+        model: a hookable model (:func:`gradsift.layers.check_hookable`).
+        loss_fn: ``(outputs, targets) -> [B]``.
+        inputs: ``[B, ...]``; targets: ``[B]``.
+        per_layer: also return parameter name -> its ``[B, B]`` Gram.
+
+    Returns:
+        ``K`` ``[B, B]`` float64 (and the per-parameter Grams).
+    """
+    layers.check_hookable(model)
+    rec = layers.record(model, loss_fn, inputs, targets)
+    per: dict[str, Tensor] = {}
+    for name, k in layers.iter_layer_results(model, rec, layers.layer_gram):
+        k = k.double()
+        per[name] = per[name] + k if name in per else k
+    b = inputs.shape[0]
+    total = sum(per.values()) if per else torch.zeros(b, b, dtype=torch.float64)
+    return (total, per) if per_layer else total
+
+
+def gram_coherence(gram: Tensor, labels: Tensor | None = None) -> dict:
+    """Coherence statistics from the Gram matrix ``[B, B]`` of per-example gradients.
+
+    Returns:
+        ``{"alpha", "m_coherence", "alpha_ratio", "m"}`` as :func:`coherence` (equal to it
+        for the same gradients), ``"alignment"``: ``[B]`` cosine of each ``g_i`` with the
+        mean of the others, ``g_i . mean_{j != i} g_j / (||g_i|| ||mean_{j != i} g_j||)``
+        (low or negative: the example pulls against the batch; NaN if undefined), and with
+        ``labels`` ``[B]``, ``"per_class"``: class -> ``{"alpha", "m_coherence", "m"}``
+        over the examples of that class.
+    """
+    k = gram.double()
+    m = k.shape[0]
+    diag = k.diagonal()
+    out = _stats(k.sum() / m**2, diag.mean(), m)
+    row = k.sum(1)
+    total = k.sum()
+    with torch.no_grad():
+        rest = (total - 2 * row + diag).clamp_min(0)
+        denom = (diag.clamp_min(0) * rest).sqrt()
+        out["alignment"] = torch.where(denom > 0, (row - diag) / denom, torch.full_like(denom, float("nan")))
+    if labels is not None:
+        per = {}
+        for c in torch.unique(labels).tolist():
+            idx = (labels == c).nonzero().flatten()
+            sub = k[idx][:, idx]
+            n = len(idx)
+            per[int(c)] = _stats(sub.sum() / n**2, sub.diagonal().mean(), n)
+        out["per_class"] = per
     return out

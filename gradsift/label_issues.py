@@ -34,7 +34,7 @@ from torch import nn
 
 from .ensemble import member_seed, seeded_factory, train_members_tracked
 from .models import mlp
-from .scores.dynamics import learning_time
+from .scores.dynamics import data_map, learning_time
 
 METHODS = ("combined", "oof_loss", "oof_margin", "cum_loss", "learning_time")
 
@@ -49,12 +49,16 @@ class LabelIssueSignals:
             suspect), ``N`` rows in input order.
         models: the ``folds`` trained fold models (model ``f`` never saw fold ``f``).
         fold: ``[N]`` the fold of every example.
+        data_map: DataFrame (input order) with the Data Map coordinates ``confidence,
+            variability, correctness`` of every example over the epochs of the fold models
+            that trained on it (averaged over those models; :mod:`gradsift.datamap`).
     """
 
     pred_probs: np.ndarray
     signals: pd.DataFrame
     models: list = field(default_factory=list)
     fold: np.ndarray | None = None
+    data_map: pd.DataFrame | None = None
 
 
 def _rank01(v: np.ndarray) -> np.ndarray:
@@ -123,8 +127,12 @@ def label_issue_signals(
         "oof_loss": -np.log(np.clip(p_y, 1e-12, None)), "oof_margin": -oof_margin,
         "cum_loss": cum_loss, "learning_time": ltime.astype(float),
     })
+    p_true = hist.softmax(-1).gather(-1, yt.view(1, 1, n, 1).expand(*hist.shape[:3], 1)).squeeze(-1).numpy()  # [K, T, N]
+    maps = [data_map(p_true[k], correct[k]) for k in range(len(m))]
+    dm = pd.DataFrame({name: (np.stack([mp[j] for mp in maps]) * m).sum(0) / n_in
+                       for j, name in enumerate(("confidence", "variability", "correctness"))})
     sig.insert(0, "combined", np.mean([_rank01(sig[k].to_numpy()) for k in sig.columns], axis=0))
-    return LabelIssueSignals(pred_probs=probs, signals=sig, models=models, fold=fold)
+    return LabelIssueSignals(pred_probs=probs, signals=sig, models=models, fold=fold, data_map=dm)
 
 
 def _model_fn(model, in_features: int, num_classes: int, width: int, seed: int) -> Callable[[int], nn.Module]:

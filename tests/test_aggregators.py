@@ -144,3 +144,18 @@ def test_specs_accept_ints_for_floats_and_none():
 def test_registering_a_name_twice_is_refused():
     with pytest.raises(ValueError, match="already registered"):
         A.register_aggregator("mean", lambda: A.m3())
+
+
+def test_layerwise_with_recurrent_and_embedding_layers():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.e, self.r, self.l = torch.nn.Embedding(20, 8), torch.nn.GRU(8, 8, batch_first=True), torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.l(self.r(self.e(x))[0][:, -1])
+
+    torch.manual_seed(0)
+    x, y = torch.randint(0, 20, (12, 5)), torch.randint(0, 3, (12,))
+    for spec in ["m3", "gaf:micro_batches=3", "clip:max_norm=0.5+mean", "winsorize:c=1"]:
+        check_layerwise(spec, Net(), x, y)

@@ -115,3 +115,97 @@ def test_empty_batch():
     model = nn.Linear(4, 2)
     g = gs.per_example_gradients(model, CE, torch.randn(0, 4), torch.zeros(0, dtype=torch.long))
     assert g["weight"].shape == (0, 2, 4)
+
+
+class TwoInputs(nn.Module):
+    """``model(x, scale=None, mask=...)``: several inputs, some optional."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.emb = nn.Embedding(7, 3)
+
+    def forward(self, x, tokens, mask=None):
+        h = self.lin(x) + self.emb(tokens).mean(1)
+        return h if mask is None else h * mask.unsqueeze(1)
+
+
+@pytest.mark.parametrize("method", ["hooks", "vmap"])
+@pytest.mark.parametrize("form", ["tuple", "dict"])
+def test_tuple_and_dict_inputs(form, method):
+    model = TwoInputs()
+    x, tokens, mask = torch.randn(5, 4), torch.randint(0, 7, (5, 3)), (torch.rand(5) > 0.3).float()
+    y = torch.randint(0, 3, (5,))
+    inputs = (x, tokens, mask) if form == "tuple" else {"x": x, "tokens": tokens, "mask": mask}
+    ref = {n: [] for n, _ in model.named_parameters()}
+    for i in range(5):
+        model.zero_grad()
+        CE(model(x[i : i + 1], tokens[i : i + 1], mask[i : i + 1]), y[i : i + 1]).sum().backward()
+        for n, p in model.named_parameters():
+            ref[n].append(p.grad.clone())
+    got = gs.per_example_gradients(model, CE, inputs, y, method=method, chunk_size=2)
+    for n, v in ref.items():
+        torch.testing.assert_close(got[n], torch.stack(v), atol=1e-5, rtol=1e-4)
+    norms = gs.per_example_norms(model, CE, inputs, y, method=method)
+    torch.testing.assert_close(norms, torch.sqrt(sum(torch.stack(v).flatten(1).square().sum(1) for v in ref.values())))
+    torch.testing.assert_close(gs.per_example_losses(model, CE, inputs, y), CE(model(x, tokens, mask), y).detach())
+    pe = per_example(model, CE, inputs, y, method=method)
+    torch.testing.assert_close(pe.outputs, model(x, tokens, mask).detach())
+
+
+def test_inputs_must_share_the_batch():
+    with pytest.raises(ValueError, match="batch size"):
+        gs.per_example_gradients(TwoInputs(), CE, (torch.randn(5, 4), torch.randint(0, 7, (4, 3))),
+                                 torch.zeros(5, dtype=torch.long))
+
+
+def test_loss_helpers():
+    logits, y = torch.randn(4, 3), torch.tensor([0, 2, 1, 1])
+    torch.testing.assert_close(gs.losses.cross_entropy(logits, y), CE(logits, y))
+    torch.testing.assert_close(gs.losses.cross_entropy((logits,), y), CE(logits, y))
+    seq, tok = torch.randn(2, 4, 5), torch.tensor([[1, 2, -100, 3], [4, -100, -100, -100]])
+    got = gs.losses.sequence_cross_entropy(seq, tok)
+    for i in range(2):
+        keep = tok[i] != -100
+        torch.testing.assert_close(got[i], nn.functional.cross_entropy(seq[i][keep], tok[i][keep]))
+    shifted = gs.losses.sequence_cross_entropy(seq, tok, shift=True)
+    torch.testing.assert_close(shifted, gs.losses.sequence_cross_entropy(seq[:, :-1], tok[:, 1:]))
+
+
+def test_instance_norm_with_running_stats_is_refused():
+    model = nn.Sequential(nn.Conv1d(2, 4, 3), nn.InstanceNorm1d(4, track_running_stats=True), nn.Flatten(), nn.Linear(12, 2))
+    with pytest.raises(gs.UnsupportedModelError, match=r"'1'.*InstanceNorm1d.*track_running_stats=False"):
+        gs.per_example_gradients(model, CE, torch.randn(3, 2, 5), torch.zeros(3, dtype=torch.long))
+    model.eval()
+    gs.per_example_gradients(model, CE, torch.randn(3, 2, 5), torch.zeros(3, dtype=torch.long))
+
+
+class Branchy(nn.Module):
+    """Python control flow on tensor values: torch.func cannot map over it."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        h = self.lin(x) * self.scale
+        return h if bool(h.sum() > 0) else -h
+
+
+def test_torch_func_failures_are_gradsift_errors():
+    with pytest.raises(gs.UnsupportedModelError, match="branches on tensor values.*register_layer_rule"):
+        gs.per_example_gradients(Branchy(), CE, torch.randn(3, 4), torch.zeros(3, dtype=torch.long))
+
+
+def test_fallback_reason_is_logged_and_explained(caplog):
+    model = nn.Sequential(nn.Linear(4, 3))
+    seq_mixing = lambda out, y: CE(out, y) + out.sum(0).sum() * 0  # noqa: E731 - mixes the batch
+    x, y = torch.randn(3, 4), torch.zeros(3, dtype=torch.long)
+    with caplog.at_level("DEBUG", logger="gradsift.engine"):
+        gs.per_example_gradients(model, seq_mixing, x, y)
+    assert "hooks path refused" in caplog.text and "losses" in caplog.text
+    plan = gs.layers.explain(model, seq_mixing, x, y)
+    assert plan.method == "vmap" and "sum" in plan.reason
+    assert gs.layers.explain(model, CE, x, y).method == "hooks"
+    assert "0: hooks (LinearRule)" in str(gs.layers.explain(model))

@@ -92,7 +92,7 @@ def gaussian_noise(noise_multiplier: float, max_norm: float, expected_batch_size
         out = {}
         for n, u in grads.items():
             noise = torch.randn(u.shape, generator=gen, device=device, dtype=u.dtype)
-            out[n] = u + std * noise
+            out[n] = noise.mul_(std).add_(u)  # u + std * noise, in the noise's buffer
         return out, step + 1
 
     return Aggregator(f"gaussian_noise(sigma={sigma:g}, C={C:g}, L={L:g})", lambda params: 0,

@@ -222,9 +222,11 @@ def _span(w: Tensor) -> tuple[int, int] | None:
 
 
 def _sliceable(cap: layers.Capture, b: int) -> bool:
-    """The capture holds only batch-first tensors (no extra call arguments), so a run of
-    examples is a slice of each."""
-    return (not any(cap.kwargs) and all(len(a) <= 1 for a in cap.args)
+    """The capture holds only batch-first inputs and output gradients (no extra call
+    arguments or outputs), so a run of examples is a slice of each; otherwise the full
+    weights are used (same result, k times the work)."""
+    extra = (*getattr(cap, "extra_grads", ()), *getattr(cap, "extra_outputs", ()))
+    return (not any(cap.kwargs) and all(len(a) <= 1 for a in cap.args) and not any(extra)
             and all(t.shape[:1] == (b,) for t in (*cap.inputs, *cap.grad_outputs)))
 
 

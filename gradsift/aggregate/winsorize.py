@@ -19,8 +19,9 @@ from .base import (Aggregator, Grads, Shard, State, empty_guard, reducer, regist
 
 #: Largest ``c`` winsorized by the tournament (its cost grows like c^2); above, topk.
 TOURNAMENT_MAX_C = 3
-#: Elements per column block of the tournament (about 4 MB of float32: cache-sized).
-BLOCK_ELEMENTS = 1 << 20
+#: Elements per column block of the tournament (1 MB of float32: cache-sized, and small
+#: enough that its temporaries do not each cost fresh pages from the OS).
+BLOCK_ELEMENTS = 1 << 18
 
 
 def winsorized_mean(x: Tensor, c: int) -> Tensor:

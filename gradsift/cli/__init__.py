@@ -24,6 +24,8 @@ COMMANDS = {
     "scores": "scores:scores",
     "prune": "scores:prune",
     "issues": "issues:issues",
+    "audit": "audit:audit",
+    "validate-scores": "validate:validate_scores",
     "report": "report:report",
     "memorization": "experiments:memorization",
     "pruning-curve": "experiments:pruning_curve",

@@ -13,19 +13,24 @@ Rules, one file per layer family:
 =====================  ===================================================================
 file                   layers
 =====================  ===================================================================
-``linear.py``          Linear (on ``[B, ..., in]``)
+``linear.py``          Linear (on ``[B, ..., in]``), GPT-2's transposed ``Conv1D``
 ``conv.py``            Conv1d, Conv2d, Conv3d (stride, padding incl. ``'same'``, dilation,
                        groups, every padding mode)
-``embedding.py``       Embedding (``padding_idx``, ``scale_grad_by_freq``, ``max_norm``)
-``norms.py``           LayerNorm, RMSNorm, GroupNorm
+``embedding.py``       Embedding (``padding_idx``, ``scale_grad_by_freq``, ``max_norm``),
+                       EmbeddingBag (``[B, L]`` bags; every mode)
+``norms.py``           LayerNorm, RMSNorm, GroupNorm, InstanceNorm (affine)
+``rnn.py``             RNN, GRU, LSTM (layers, directions, ``batch_first``; by the cell
+                       decomposition)
 =====================  ===================================================================
 
 A model is *hookable* when every trainable parameter belongs directly to a layer with a
-rule (exact type, not a subclass, which may change ``forward``), each such layer sees
-the batch on axis 0, and no trainable parameter is used outside its layer's ``forward``
-(checked while the forward pass runs). :func:`unsupported_layers` says which layers
-block it; :mod:`gradsift.engine` then falls back to :mod:`torch.func` for the whole
-model.
+rule (exact type, not a subclass, which may change ``forward``), no trainable parameter
+is used outside its layer's ``forward``, and the batch axis of every recorded tensor is
+known. That axis is traced from the inputs through every torch operation
+(:mod:`gradsift.layers.trace`), never guessed from shapes: a sequence-first ``[T, B, d]``
+activation is handled as such even when ``T == B``, and an operation that mixes examples
+or that the trace cannot follow makes the engine fall back to :mod:`torch.func` for the
+whole model. :func:`explain` says which path a model takes and why.
 
 Your own layer
 --------------
@@ -60,11 +65,13 @@ Register a :class:`LayerRule` for its type; only :meth:`LayerRule.grads` is requ
 
 from __future__ import annotations
 
-from . import conv, embedding, linear, norms  # noqa: F401  (register the built-in rules)
+from . import conv, embedding, linear, norms, rnn  # noqa: F401  (register the built-in rules)
 from .base import RULES, Capture, Grads, LayerRule, own_trainable, register_layer_rule, rule_for
 from .linear import BLOCK_ELEMENTS, MatmulRule
 from .model import (
+    Plan,
     check_hookable,
+    explain,
     hook_norms_sq,
     hook_per_example,
     iter_layer_results,
@@ -78,10 +85,11 @@ from .model import (
     unsupported_layers,
 )
 from .record import NotHookable, Recording, hooked_layers, record
+from .trace import BatchTrace
 
 __all__ = [
-    "BLOCK_ELEMENTS", "Capture", "Grads", "LayerRule", "MatmulRule", "NotHookable", "RULES",
-    "Recording", "check_hookable", "hook_norms_sq", "hook_per_example", "hooked_layers",
+    "BLOCK_ELEMENTS", "BatchTrace", "Capture", "Grads", "LayerRule", "MatmulRule", "NotHookable", "RULES",
+    "Plan", "Recording", "check_hookable", "explain", "hook_norms_sq", "hook_per_example", "hooked_layers",
     "iter_layer_results", "layer_gram", "layer_grads", "layer_norms_sq", "layer_reduced",
     "layer_weighted_sum", "own_trainable", "parameter_names", "record", "recording_norms_sq",
     "register_layer_rule", "rule_for", "unsupported_layers",

@@ -41,6 +41,8 @@ class Capture:
         args: per call, all positional inputs (detached; the first is ``inputs[k]``).
         kwargs: per call, the keyword inputs (detached).
         outputs: per call, the output during recording (emptied after the backward pass).
+        extra_grads: per call, the gradients of a multi-output layer's other outputs
+            (:attr:`LayerRule.multi_output`; e.g. an LSTM's ``h_n``, ``c_n``), batch first.
     """
 
     module: nn.Module
@@ -49,6 +51,8 @@ class Capture:
     grad_outputs: list[Tensor] = field(default_factory=list)
     args: list[tuple[Any, ...]] = field(default_factory=list)
     kwargs: list[dict[str, Any]] = field(default_factory=list)
+    extra_grads: list[tuple[Tensor, ...]] = field(default_factory=list)
+    extra_outputs: list[tuple[Tensor, ...]] = field(default_factory=list)
 
     @property
     def batch_size(self) -> int:
@@ -70,10 +74,21 @@ class LayerRule:
             that the batch may sit on any axis before its feature axes (Linear,
             Embedding, LayerNorm); else the batch must be axis 0 (Conv, GroupNorm).
         feature_axes: trailing input axes the layer acts on when ``batch_axis_free``.
+        multi_output: the layer returns several tensors (RNNs); the rule then gives
+            :meth:`output_tensors` and :meth:`output_tags`.
     """
 
     batch_axis_free: ClassVar[bool] = False
     feature_axes: ClassVar[int] = 1
+    multi_output: ClassVar[bool] = False
+
+    def output_tensors(self, output: Any) -> list[Tensor]:
+        """A multi-output layer's output tensors (the first is the main one)."""
+        return [output]
+
+    def output_tags(self, module: nn.Module, in_tag: Any, outputs: list[Tensor]) -> list[Any] | str:
+        """A multi-output layer's output batch tags ``(axis, 1)``, by construction, or why not."""
+        raise NotImplementedError
 
     def supports(self, module: nn.Module) -> bool:
         """Whether this rule handles this instance (e.g. an option it does not cover)."""
@@ -136,11 +151,17 @@ class LayerRule:
         return out
 
 
-#: Module type -> :class:`LayerRule` (exact types: a subclass may change ``forward``).
-RULES: dict[type[nn.Module], LayerRule] = {}
+#: Module type (or its ``"module.QualName"``) -> :class:`LayerRule`. Exact types: a subclass
+#: may change ``forward``.
+RULES: dict[type[nn.Module] | str, LayerRule] = {}
 
 
-def register_layer_rule(*module_types: type[nn.Module]):
+def type_name(t: type) -> str:
+    """``"package.module.QualName"`` of a class, the string form of a :data:`RULES` key."""
+    return f"{t.__module__}.{t.__qualname__}"
+
+
+def register_layer_rule(*module_types: type[nn.Module] | str):
     """Class decorator registering a :class:`LayerRule` for ``module_types``.
 
     Example::
@@ -148,11 +169,15 @@ def register_layer_rule(*module_types: type[nn.Module]):
         @register_layer_rule(nn.Linear)
         class LinearRule(LayerRule): ...
 
-    A later registration for the same type replaces the earlier one. The rule class is
-    instantiated once (without arguments) and returned unchanged.
+    A type may also be named by its ``"package.module.QualName"`` string, so that a rule
+    for a third-party layer does not import its package (e.g.
+    ``"transformers.pytorch_utils.Conv1D"``). A later registration for the same type
+    replaces the earlier one. The rule class is instantiated once (without arguments)
+    and returned unchanged.
     """
-    if not module_types or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in module_types):
-        raise TypeError("register_layer_rule takes one or more nn.Module subclasses")
+    ok = all(isinstance(t, str) or (isinstance(t, type) and issubclass(t, nn.Module)) for t in module_types)
+    if not module_types or not ok:
+        raise TypeError("register_layer_rule takes nn.Module subclasses or their 'module.QualName' strings")
 
     def decorate(cls):
         rule = cls() if isinstance(cls, type) else cls
@@ -167,7 +192,7 @@ def register_layer_rule(*module_types: type[nn.Module]):
 
 def rule_for(module: nn.Module) -> LayerRule | None:
     """The registered rule handling this module, or ``None`` (exact type match)."""
-    rule = RULES.get(type(module))
+    rule = RULES.get(type(module)) or RULES.get(type_name(type(module)))
     if rule is None or not rule.supports(module):
         return None
     return rule

@@ -83,3 +83,40 @@ class EmbeddingRule(LayerRule):
             prod = (fi.unsqueeze(1) == fi.unsqueeze(0)).to(D.dtype) * (fd @ fd.T)
             return {"weight": prod.view(b, t, b, t).sum((1, 3))}
         return super().gram(cap)
+
+
+@register_layer_rule(nn.EmbeddingBag)
+class EmbeddingBagRule(LayerRule):
+    """``nn.EmbeddingBag`` on ``[B, L]`` bags (one per example): ``sum``, ``mean``, ``max``,
+    ``per_sample_weights``, ``padding_idx``. The flat ``(input, offsets)`` form has no batch
+    axis the trace can follow, so models using it run through torch.func."""
+
+    def grads(self, cap: Capture) -> Grads:
+        m: nn.EmbeddingBag = cap.module  # type: ignore[assignment]
+        if not cap.inputs or "weight" not in own_trainable(m):
+            return {}
+        b, v, dim = cap.batch_size, m.num_embeddings, m.embedding_dim
+        total = None
+        for k, (idx, d) in enumerate(zip(cap.inputs, cap.grad_outputs)):
+            args, kwargs = cap.args[k], cap.kwargs[k]
+            if len(args) > 1 and args[1] is not None or kwargs.get("offsets") is not None:
+                raise ValueError("EmbeddingBag with offsets is not supported by the hooks path")
+            psw = args[2] if len(args) > 2 else kwargs.get("per_sample_weights")
+            valid = torch.ones_like(idx, dtype=d.dtype) if m.padding_idx is None else \
+                (idx != m.padding_idx).to(d.dtype)
+            if m.mode == "max":
+                rows = m.weight.detach()[idx]  # [B, L, dim]
+                rows = rows.masked_fill(valid.unsqueeze(-1) == 0, float("-inf"))
+                arg = rows.argmax(1)  # [B, dim]
+                flat = idx.gather(1, arg)  # the chosen token per (example, dim)
+                g = d.new_zeros(b, v, dim)
+                g.scatter_add_(1, flat.unsqueeze(1), d.unsqueeze(1))
+            else:
+                w = valid if psw is None else valid * psw.to(d.dtype)
+                if m.mode == "mean":
+                    w = w / valid.sum(1, keepdim=True).clamp_min(1)
+                contrib = d.unsqueeze(1) * w.unsqueeze(-1)  # [B, L, dim]
+                flat = (idx + torch.arange(b, device=idx.device).unsqueeze(1) * v).reshape(-1)
+                g = d.new_zeros(b * v, dim).index_add_(0, flat, contrib.reshape(-1, dim)).view(b, v, dim)
+            total = g if total is None else total + g
+        return {"weight": total}

@@ -31,6 +31,10 @@ class MatmulRule(LayerRule):
         """One call as ``A [B, G, T, K]`` (inputs per position) and ``D [B, G, T, O]``."""
         raise NotImplementedError
 
+    def to_param(self, g: Tensor, param: Tensor) -> Tensor:
+        """``[..., G, O/G, K]`` weight values to ``[..., *param.shape]`` (default: reshape)."""
+        return g.reshape(*g.shape[:-3], *param.shape)
+
     def stacked(self, cap: Capture) -> tuple[Tensor, Tensor]:
         """All calls as ``A [B, G, T, K]`` and ``D [B, G, T, O]`` (positions concatenated)."""
         parts = [self.positions(cap.module, a, d) for a, d in zip(cap.inputs, cap.grad_outputs)]
@@ -46,7 +50,7 @@ class MatmulRule(LayerRule):
         out: Grads = {}
         if "weight" in own:
             g = torch.matmul(D.transpose(2, 3), A)  # [B, G, O/G, K]
-            out["weight"] = g.reshape(g.shape[0], *own["weight"].shape)
+            out["weight"] = self.to_param(g, own["weight"])
         if "bias" in own:
             out["bias"] = D.sum(2).reshape(D.shape[0], -1)
         return out
@@ -60,7 +64,7 @@ class MatmulRule(LayerRule):
         out: Grads = {}
         if "weight" in own:
             g = torch.einsum("bgto,bgtk->gok", Dw, A)
-            out["weight"] = g.reshape(own["weight"].shape)
+            out["weight"] = self.to_param(g, own["weight"])
         if "bias" in own:
             out["bias"] = Dw.sum((0, 2)).reshape(-1)
         return out
@@ -137,7 +141,7 @@ class MatmulRule(LayerRule):
                 if not bool(torch.isfinite(g.sum())):
                     return None
                 w[:, start : start + rows] = reducer(g)
-            out["weight"] = w.reshape(own["weight"].shape)
+            out["weight"] = self.to_param(w, own["weight"])
         if "bias" in own:
             f = factors("bias")
             g = D.sum(2).reshape(b, -1)
@@ -158,3 +162,15 @@ class LinearRule(MatmulRule):
     def positions(self, module: nn.Module, a: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
         b = a.shape[0]
         return a.reshape(b, 1, -1, module.in_features), d.reshape(b, 1, -1, module.out_features)
+
+
+@register_layer_rule("transformers.pytorch_utils.Conv1D")
+class TransposedLinearRule(LinearRule):
+    """GPT-2's ``Conv1D``: a Linear whose weight is stored ``[in, out]`` (``nx``, ``nf``)."""
+
+    def positions(self, module: nn.Module, a: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+        b = a.shape[0]
+        return a.reshape(b, 1, -1, module.nx), d.reshape(b, 1, -1, module.nf)
+
+    def to_param(self, g: Tensor, param: Tensor) -> Tensor:
+        return g.reshape(*g.shape[:-3], param.shape[1], param.shape[0]).transpose(-1, -2)

@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from torch import Tensor, nn
 
+from ..inputs import Inputs
 from .base import RULES, Capture, Grads, own_trainable, rule_for
 from .record import LossFn, NotHookable, Recording, record
 
 
 def unsupported_layers(model: nn.Module) -> list[str]:
-    """Names of modules that own trainable parameters but have no layer rule."""
+    """Names of modules that own trainable parameters but have no layer rule.
+
+    A module whose parameters are all also owned by layers with rules (a bias tied to
+    a child's, as in BERT's ``cls.predictions.bias``) is covered by those layers.
+    """
+    covered = {id(p) for m in model.modules() if rule_for(m) is not None for p in own_trainable(m).values()}
     return [
         name or type(m).__name__
         for name, m in model.named_modules()
-        if own_trainable(m) and rule_for(m) is None
+        if rule_for(m) is None and any(id(p) not in covered for p in own_trainable(m).values())
     ]
 
 
@@ -23,7 +30,7 @@ def check_hookable(model: nn.Module) -> None:
     """Raise :class:`NotHookable` naming the layers without a layer rule."""
     bad = unsupported_layers(model)
     if bad:
-        known = ", ".join(sorted({t.__name__ for t in RULES}))
+        known = ", ".join(sorted({t if isinstance(t, str) else t.__name__ for t in RULES}))
         raise NotHookable(
             f"layer(s) {bad} own trainable parameters but have no layer rule (rules exist for: "
             f"{known}); use method='vmap' or 'auto', or register a rule with "
@@ -118,7 +125,7 @@ def _accumulate(target: Grads, name: str, value: Tensor) -> None:
 
 
 def hook_per_example(
-    model: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Tensor
+    model: nn.Module, loss_fn: LossFn, inputs: Inputs, targets: Tensor
 ) -> tuple[Tensor, Grads, Tensor]:
     """Per-example ``(losses [B], grads name -> [B, *shape], outputs)`` by layer rules."""
     check_hookable(model)
@@ -134,7 +141,7 @@ def hook_per_example(
 
 
 def hook_norms_sq(
-    model: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Tensor
+    model: nn.Module, loss_fn: LossFn, inputs: Inputs, targets: Tensor
 ) -> tuple[Tensor, Grads, Tensor]:
     """Per-example ``(losses [B], squared norms name -> [B], outputs)`` by ghost norms."""
     check_hookable(model)
@@ -177,3 +184,64 @@ def recording_norms_sq(model: nn.Module, rec: Recording) -> Grads:
     return out
 
 
+
+
+@dataclass
+class Plan:
+    """Which path the engine takes for a model (and batch), and why.
+
+    Attributes:
+        method: ``"hooks"`` (layer rules) or ``"vmap"`` (torch.func, whole model).
+        reason: why the hooks path was refused (``None`` when it is taken).
+        layers: every module owning trainable parameters -> its rule's class name, or
+            why it has none.
+    """
+
+    method: str
+    reason: str | None
+    layers: dict[str, str]
+
+    def __str__(self) -> str:
+        lines = [f"method: {self.method}" + (f" ({self.reason})" if self.reason else "")]
+        lines += [f"  {name}: {what}" for name, what in self.layers.items()]
+        return "\n".join(lines)
+
+
+def explain(
+    model: nn.Module,
+    loss_fn: LossFn | None = None,
+    inputs: Inputs | None = None,
+    targets: Tensor | None = None,
+) -> Plan:
+    """Which path ``method="auto"`` takes for this model (and batch), layer by layer, and why.
+
+    Without a batch only the layer rules are checked; with ``loss_fn``, ``inputs`` and
+    ``targets`` the hooks path is also tried (one forward and backward pass), which
+    reports a batch axis the trace cannot follow or a parameter used outside its layer.
+
+    Example::
+
+        print(gs.layers.explain(model, loss_fn, inputs, targets))
+    """
+    per_layer: dict[str, str] = {}
+    for name, m in model.named_modules():
+        if not own_trainable(m):
+            continue
+        rule = rule_for(m)
+        if rule is not None:
+            per_layer[name or type(m).__name__] = f"hooks ({type(rule).__name__})"
+        elif (name or type(m).__name__) not in unsupported_layers(model):
+            per_layer[name or type(m).__name__] = "hooks (parameters tied to layers with rules)"
+        elif type(m) in RULES:
+            per_layer[name or type(m).__name__] = f"no rule: {type(RULES[type(m)]).__name__} does not support these options"
+        else:
+            per_layer[name or type(m).__name__] = f"no rule for {type(m).__name__}"
+    bad = unsupported_layers(model)
+    if bad:
+        return Plan("vmap", f"no layer rule for {bad}", per_layer)
+    if loss_fn is not None and inputs is not None and targets is not None:
+        try:
+            record(model, loss_fn, inputs, targets)
+        except NotHookable as err:
+            return Plan("vmap", str(err), per_layer)
+    return Plan("hooks", None, per_layer)

@@ -70,3 +70,18 @@ class GroupNormRule(AffineNormRule):
 
     def per_example(self, module: nn.Module, t: Tensor, param: Tensor) -> Tensor:
         return t.reshape(t.shape[0], t.shape[1], -1).sum(-1)
+
+
+@register_layer_rule(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+class InstanceNormRule(GroupNormRule):
+    """``nn.InstanceNorm*d(affine=True)`` on ``[B, C, ...]``; with running statistics only
+    in eval mode (in training mode those mix the batch and the engine refuses them)."""
+
+    def supports(self, module: nn.Module) -> bool:
+        return not (module.track_running_stats and module.training)
+
+    def normalized(self, module: nn.Module, a: Tensor) -> Tensor:
+        if module.track_running_stats:
+            return F.instance_norm(a, module.running_mean, module.running_var, None, None,
+                                   use_input_stats=False, eps=module.eps)
+        return F.instance_norm(a, None, None, None, None, use_input_stats=True, eps=module.eps)

@@ -7,11 +7,12 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_map
 
 from ..errors import UnsupportedModelError
+from ..inputs import Inputs, batch_size, call_model
 from .base import Capture, own_trainable, rule_for
+from .trace import UNKNOWN, BatchTrace, Tag, to_batch_first
 
 LossFn = Callable[[Any, Tensor], Tensor]
 
@@ -23,32 +24,6 @@ class NotHookable(UnsupportedModelError):
 def hooked_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Modules owning trainable parameters that have a layer rule, by module name."""
     return {name: m for name, m in model.named_modules() if own_trainable(m) and rule_for(m) is not None}
-
-
-_ATTRIBUTE_READS = {
-    Tensor.shape.__get__, Tensor.dtype.__get__, Tensor.device.__get__,  # type: ignore[attr-defined]
-    Tensor.requires_grad.__get__, Tensor.ndim.__get__,  # type: ignore[attr-defined]
-    Tensor.size, Tensor.dim, Tensor.numel,
-}
-
-
-class _ParameterUseGuard(TorchFunctionMode):
-    """Notes any torch operation on a trainable parameter outside a hooked layer."""
-
-    def __init__(self, params: set[int]):
-        super().__init__()
-        self.params = params
-        self.depth = 0
-        self.violation: str | None = None
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if self.depth == 0 and self.violation is None and func not in _ATTRIBUTE_READS:
-            for leaf in tree_flatten((args, kwargs))[0]:
-                if isinstance(leaf, Tensor) and id(leaf) in self.params:
-                    self.violation = getattr(func, "__name__", str(func))
-                    break
-        return func(*args, **kwargs)
 
 
 @dataclass
@@ -73,7 +48,7 @@ def _detach(x: Any) -> Any:
 def record(
     model: nn.Module,
     loss_fn: LossFn,
-    inputs: Tensor,
+    inputs: Inputs,
     targets: Tensor,
     layers: dict[str, nn.Module] | None = None,
     *,
@@ -81,10 +56,15 @@ def record(
 ) -> Recording:
     """One forward and one backward pass recording activations and output gradients.
 
+    The pass runs under :class:`~gradsift.layers.trace.BatchTrace`, so every recorded
+    tensor's batch axis is known (and moved to axis 0 in the captures), never guessed
+    from its shape.
+
     Args:
         model: a hookable model (see :mod:`gradsift.layers`).
         loss_fn: ``(outputs, targets) -> [B]`` per-example losses.
-        inputs: ``[B, ...]``.
+        inputs: a tensor ``[B, ...]``, a tuple (``model(*inputs)``) or a dict
+            (``model(**inputs)``) of tensors with the batch on dim 0.
         targets: ``[B, ...]``.
         layers: the layers to record (default :func:`hooked_layers`).
         clone_outputs: hand the network a copy of each layer output. Needed only when
@@ -92,70 +72,166 @@ def record(
             it, such a pass is detected and repeated with copies.
 
     Raises:
-        NotHookable: a trainable parameter is used outside its layer, or a layer does not
-            see the batch on axis 0.
+        NotHookable: a trainable parameter is used outside its layer, a layer's input
+            mixes examples or has its batch on an axis its rule does not handle, or the
+            losses' batch axis could not be traced.
     """
     layers = hooked_layers(model) if layers is None else layers
-    batch = int(inputs.shape[0])
+    batch = batch_size(inputs, targets)
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
-    guard = _ParameterUseGuard(trainable)
+    trace = BatchTrace(batch, trainable)
+    trace.tag_inputs(inputs)
+    trace.tag_inputs(targets)
     captures = {name: Capture(m) for name, m in layers.items()}
-    bad_batch: list[str] = []
+    out_tags: dict[str, list[Tag]] = {name: [] for name in layers}
+    extra_tags: dict[str, list[tuple[Tag, ...]]] = {name: [] for name in layers}
+    problems: dict[str, str] = {}
     versions: list[tuple[Tensor, int]] = []
 
     def pre_hook(module, args):
-        guard.depth += 1
+        trace.depth += 1
 
     def make_hook(name: str):
+        rule = rule_for(layers[name])
+
         def hook(module, args, kwargs, output):
-            guard.depth -= 1
-            a = args[0] if args else None
-            if (
-                not isinstance(a, Tensor) or not isinstance(output, Tensor)
-                or a.shape[:1] != (batch,) or output.shape[:1] != (batch,)
-            ):
-                bad_batch.append(name)
+            trace.depth -= 1
+            a = args[0] if args else next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
+            if rule.multi_output:
+                return multi_hook(name, module, a, args, kwargs, output)
+            if not isinstance(a, Tensor) or not isinstance(output, Tensor):
+                problems.setdefault(name, "its input or output is not a single tensor")
                 return None
+            ta, to = trace.tag(a), trace.tag(output)
+            replaced = None
+            if ta is None and to is None:
+                # An input shared by all examples (e.g. position_ids [1, T]): the output is
+                # broadcast against the batch downstream, and the trace checks that use.
+                if output.ndim == 0 or output.shape[0] not in (1, batch) or a.ndim == 0 \
+                        or a.shape[0] not in (1, batch):
+                    problems.setdefault(name, f"its input {tuple(a.shape)} has no batch axis")
+                    return None
+                if output.shape[0] != batch:
+                    replaced = output.expand(batch, *output.shape[1:])
+                    output = replaced
+                trace.set(output, (0, 1))
+                to = (0, 1)
+                a_first = a.expand(batch, *a.shape[1:]) if a.shape[0] != batch else a
+            elif ta is None or to is None or UNKNOWN in (ta, to):
+                problems.setdefault(name, "its input or output mixes the examples of the batch (or "
+                                          "comes from an operation the batch trace cannot follow)")
+                return None
+            elif to != ta or not rule.batch_axis_ok(module, a.ndim, ta[0]) or \
+                    (ta[1] != 1 and not rule.batch_axis_free):
+                problems.setdefault(name, f"its input {tuple(a.shape)} has the batch on axis {ta[0]}, "
+                                          "which its layer rule does not handle")
+                return None
+            else:
+                a_first = to_batch_first(a, ta, batch)
             cap = captures[name]
-            cap.inputs.append(a.detach())
-            cap.args.append(_detach(tuple(args)))
-            cap.kwargs.append(_detach(dict(kwargs)))
+            cap.inputs.append(a_first.detach())
+            cap.args.append(tuple(_batch_first(trace, v, batch) for v in args))
+            cap.kwargs.append({k: _batch_first(trace, v, batch) for k, v in kwargs.items()})
             cap.outputs.append(output)
+            out_tags[name].append(to)
             versions.append((output, output._version))
-            return output.clone() if clone_outputs and output.requires_grad else None
+            if clone_outputs and output.requires_grad:
+                copy = output.clone()
+                trace.set(copy, to)
+                return copy
+            return replaced
 
         return hook
+
+    def multi_hook(name, module, a, args, kwargs, output):
+        rule = rule_for(module)
+        ta = trace.tag(a) if isinstance(a, Tensor) else None
+        outs = rule.output_tensors(output)
+        tags = rule.output_tags(module, ta, outs) if ta not in (None, UNKNOWN) else \
+            "its input is not a tensor with a traced batch axis"
+        if isinstance(tags, str):
+            problems.setdefault(name, tags)
+            for o in outs:
+                trace.set(o, UNKNOWN)
+            return None
+        for o, tag in zip(outs, tags):
+            trace.set(o, tag)
+        cap = captures[name]
+        cap.inputs.append(to_batch_first(a, ta, batch).detach())
+        cap.args.append(_detach(tuple(args)))  # as passed: the rule knows their layouts
+        cap.kwargs.append(_detach(dict(kwargs)))
+        cap.outputs.append(outs[0])
+        cap.extra_outputs.append(tuple(outs[1:]))
+        out_tags[name].append(tags[0])
+        extra_tags[name].append(tuple(tags[1:]))
+        for o in outs:
+            versions.append((o, o._version))
+        return None
 
     handles = []
     try:
         for name, m in layers.items():
             handles.append(m.register_forward_pre_hook(pre_hook))
             handles.append(m.register_forward_hook(make_hook(name), with_kwargs=True))
-        with torch.enable_grad(), guard:
-            outputs = model(inputs)
+        with torch.enable_grad(), trace:
+            outputs = call_model(model, inputs)
             losses = loss_fn(outputs, targets)
+            loss_tag = trace.tag(losses) if isinstance(losses, Tensor) else None
     finally:
         for h in handles:
             h.remove()
-    if guard.violation is not None:
-        raise NotHookable(
-            f"a trainable parameter is used outside its layer's forward ({guard.violation})"
+    if not isinstance(losses, Tensor) or losses.shape != (batch,):
+        got = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+        raise ValueError(
+            f"loss_fn must return one loss per example (shape [B]=[{batch}]); got {got}. "
+            "Use reduction='none'."
         )
-    if bad_batch:
-        raise NotHookable(f"layer(s) {sorted(set(bad_batch))} do not see the batch on axis 0")
+    if trace.violation is not None:
+        raise NotHookable(
+            f"a trainable parameter is used outside its layer's forward ({trace.violation})"
+        )
+    lost = f" (the batch axis was first lost at {trace.lost_at})" if trace.lost_at else ""
+    if problems:
+        first = sorted(problems.items())
+        more = f" (and {len(first) - 3} more layers)" if len(first) > 3 else ""
+        raise NotHookable("; ".join(f"layer '{n}': {why}" for n, why in first[:3]) + more + lost)
+    if loss_tag != (0, 1) and batch > 1:
+        raise NotHookable(
+            "the batch axis of the losses could not be traced back to the inputs (an operation "
+            f"mixes the examples, or is one the batch trace cannot follow){lost}"
+        )
+    multi = any(rule_for(m).multi_output for m in layers.values())
+    if any(t._version != v for t, v in versions) and (clone_outputs or multi):
+        raise NotHookable("a multi-output layer's output is modified in place")
     if not clone_outputs and any(t._version != v for t, v in versions):
         # A layer output was changed in place; its gradient must be taken before that.
         return record(model, loss_fn, inputs, targets, layers, clone_outputs=True)
-    if not isinstance(losses, Tensor) or losses.shape != (batch,):
-        raise ValueError(
-            f"loss_fn must return one loss per example (shape [B]=[{batch}]); got shape "
-            f"{tuple(getattr(losses, 'shape', ()))}. Use reduction='none'."
-        )
-    flat = [(c, o) for c in captures.values() for o in c.outputs if o.requires_grad]
-    if flat:
-        grads = torch.autograd.grad(losses.sum(), [o for _, o in flat], allow_unused=True)
-        for (cap, out), g in zip(flat, grads):
-            cap.grad_outputs.append(torch.zeros_like(out) if g is None else g.detach())
+    flat = [
+        (cap, out, tag)
+        for name, cap in captures.items()
+        for out, tag in zip(cap.outputs, out_tags[name])
+        if out.requires_grad
+    ]
+    extra = [
+        (cap, outs, tags)
+        for name, cap in captures.items()
+        for main, outs, tags in zip(cap.outputs, cap.extra_outputs, extra_tags[name])
+        if main.requires_grad
+    ]
+    wanted = [o for _, o, _ in flat] + [o for _, outs, _ in extra for o in outs if o.requires_grad]
+    if wanted:
+        grads = torch.autograd.grad(losses.sum(), wanted, allow_unused=True)
+        by_id = {id(o): g for o, g in zip(wanted, grads)}
+        for cap, out, tag in flat:
+            g = by_id[id(out)]
+            g = torch.zeros_like(out) if g is None else g.detach()
+            cap.grad_outputs.append(to_batch_first(g, tag, batch))
+        for cap, outs, tags in extra:
+            gs = [by_id.get(id(o)) for o in outs]
+            cap.extra_grads.append(tuple(
+                to_batch_first(torch.zeros_like(o) if g is None else g.detach(), tag, batch)
+                for o, g, tag in zip(outs, gs, tags)
+            ))
     for cap in captures.values():
         # Calls whose output needed no gradient contribute nothing.
         keep = [o.requires_grad for o in cap.outputs]
@@ -163,4 +239,14 @@ def record(
         cap.args = [a for a, k in zip(cap.args, keep) if k]
         cap.kwargs = [a for a, k in zip(cap.kwargs, keep) if k]
         cap.outputs = []
+        cap.extra_outputs = []
     return Recording(losses.detach(), _detach(outputs), captures)
+
+
+def _batch_first(trace: BatchTrace, v: Any, batch: int) -> Any:
+    if not isinstance(v, Tensor):
+        return v
+    tag = trace.tag(v)
+    if tag is None or tag == UNKNOWN:
+        return v.detach()
+    return to_batch_first(v.detach(), tag, batch)

@@ -16,6 +16,12 @@ column                 what                                                   wh
                        (low = suspect)
 ``aum``                area under the logit margin ``z_y - max_{k!=y} z_k``   :class:`AUMRecorder`
                        over training (Pleiss et al.; low = mislabeled)
+``confidence``,        Data Map (Swayamdipta et al.): mean and std of         :class:`DynamicsRecorder`
+``variability``,       ``p(y|x)`` over epochs, fraction of epochs correct
+``correctness``        (:mod:`gradsift.datamap` draws the map)
+``alignment``          cosine of ``g_i`` with the mean gradient of the rest   :class:`AlignmentRecorder`
+                       of its batch, mean over steps (exact, from the ghost
+                       Gram; low = pulls against the batch)
 ``cum_loss``           sum of the loss over all presentations                 :class:`DynamicsRecorder`
 ``forgetting_events``  correct -> wrong transitions (Toneva et al.)           :class:`DynamicsRecorder`
 ``forgetting``         events; ``T`` (epochs) if never learned                :class:`DynamicsRecorder`
@@ -56,18 +62,19 @@ from .registry import (
 from .basic import (
     color_filter_scores, el2n, grand, logits, losses, margin, penultimate_embeddings, prototype_distance,
 )
+from .alignment import AlignmentRecorder
 from .aum import AUMRecorder, area_under_margin, logit_margin
 from .datadiet import data_diet_scores
 from .dynamics import (
-    DynamicsRecorder, cumulative_loss, forgetting_events, forgetting_score, learning_time,
+    DynamicsRecorder, cumulative_loss, data_map, forgetting_events, forgetting_score, learning_time,
 )
 from .influence import TracInRecorder, tracin, tracin_checkpoint
 from .memorization import memorization_estimate, memorization_scores
 from .selection import color_filter, prototype_scores
 
 __all__ = [
-    "area_under_margin", "AUMRecorder", "color_filter", "color_filter_scores", "compute_scores",
-    "cumulative_loss", "data_diet_scores", "DynamicsRecorder", "el2n", "forgetting_events",
+    "AlignmentRecorder", "area_under_margin", "AUMRecorder", "color_filter", "color_filter_scores", "compute_scores",
+    "cumulative_loss", "data_diet_scores", "data_map", "DynamicsRecorder", "el2n", "forgetting_events",
     "forgetting_score", "grand", "hardness", "learning_time", "logit_margin", "logits", "losses",
     "margin", "memorization_estimate", "memorization_scores", "mlp_factory", "penultimate_embeddings",
     "predict_members", "prototype_distance", "prototype_scores", "register_score", "Score",

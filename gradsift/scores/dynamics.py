@@ -55,6 +55,20 @@ def learning_time(correct: np.ndarray) -> np.ndarray:
     return first.astype(np.int64)
 
 
+def data_map(probs: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Data Map coordinates (Swayamdipta et al. 2020) from ``[T, N]`` histories of the
+    true-label probability and correctness (NaN / False where not presented):
+    ``(confidence = mean p, variability = std p, correctness = fraction correct)``, each ``[N]``
+    (over the presentations; see :mod:`gradsift.datamap` for the map)."""
+    p = np.asarray(probs, dtype=np.float64)
+    seen = ~np.isnan(p)
+    n = np.maximum(seen.sum(0), 1)
+    conf = np.where(seen, p, 0.0).sum(0) / n
+    var = np.sqrt(np.where(seen, (p - conf) ** 2, 0.0).sum(0) / n)
+    corr = (np.asarray(correct, dtype=bool) & seen).sum(0) / n
+    return conf, var, corr
+
+
 def cumulative_loss(losses: np.ndarray) -> np.ndarray:
     """Cumulative sample loss: sum of the example's loss over presentations. ``[T, N] -> [N]``."""
     return np.asarray(losses, dtype=np.float64).sum(0)
@@ -66,10 +80,11 @@ class DynamicsRecorder(Recorder):
 
     Run-directory output (see :mod:`gradsift.scores`):
 
-    * ``dynamics/part-<epoch>.parquet``: ``example_id, epoch, loss, correct, margin``
-      (one row per presentation), one part per epoch;
+    * ``dynamics/part-<epoch>.parquet``: ``example_id, epoch, loss, correct, margin, prob``
+      (one row per presentation; ``prob`` = p(y|x)), one part per epoch;
     * ``scores.parquet`` columns ``label, loss, margin, cum_loss, forgetting_events,
-      forgetting, learning_time`` (``loss``/``margin`` at the last presentation), updated
+      forgetting, learning_time`` (``loss``/``margin`` at the last presentation) and the
+      Data Map's ``confidence, variability, correctness`` (:func:`data_map`), updated
       after every epoch.
 
     After training, :meth:`scores` returns the same columns as a DataFrame indexed by
@@ -80,6 +95,7 @@ class DynamicsRecorder(Recorder):
         self.correct: list[np.ndarray] = []
         self.losses: list[np.ndarray] = []
         self.margins: list[np.ndarray] = []
+        self.probs: list[np.ndarray] = []
         self._rows: list[pd.DataFrame] = []
 
     def on_fit_begin(self, trainer: Trainer) -> None:
@@ -96,7 +112,8 @@ class DynamicsRecorder(Recorder):
 
     def on_epoch_begin(self, trainer: Trainer, epoch: int) -> None:
         n = len(self.ids)
-        self._epoch = (np.zeros(n, bool), np.full(n, np.nan), np.full(n, np.nan), np.zeros(n, bool))
+        self._epoch = (np.zeros(n, bool), np.full(n, np.nan), np.full(n, np.nan), np.zeros(n, bool),
+                       np.full(n, np.nan))
 
     def _slots_of(self, step: StepInfo) -> np.ndarray:
         """Slots of the step's examples when the ids are learnt as they come (new ids get
@@ -113,26 +130,29 @@ class DynamicsRecorder(Recorder):
             self.correct = [pad(a, False) for a in self.correct]
             self.losses = [pad(a, np.nan) for a in self.losses]
             self.margins = [pad(a, np.nan) for a in self.margins]
-            self._epoch = tuple(pad(a, v) for a, v in zip(self._epoch, (False, np.nan, np.nan, False)))
+            self.probs = [pad(a, np.nan) for a in self.probs]
+            self._epoch = tuple(pad(a, v) for a, v in zip(self._epoch, (False, np.nan, np.nan, False, np.nan)))
         return np.asarray([self._slots[i] for i in ids], np.int64)
 
     def on_step(self, trainer: Trainer, step: StepInfo) -> None:
         pos = step.positions.numpy() if self._slots is None else self._slots_of(step)
-        correct, loss, marg, seen = self._epoch
+        correct, loss, marg, seen, prob = self._epoch
         with torch.no_grad():
             correct[pos] = (step.outputs.argmax(1) == step.targets).numpy()
             loss[pos] = step.losses.double().numpy()
             marg[pos] = _margin(step.outputs, step.targets).double().numpy()
+            prob[pos] = step.outputs.double().softmax(-1).gather(1, step.targets[:, None]).squeeze(1).numpy()
         seen[pos] = True
 
     def on_epoch_end(self, trainer: Trainer, epoch: int) -> dict:
-        correct, loss, marg, seen = self._epoch
+        correct, loss, marg, seen, prob = self._epoch
         self.correct.append(correct)
         self.losses.append(loss)
         self.margins.append(marg)
+        self.probs.append(prob)
         if trainer.run is not None:
             part = pd.DataFrame({"example_id": self.ids[seen], "epoch": epoch, "loss": loss[seen],
-                                 "correct": correct[seen], "margin": marg[seen]})
+                                 "correct": correct[seen], "margin": marg[seen], "prob": prob[seen]})
             trainer.run.append_table("dynamics", part, epoch)
             trainer.run.write_scores(self.scores())
         return {"forgotten": int((self.correct[-2] & ~correct).sum()) if len(self.correct) > 1 else 0}
@@ -141,17 +161,22 @@ class DynamicsRecorder(Recorder):
         """Per-example scores so far, indexed by ``example_id``."""
         c = np.stack(self.correct)
         lo = np.stack(self.losses)
+        conf, var, corr = data_map(np.stack(self.probs), c)
         return pd.DataFrame({
             "label": self.labels, "loss": lo[-1], "margin": self.margins[-1],
             "cum_loss": np.nansum(lo, 0), "forgetting_events": forgetting_events(c),
             "forgetting": forgetting_score(c), "learning_time": learning_time(c),
+            "confidence": conf, "variability": var, "correctness": corr,
         }, index=pd.Index(self.ids, name="example_id"))
 
     def state_dict(self) -> dict:
-        return {"correct": list(self.correct), "losses": list(self.losses), "margins": list(self.margins)}
+        return {"correct": list(self.correct), "losses": list(self.losses), "margins": list(self.margins),
+                "probs": list(self.probs)}
 
     def load_state_dict(self, state: dict) -> None:
         self.correct, self.losses, self.margins = (list(state[k]) for k in ("correct", "losses", "margins"))
+        # checkpoints from before the Data Map columns: no probabilities for those epochs
+        self.probs = list(state.get("probs", [np.full(len(c), np.nan) for c in self.correct]))
 
 
 def dynamics_recorder(settings=None) -> DynamicsRecorder:
@@ -166,5 +191,8 @@ for _name, _harder, _what in (
     ("learning_time", True, "first epoch from which it stays correct (T+1: not learned)"),
     ("margin", False, "p_y - max_{k!=y} p_k at the last presentation (low = suspect)"),
     ("forgetting_events", True, "correct -> wrong transitions"),
+    ("confidence", False, "Data Map: mean p(y|x) over epochs (Swayamdipta et al.)"),
+    ("variability", True, "Data Map: std of p(y|x) over epochs (high = ambiguous)"),
+    ("correctness", False, "Data Map: fraction of epochs classified correctly"),
 ):
     register_score(_name, kind="recorder", make=dynamics_recorder, higher_is_harder=_harder, description=_what)

@@ -9,6 +9,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from gradsift import layers
 from gradsift.engine import per_example, per_example_norms
 
 
@@ -103,7 +104,32 @@ def check_per_example(
             )
         total = per_example_norms(model, loss_fn, x, targets, method=method, chunk_size=chunk_size)
         torch.testing.assert_close(total, ref_total.sqrt(), atol=atol, rtol=1e-6)
+    if "hooks" in methods and len(targets) > 0:
+        check_gram(model, loss_fn, x, targets, ref, atol=atol)
     return ref
+
+
+def check_gram(model: nn.Module, loss_fn: Callable, x: Any, targets: Tensor, ref: dict, *, atol: float) -> None:
+    """Each rule's :meth:`~gradsift.layers.LayerRule.gram` equals ``G G^T`` of the loop's gradients."""
+    rec = layers.record(model, loss_fn, x, targets)
+    names = layers.parameter_names(model, {n: c.module for n, c in rec.captures.items()})
+    counts: dict[str, int] = {}
+    for n in names.values():
+        counts[n] = counts.get(n, 0) + 1
+    for lname, cap in rec.captures.items():
+        for local, gram in layers.layer_gram(cap).items():
+            name = names[(lname, local)]
+            if counts[name] == 1:
+                flat = ref[name].flatten(1)
+                torch.testing.assert_close(gram, flat @ flat.T, atol=atol, rtol=1e-6, msg=lambda m: f"gram {name}: {m}")
+
+
+def check_path(model: nn.Module, x: Any, targets: Tensor | None = None, *, loss_fn: Callable = probe_loss) -> str:
+    """The path ``method="auto"`` takes (``"hooks"`` or ``"vmap"``), from :func:`gradsift.layers.explain`."""
+    if targets is None:
+        with torch.no_grad():
+            targets = torch.randn_like(_call(model, x))
+    return layers.explain(model, loss_fn, x, targets).method
 
 
 class SeqFirst(nn.Module):

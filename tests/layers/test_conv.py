@@ -5,9 +5,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from .harness import check_per_example
+from .harness import check_path, check_per_example
 
-SETTINGS = settings(max_examples=20, deadline=None, derandomize=True)
+SETTINGS = settings(max_examples=12, deadline=None, derandomize=True)
 CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
@@ -35,3 +35,21 @@ def test_conv3d_anisotropic():
     layer = nn.Conv3d(3, 4, (2, 3, 1), stride=(1, 2, 2), dilation=(2, 1, 1), padding=(1, 0, 1),
                       padding_mode="replicate")
     check_per_example(layer, torch.randn(3, 3, 5, 6, 4))
+
+
+class BatchLast(nn.Module):
+    """A 1x1 convolution over [L, C, B] (L == C == B): examples never mix, but the batch is not axis 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(3, 2, 1)
+
+    def forward(self, x):  # [B, C, L]
+        return self.conv(x.transpose(0, 2)).transpose(0, 2)
+
+
+def test_t_equal_b():
+    x = torch.randn(3, 3, 3)
+    check_per_example(nn.Conv1d(3, 2, 2), x)
+    assert check_path(BatchLast(), x) == "vmap"
+    check_per_example(BatchLast(), x, methods=("auto",))

@@ -53,7 +53,7 @@ def test_unregistered_subclass_falls_back():
 
 def test_register_checks_its_arguments():
     with pytest.raises(TypeError):
-        register_layer_rule("Linear")
+        register_layer_rule(42)
     with pytest.raises(TypeError):
         register_layer_rule(Scale)(object)
 

@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from .harness import check_per_example
+from .harness import SeqFirst, check_path, check_per_example
 
 SETTINGS = settings(max_examples=15, deadline=None, derandomize=True)
 
@@ -25,3 +25,26 @@ def test_frozen_bias_and_chunks():
     layer.bias.requires_grad_(False)
     ref = check_per_example(layer, torch.randn(7, 2, 5), chunk_size=3)
     assert set(ref) == {"weight"}
+
+
+def test_sequence_first_with_t_equal_b():
+    """[T, B, d] with T == B: the batch axis is traced, not guessed from axis 0's size."""
+    x = torch.randn(4, 4, 3)
+    check_per_example(SeqFirst(nn.Linear(3, 2)), x)
+    assert check_path(SeqFirst(nn.Linear(3, 2)), x) == "hooks"
+
+
+class Reinterpret(nn.Module):
+    """Flattens batch and time ([B*T, d]) and back: the batch is the outer factor."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x):  # [B, T, d]
+        b, t, d = x.shape
+        return self.lin(x.reshape(b * t, d)).view(b, t, 2)
+
+
+def test_flattened_batch():
+    check_per_example(Reinterpret(), torch.randn(3, 3, 3))
