@@ -10,45 +10,40 @@ Five-line example::
     print(gs.coherence(grads)["m_coherence"])
 """
 
-from . import aggregate, layers, losses
-from .coherence import coherence
-from .engine import (
-    per_example,
-    per_example_gradients,
-    per_example_losses,
-    per_example_norms,
+from . import (
+    actions, aggregate, backends, data, distributed, ensemble, layers, losses, models, optim,
+    privacy, sampling, scores,
 )
+from .actions import reweight, select
+from .aggregate import masking, sven
+from .audit import audit
+from .coherence import coherence
+from .engine import per_example, per_example_gradients, per_example_losses, per_example_norms
 from .errors import DataError, GradsiftError, NonFiniteGradientError, SpecError, UnsupportedModelError
-
+from .label_issues import find_label_issues, label_issue_scores
+from .recorders import CoherenceRecorder, Recorder, TensorBoardRecorder
+from .rundir import Run, open_run
+from .scores import AUMRecorder, DynamicsRecorder, TracInRecorder
+from .sifter import Sifter
+from .train import FitResult, Trainer, fit
 from .version import __version__
 
 __all__ = [
-    "aggregate", "coherence", "layers", "losses", "per_example", "per_example_gradients", "per_example_losses",
-    "per_example_norms", "DataError", "GradsiftError", "NonFiniteGradientError", "SpecError",
-    "UnsupportedModelError", "__version__",
+    # modules
+    "actions", "aggregate", "backends", "data", "distributed", "ensemble", "layers", "losses",
+    "masking", "models", "optim", "privacy", "sampling", "scores", "sven",
+    # per-example engine and coherence
+    "coherence", "per_example", "per_example_gradients", "per_example_losses", "per_example_norms",
+    # training
+    "FitResult", "Sifter", "Trainer", "fit",
+    # recorders and scores
+    "AUMRecorder", "CoherenceRecorder", "DynamicsRecorder", "Recorder", "TensorBoardRecorder",
+    "TracInRecorder",
+    # data actions and audits
+    "audit", "find_label_issues", "label_issue_scores", "reweight", "select",
+    # run directories
+    "Run", "open_run",
+    # errors
+    "DataError", "GradsiftError", "NonFiniteGradientError", "SpecError", "UnsupportedModelError",
+    "__version__",
 ]
-
-from . import data, distributed, models  # noqa: E402
-from .recorders import CoherenceRecorder, TensorBoardRecorder  # noqa: E402
-from .sifter import Sifter  # noqa: E402
-from .train import FitResult, Recorder, Trainer, fit  # noqa: E402
-
-__all__ += ["data", "distributed", "models", "CoherenceRecorder", "FitResult", "Recorder", "Sifter", "TensorBoardRecorder", "Trainer", "fit"]
-
-from . import backends, ensemble, scores  # noqa: E402
-from .rundir import Run, open_run  # noqa: E402
-from .scores import AUMRecorder, DynamicsRecorder, TracInRecorder  # noqa: E402
-
-__all__ += ["backends", "ensemble", "scores", "Run", "open_run", "AUMRecorder", "DynamicsRecorder", "TracInRecorder"]
-
-from . import actions  # noqa: E402
-from .actions import reweight, select  # noqa: E402
-from .audit import audit  # noqa: E402
-from .label_issues import find_label_issues, label_issue_scores  # noqa: E402
-
-__all__ += ["actions", "audit", "reweight", "select", "find_label_issues", "label_issue_scores"]
-
-from . import optim, privacy, sampling  # noqa: E402
-from .aggregate import masking, sven  # noqa: E402
-
-__all__ += ["masking", "optim", "privacy", "sampling", "sven"]

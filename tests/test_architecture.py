@@ -160,3 +160,13 @@ def test_issue_11_extensions_are_registered(kind):
         assert gs.aggregate.aggregator_from_spec("gaf").name.startswith("gaf")
     else:
         assert "aum" in gs.scores.score_names()
+
+
+def test_public_names_in_one_import_list():
+    import gradsift as gs
+
+    source = (ROOT / "__init__.py").read_text()
+    assert "noqa: E402" not in source, "gradsift/__init__.py must be one import list"
+    missing = [n for n in gs.__all__ if not hasattr(gs, n)]
+    assert not missing, f"__all__ names that gradsift does not define: {missing}"
+    assert len(set(gs.__all__)) == len(gs.__all__)

@@ -172,3 +172,24 @@ def test_fuzz_npz_loads_or_raises_gradsift_error(tmp_path, content, raw, use_raw
     except GradsiftError:
         return
     assert len(tr) and np.isfinite(tr.x).all() and tr.y.max() < tr.num_classes
+
+
+def test_cli_label_column_and_encoding(tmp_path):
+    from typer.testing import CliRunner
+
+    from gradsift.cli import app
+
+    names = ["th\xe9", "caf\xe9"]
+    rows = ["a,b,species"] + [f"{i % 7},{(i * 3) % 5},{names[i % 2]}" for i in range(40)]
+    p = tmp_path / "t.csv"
+    p.write_bytes("\n".join(rows).encode("latin-1"))
+    runner = CliRunner()
+    r = runner.invoke(app, ["train", "--dataset", str(p), "--label-column", "species", "--epochs", "1",
+                            "--model", "mlp:width=8", "--run-dir", str(tmp_path / "r"), "-q"])
+    assert r.exit_code == 2 and "encoding" in r.output and "Traceback" not in r.output
+    r = runner.invoke(app, ["train", "--dataset", str(p), "--label-column", "species", "--encoding", "latin-1",
+                            "--epochs", "1", "--model", "mlp:width=8", "--run-dir", str(tmp_path / "r2"), "-q"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["train", "--dataset", str(p), "--epochs", "1", "--encoding", "latin-1",
+                            "--run-dir", str(tmp_path / "r3"), "-q"])
+    assert r.exit_code == 2 and "no column 'label'" in r.output and "--label-column" in r.output

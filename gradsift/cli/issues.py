@@ -8,11 +8,13 @@ from typing import Optional
 import typer
 
 from .common import UsageError, out_console, show_progress
-from .options import Dataset, LabelNoise, NoiseRate, Quiet, Seed, Width, noise_rate_for
+from .options import Dataset, Encoding, LabelColumn, LabelNoise, NoiseRate, Quiet, Seed, Width, noise_rate_for
 
 
 def issues(
     dataset: Dataset = "digits",
+    label_column: LabelColumn = "label",
+    encoding: Encoding = "utf-8",
     label_noise: LabelNoise = "none",
     noise_rate: NoiseRate = None,
     method: str = typer.Option("combined", help="combined, oof_loss, oof_margin, cum_loss or learning_time"),
@@ -41,7 +43,7 @@ def issues(
     noise_rate = noise_rate_for(label_noise, noise_rate, default=0.2)
     if out.suffix.lower() != ".csv":
         raise UsageError(f"--out {out} must name a .csv file (the report goes beside it, with .html)")
-    train_data, _ = data_mod.load(dataset, seed=seed)
+    train_data, _ = data_mod.load(dataset, seed=seed, label_column=label_column, encoding=encoding)
     train_data = data_mod.corrupt(train_data, label_noise, noise_rate, seed=seed)
     with progress_scope(show_progress(quiet)):
         result = rank_label_issues(train_data, method=method, folds=folds, epochs=epochs, width=width,

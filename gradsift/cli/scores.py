@@ -9,12 +9,14 @@ import typer
 
 from ..scores import score_names
 from .common import UsageError, many_model_backend, out_console, show_progress, split_list
-from .options import (Backend, ClassBalanced, Dataset, KeepHard, LabelNoise, MemModels, NoiseRate, Overwrite,
-                      Quiet, RayAddress, RunDirOption, Seed, Width, noise_rate_for)
+from .options import (Backend, ClassBalanced, Dataset, Encoding, KeepHard, LabelColumn, LabelNoise, MemModels,
+                      NoiseRate, Overwrite, Quiet, RayAddress, RunDirOption, Seed, Width, noise_rate_for)
 
 
 def scores(
     dataset: Dataset = "digits",
+    label_column: LabelColumn = "label",
+    encoding: Encoding = "utf-8",
     run_dir: RunDirOption = Path("runs/scores"),
     scores: str = typer.Option("el2n,grand,forgetting,memorization",
                                help=f"comma list of {', '.join(score_names())}"),
@@ -46,7 +48,7 @@ def scores(
     names = split_list(scores)
     config = PruningCurveConfig(dataset=dataset, scores=tuple(names), epochs=epochs, width=width,
                                 mem_models=mem_models, seed=seed)
-    train_data, _ = data_mod.load(dataset, seed=seed)
+    train_data, _ = data_mod.load(dataset, seed=seed, label_column=label_column, encoding=encoding)
     train_data = data_mod.corrupt(train_data, label_noise, noise_rate, seed=seed)
     run = RunDir(run_dir)
     with many_model_backend(backend, ray_address) as (runner, comm):

@@ -9,12 +9,14 @@ from typing import Optional
 import typer
 
 from .common import UsageError, out_console, show_progress
-from .options import (Dataset, LabelNoise, NoiseRate, Overwrite, Quiet, Resume, RunDirOption, Seed, choice,
-                      noise_rate_for)
+from .options import (Dataset, Encoding, LabelColumn, LabelNoise, NoiseRate, Overwrite, Quiet, Resume, RunDirOption,
+                      Seed, choice, noise_rate_for)
 
 
 def train(
     dataset: Dataset = "digits",
+    label_column: LabelColumn = "label",
+    encoding: Encoding = "utf-8",
     model: str = typer.Option("mlp:width=256", help="mlp[:width=..,depth=..] or cnn[:channels=..]"),
     aggregator: str = typer.Option("mean", help="e.g. mean, winsorize:c=2, m3, rm3, trimmed_mean:fraction=0.1, clip:max_norm=1+mean, sven:rank=16"),
     optimizer: str = typer.Option("sgd:lr=0.1,momentum=0.9", help="NAME[:k=v,...] from torch.optim or pytorch_optimizer, e.g. adamw:lr=1e-3, lion:lr=1e-4"),
@@ -69,7 +71,7 @@ def train(
                         per_layer=per_layer_clip, accountant=accountant)
     elif target_epsilon is not None or noise_multiplier is not None:
         raise typer.BadParameter("--target-epsilon / --noise-multiplier need --dp")
-    train_data, test_data = data_mod.load(dataset, seed=seed)
+    train_data, test_data = data_mod.load(dataset, seed=seed, label_column=label_column, encoding=encoding)
     train_data = data_mod.corrupt(train_data, label_noise, noise_rate, seed=seed)
     torch.manual_seed(seed)
     net = model_from_spec(model, train_data.shape or train_data.x.shape[1:], train_data.num_classes)

@@ -363,20 +363,28 @@ def _pad_tokens(seqs: list[Any], pad_id: int, where: str) -> np.ndarray:
 
 # ---------------------------------------------------------------- by name
 
-def load(name_or_path: str, *, seed: int = 0, **kwargs) -> tuple[Dataset, Dataset]:
+def load(name_or_path: str, *, seed: int = 0, label_column: str = "label", encoding: str = "utf-8",
+         **kwargs) -> tuple[Dataset, Dataset]:
     """Load a built-in data set by name (``digits``, ``mnist1d``), a ``.npz``, ``.csv`` or
-    ``.parquet`` file, or an image folder (one sub-folder per class)."""
+    ``.parquet`` file, or an image folder (one sub-folder per class).
+
+    ``label_column`` names the label column of a CSV or Parquet table and ``encoding`` the
+    text encoding of a CSV; giving them for other sources is an error."""
+    path = Path(name_or_path)
+    if label_column != "label" and path.suffix not in (".csv", ".parquet"):
+        raise DataError(f"label_column (--label-column) applies to CSV and Parquet tables, not '{name_or_path}'")
+    if encoding.lower() not in ("utf-8", "utf8") and path.suffix != ".csv":
+        raise DataError(f"encoding (--encoding) applies to CSV files, not '{name_or_path}'")
     if name_or_path == "digits":
         return load_digits(seed=seed, **kwargs)
     if name_or_path == "mnist1d":
         return load_mnist1d(**kwargs)
-    path = Path(name_or_path)
     if path.suffix == ".npz":
         return load_npz(path, seed=seed, **kwargs)
     if path.suffix == ".csv":
-        return load_csv(path, seed=seed, **kwargs)
+        return load_csv(path, seed=seed, label_column=label_column, encoding=encoding, **kwargs)
     if path.suffix == ".parquet":
-        return load_parquet(path, seed=seed, **kwargs)
+        return load_parquet(path, seed=seed, label_column=label_column, **kwargs)
     if path.is_dir():
         from .images import load_image_folder
 
