@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import layers
+from ..inputs import Inputs, batch_size
 from ..engine import (LossFn, Method, batch_gradient, check_per_example_safe, per_example,
                       resolve_method, trainable_parameters)
 from .base import (Aggregator, Comm, Grads, Shard, State, aggregator_from_spec, apply,
@@ -332,7 +333,7 @@ def _resolve(aggregator: Aggregator | str) -> Aggregator:
 def step_update(
     model: nn.Module,
     loss_fn: LossFn,
-    inputs: Tensor,
+    inputs: Inputs,
     targets: Tensor,
     aggregator: Aggregator | str,
     state: State = None,
@@ -348,7 +349,8 @@ def step_update(
 
     Args:
         model, loss_fn: as for :func:`gradsift.engine.per_example`.
-        inputs: ``[b, ...]`` this process's examples; targets: ``[b, ...]``.
+        inputs: this process's examples: a tensor ``[b, ...]``, or a tuple/dict of them
+            (see :mod:`gradsift.inputs`); targets: ``[b, ...]``.
         aggregator: an :class:`~gradsift.aggregate.Aggregator` or a spec string.
         state: its state (``None``: ``aggregator.init``).
         keep_grads: form and return the per-example gradients (a recorder needs them).
@@ -364,17 +366,16 @@ def step_update(
         :class:`StepUpdate` ``(update, state, losses, outputs, grads, path)``.
     """
     aggregator = _resolve(aggregator)
-    if inputs.shape[:1] != targets.shape[:1]:
-        raise ValueError(f"inputs and targets disagree on the batch size: {inputs.shape[0]} vs {targets.shape[0]}")
+    b = batch_size(inputs, targets)
+    empty = targets.new_zeros((0,), dtype=torch.get_default_dtype())
     if state is None:
         state = aggregator.init({n: p.detach() for n, p in trainable_parameters(model).items()})
     ga = GlobalAggregation(aggregator, comm) if comm is not None else None
-    b = int(inputs.shape[0])
 
     if aggregator.input == "batch" and not keep_grads:
         grads, losses, outputs = batch_gradient(model, loss_fn, inputs, targets) if b else (
             {n: torch.zeros_like(p) for n, p in trainable_parameters(model).items()},
-            inputs.new_zeros((0,)), inputs.new_zeros((0,)))
+            empty, empty)
         extras = {"losses": losses, "outputs": outputs, "targets": targets, **side_inputs}
         if ga is not None:
             update, state = ga.update_batch(grads, b, state, **extras)
@@ -391,7 +392,7 @@ def step_update(
             grads, losses, outputs = batch_gradient(model, loss_fn, inputs, targets)
         else:  # a rank without examples still joins the collectives
             grads = {n: torch.zeros_like(v) for n, v in trainable_parameters(model).items()}
-            losses = outputs = inputs.new_zeros((0,))
+            losses = outputs = empty
         if ga is not None:
             grads = ga.global_mean(grads, b)
         finite = _all_finite(grads.values())
