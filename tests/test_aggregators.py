@@ -124,7 +124,7 @@ def test_masking_runs_layerwise():
     ("clip", r"per-example gradients; chain a reducer after it, e.g. 'clip\+mean'"),
     ("clip:max_norm=1", "chain a reducer after it"),
     ("mean+clip:max_norm=1", r"per-example stages go before the reducer: 'clip:max_norm=1\+mean'"),
-    ("m3+m3", r"use one reducer \('m3' or 'm3'\)"),
+    ("m3+m3", r"give it once: 'm3'"),
     ("rm3+mean", r"batch stages go after the reducer: 'mean\+rm3'"),
     ("clip:max_norm=1+rm3", r"put a reducer before it: 'clip:max_norm=1\+mean\+rm3'"),
     ("nope", "unknown aggregator 'nope'.*Known: clip, coordinate_median"),

@@ -469,6 +469,8 @@ def aggregator_from_spec(spec: str) -> Aggregator:
                 fix = f"batch stages go after the reducer: '{sb}+{sa}'"
             elif a.output == "batch" and b.output == "per_example":
                 fix = f"per-example stages go before the reducer: '{sb}+{sa}'"
+            elif a.output == "batch" and sa == sb:
+                fix = f"'{sa}' already reduces the batch; give it once: '{sa}'"
             elif a.output == "batch":
                 fix = f"'{sa}' already reduces the batch; use one reducer ('{sa}' or '{sb}')"
             else:
