@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 from torch import nn
 
@@ -11,7 +12,14 @@ from .specs import parse_spec
 
 
 def mlp(in_features: int, num_classes: int, *, width: int = 512, depth: int = 2) -> nn.Sequential:
-    """``Flatten -> [Linear(width) -> ReLU] * depth -> Linear(num_classes)``."""
+    """``Flatten -> [Linear(width) -> ReLU] * depth -> Linear(num_classes)``.
+
+    Raises:
+        ValueError: ``width < 1``, ``depth < 0`` or either not an integer.
+    """
+    for name, value, low in (("width", width, 1), ("depth", depth, 0)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     layers: list[nn.Module] = [nn.Flatten()]
     d = in_features
     for _ in range(depth):

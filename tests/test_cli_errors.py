@@ -287,7 +287,7 @@ ISSUE_16 = [
     ("issues, 2 examples", case_issues_two_examples, "error: ", None),
     ("issues, one class", case_issues_one_class, "needs at least two classes", None),
     ("--model mlp:width=0", lambda t, p: ["train", "--model", "mlp:width=0", "--epochs", "1", "--run-dir", str(p / "r")],
-     "mlp", H_TRAIN),
+     "width must be an integer >= 1", None),
     ("--aggregator clip", lambda t, p: ["train", "--aggregator", "clip", "--run-dir", str(p / "r")], "clip", None),
     ("mean+clip:max_norm=1", lambda t, p: ["train", "--aggregator", "mean+clip:max_norm=1", "--run-dir", str(p / "r")],
      "clip", None),
