@@ -250,6 +250,13 @@ class Section:
     tables: list[Table] = field(default_factory=list)
     targets: list[Target] = field(default_factory=list)
 
+    def print(self) -> None:
+        """Print every table, then every target line."""
+        for t in self.tables:
+            print(t.render(), end="\n\n", flush=True)
+        for t in self.targets:
+            print(t.render(), flush=True)
+
 
 def ms(t: Timing) -> float:
     return t.seconds * 1e3

@@ -120,10 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=1)
     a = ap.parse_args(argv)
     sec = run(C.Settings.make(False), a.baseline, a.repeats)
-    for t in sec.tables:
-        print(t.render(), end="\n\n")
-    for t in sec.targets:
-        print(t.render())
+    sec.print()
 
 
 if __name__ == "__main__":

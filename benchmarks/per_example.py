@@ -195,10 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     s = C.Settings.make(a.quick)
     for sec in (run_grads(a.threads, s), run_norms(a.threads, s)):
-        for t in sec.tables:
-            print(t.render(), end="\n\n")
-        for t in sec.targets:
-            print(t.render())
+        sec.print()
         print()
 
 

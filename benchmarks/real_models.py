@@ -225,10 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--models", default=",".join(MODELS))
     a = ap.parse_args(argv)
     sec = run(a.threads, C.Settings.make(a.quick), tuple(a.models.split(",")))
-    for t in sec.tables:
-        print(t.render(), end="\n\n")
-    for t in sec.targets:
-        print(t.render())
+    sec.print()
 
 
 if __name__ == "__main__":

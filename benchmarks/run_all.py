@@ -124,12 +124,9 @@ def measure(a) -> dict:
     partial = {"meta": meta, "tables": tables, "targets": targets, "partial": True}
 
     def take(sec: C.Section) -> None:
-        for t in sec.tables:
-            print(t.render(), end="\n\n", flush=True)
-            tables.append(t.to_json())
-        for t in sec.targets:
-            print(t.render(), flush=True)
-            targets.append(t.to_json())
+        sec.print()
+        tables.extend(t.to_json() for t in sec.tables)
+        targets.extend(t.to_json() for t in sec.targets)
         if sec.targets:
             print(flush=True)
         if not s.smoke:  # what is measured so far survives an interrupted run

@@ -151,10 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args(argv)
     sec = run(a.threads, C.Settings.make(a.quick))
-    for t in sec.tables:
-        print(t.render(), end="\n\n")
-    for t in sec.targets:
-        print(t.render())
+    sec.print()
 
 
 if __name__ == "__main__":
