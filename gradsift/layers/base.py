@@ -126,6 +126,23 @@ class LayerRule:
         """Per-example gradients: local name -> ``[B, *param.shape]`` (summed over calls)."""
         raise NotImplementedError
 
+    def grads_into(self, cap: Capture, out: Grads, accumulate: bool = False) -> set[str]:
+        """Write the per-example gradients into ``out`` (local name -> ``[B, *param.shape]``
+        tensors, e.g. views of a :mod:`gradsift.workspace` buffer), or add them to what it
+        holds when ``accumulate``. The default copies :meth:`grads`; rules override it to
+        write in place.
+
+        Returns:
+            the local names written (a parameter left out has a zero gradient).
+        """
+        grads = self.grads(cap)
+        for n, g in grads.items():
+            if accumulate:
+                out[n].add_(g)
+            else:
+                out[n].copy_(g)
+        return set(grads)
+
     def norms_sq(self, cap: Capture) -> Grads:
         """Squared L2 norms of the per-example gradients: local name -> ``[B]``."""
         return {n: g.flatten(1).square().sum(1) for n, g in self.grads(cap).items()}

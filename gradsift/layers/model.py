@@ -125,18 +125,37 @@ def _accumulate(target: Grads, name: str, value: Tensor) -> None:
 
 
 def hook_per_example(
-    model: nn.Module, loss_fn: LossFn, inputs: Inputs, targets: Tensor
+    model: nn.Module, loss_fn: LossFn, inputs: Inputs, targets: Tensor, *, out: Grads | None = None
 ) -> tuple[Tensor, Grads, Tensor]:
-    """Per-example ``(losses [B], grads name -> [B, *shape], outputs)`` by layer rules."""
+    """Per-example ``(losses [B], grads name -> [B, *shape], outputs)`` by layer rules.
+
+    Args:
+        out: name -> ``[B, *param.shape]`` tensors to write the gradients into (e.g. views
+            of a :mod:`gradsift.workspace` buffer), one per trainable parameter; ``None``
+            allocates them. Each rule writes in place (:meth:`LayerRule.grads_into`).
+    """
     check_hookable(model)
     rec = record(model, loss_fn, inputs, targets)
-    grads: Grads = {}
-    for name, g in iter_layer_results(model, rec, layer_grads):
-        _accumulate(grads, name, g)
     b = rec.losses.shape[0]
-    for n, p in model.named_parameters():
-        if p.requires_grad and n not in grads:
-            grads[n] = p.new_zeros((b, *p.shape))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    grads = {n: p.new_empty((b, *p.shape)) for n, p in params.items()} if out is None else out
+    names = parameter_names(model, {n: c.module for n, c in rec.captures.items()})
+    written: set[str] = set()
+    for lname, cap in rec.captures.items():
+        if not cap.inputs:
+            continue
+        local = {loc: names[(lname, loc)] for loc in own_trainable(cap.module)}
+        again = {loc for loc, n in local.items() if n in written}
+        if again and again != set(local):  # partly shared: start the others at zero
+            for loc, n in local.items():
+                if loc not in again:
+                    grads[n].zero_()
+                    written.add(n)
+        done = _rule(cap).grads_into(cap, {loc: grads[n] for loc, n in local.items()}, accumulate=bool(again))
+        written.update(local[loc] for loc in done)
+    for n in params:
+        if n not in written:
+            grads[n].zero_()
     return rec.losses, grads, rec.outputs
 
 
