@@ -144,7 +144,7 @@ def hook_per_example(
     for lname, cap in rec.captures.items():
         if not cap.inputs:
             continue
-        local = {loc: names[(lname, loc)] for loc in own_trainable(cap.module)}
+        local = {loc: names[(lname, loc)] for loc in _rule(cap).parameters(cap.module)}
         again = {loc for loc, n in local.items() if n in written}
         if again and again != set(local):  # partly shared: start the others at zero
             for loc, n in local.items():
