@@ -18,7 +18,7 @@ def unsupported_layers(model: nn.Module) -> list[str]:
     A module whose parameters are all also owned by layers with rules (a bias tied to
     a child's, as in BERT's ``cls.predictions.bias``) is covered by those layers.
     """
-    covered = {id(p) for m in model.modules() if rule_for(m) is not None for p in own_trainable(m).values()}
+    covered = {id(p) for m in model.modules() if rule_for(m) is not None for p in rule_for(m).parameters(m).values()}
     return [
         name or type(m).__name__
         for name, m in model.named_modules()
@@ -105,7 +105,7 @@ def parameter_names(model: nn.Module, layers: dict[str, nn.Module]) -> dict[tupl
         first.setdefault(id(p), n)
     out = {}
     for lname, m in layers.items():
-        for local, p in own_trainable(m).items():
+        for local, p in rule_for(m).parameters(m).items():
             out[(lname, local)] = first[id(p)]
     return out
 
@@ -144,7 +144,7 @@ def hook_per_example(
     for lname, cap in rec.captures.items():
         if not cap.inputs:
             continue
-        local = {loc: names[(lname, loc)] for loc in own_trainable(cap.module)}
+        local = {loc: names[(lname, loc)] for loc in _rule(cap).parameters(cap.module)}
         again = {loc for loc, n in local.items() if n in written}
         if again and again != set(local):  # partly shared: start the others at zero
             for loc, n in local.items():
@@ -183,7 +183,7 @@ def recording_norms_sq(model: nn.Module, rec: Recording) -> Grads:
     out: Grads = {}
     shared_grads: Grads = {}
     for lname, cap in rec.captures.items():
-        own = {names[(lname, local)] for local in own_trainable(cap.module)}
+        own = {names[(lname, local)] for local in rule_for(cap.module).parameters(cap.module)}
         if own & shared:
             for local, g in layer_grads(cap).items():
                 n = names[(lname, local)]
@@ -250,9 +250,9 @@ def explain(
         if rule is not None:
             per_layer[name or type(m).__name__] = f"hooks ({type(rule).__name__})"
         elif (name or type(m).__name__) not in unsupported_layers(model):
-            per_layer[name or type(m).__name__] = "hooks (parameters tied to layers with rules)"
+            per_layer[name or type(m).__name__] = "hooks (its parameters are covered by another layer's rule)"
         elif type(m) in RULES:
-            per_layer[name or type(m).__name__] = f"no rule: {type(RULES[type(m)]).__name__} does not support these options"
+            per_layer[name or type(m).__name__] = f"no rule: {RULES[type(m)].unsupported_reason(m)}"
         else:
             per_layer[name or type(m).__name__] = f"no rule for {type(m).__name__}"
     bad = unsupported_layers(model)

@@ -12,7 +12,7 @@ from torch.utils._pytree import tree_map
 
 from ..errors import UnsupportedModelError
 from ..inputs import Inputs, batch_size, call_model
-from .base import Capture, own_trainable, rule_for
+from .base import Capture, rule_for
 from .trace import UNKNOWN, BatchTrace, PackedLayout, Tag, to_batch_first
 
 LossFn = Callable[[Any, Tensor], Tensor]
@@ -24,7 +24,7 @@ class NotHookable(UnsupportedModelError):
 
 def hooked_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Modules owning trainable parameters that have a layer rule, by module name."""
-    return {name: m for name, m in model.named_modules() if own_trainable(m) and rule_for(m) is not None}
+    return {name: m for name, m in model.named_modules() if rule_for(m) is not None and rule_for(m).parameters(m)}
 
 
 @dataclass
@@ -156,6 +156,8 @@ def record(
         outs = rule.output_tensors(output)
         tags = rule.output_tags(module, ta, outs) if isinstance(ta, (tuple, PackedLayout)) and ta != UNKNOWN \
             else ta if isinstance(ta, str) else "its input is not a tensor with a traced batch axis"
+        if not isinstance(tags, str):
+            tags = rule.check_call(module, args, kwargs, trace.tag, batch) or tags
         if isinstance(tags, str):
             problems.setdefault(name, tags)
             for o in outs:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from .base import Capture, Grads, LayerRule, own_trainable, register_layer_rule
+from .base import Capture, Grads, LayerRule, own_trainable, register_layer_rule, shared_or_batch
 from .trace import PackedLayout
 
 
@@ -51,6 +51,19 @@ class RecurrentRule(LayerRule):
 
     def supports(self, module: nn.Module) -> bool:
         return getattr(module, "proj_size", 0) == 0 and not (module.training and module.dropout > 0)
+
+    def unsupported_reason(self, module: nn.Module) -> str:
+        if getattr(module, "proj_size", 0):
+            return "RecurrentRule does not cover proj_size > 0 (torch.func is used)"
+        return ("RecurrentRule does not cover dropout between layers in training mode (its random mask "
+                "is not recorded); call model.eval() or set dropout=0 (torch.func is used otherwise)")
+
+    def check_call(self, module, args, kwargs, tag, batch) -> str | None:
+        hx = args[1] if len(args) > 1 else kwargs.get("hx")
+        for h in (hx if isinstance(hx, tuple) else (hx,)):
+            if isinstance(h, Tensor) and not shared_or_batch(h, tag(h), 1, batch):
+                return "its initial state is not [layers * directions, B, H] traced to the inputs"
+        return None
 
     def output_tensors(self, output: Any) -> list[Tensor]:
         out, state = output
