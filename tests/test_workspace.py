@@ -122,3 +122,35 @@ def test_pooling_off(monkeypatch):
     for n in ref:
         torch.testing.assert_close(g[n], ref[n], rtol=1e-5, atol=1e-6)
     assert W.pooled_bytes() == 0
+
+
+# ---------------------------------------------------------------- the grouped-convolution path
+
+@pytest.mark.parametrize("layer, shape", [
+    (lambda: nn.Conv2d(2, 3, 3, padding=1), (3, 2, 6, 5)),
+    (lambda: nn.Conv2d(4, 6, (2, 3), stride=2, dilation=(1, 2), groups=2, bias=False), (2, 4, 7, 8)),
+    (lambda: nn.Conv2d(2, 3, (2, 3), padding="same", dilation=2), (3, 2, 6, 5)),
+    (lambda: nn.Conv2d(2, 2, 3, padding=2, padding_mode="reflect"), (2, 2, 5, 6)),
+    (lambda: nn.Conv1d(3, 2, 2, padding=1, padding_mode="circular"), (3, 3, 7)),
+    (lambda: nn.Conv3d(2, 4, (1, 2, 3), padding=(0, 1, 1), stride=(1, 2, 1), groups=2), (2, 2, 3, 4, 5)),
+])
+def test_grouped_conv_path_equals_the_loop(monkeypatch, layer, shape):
+    """Forced onto the batch-as-groups convolution path, every conv option still matches the
+    float64 loop of single-example backward passes (and the unfold path)."""
+    from gradsift.layers import conv
+    from tests.layers.harness import check_per_example
+
+    torch.manual_seed(0)
+    m, x = layer(), torch.randn(*shape)
+    cap = {}
+
+    def spy(self, module, a, d, orig=conv.ConvRule.grouped):
+        cap["grouped"] = True
+        return True
+
+    monkeypatch.setattr(conv.ConvRule, "grouped", spy)
+    check_per_example(m, x, methods=("hooks",))
+    assert cap.get("grouped")
+    shared = nn.Sequential(m, nn.ReLU(), m) if m.in_channels == m.out_channels else None
+    if shared is not None:  # one layer called twice: the calls add up
+        check_per_example(shared, x, methods=("hooks",))
