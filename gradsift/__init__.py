@@ -12,7 +12,7 @@ Five-line example::
 
 from . import (
     actions, aggregate, backends, data, distributed, ensemble, layers, losses, models, optim,
-    privacy, sampling, scores,
+    privacy, sampling, scores, workspace,
 )
 from .actions import reweight, select
 from .aggregate import masking, sven
@@ -27,13 +27,15 @@ from .scores import AUMRecorder, DynamicsRecorder, TracInRecorder
 from .sifter import Sifter
 from .train import FitResult, Trainer, fit
 from .version import __version__
+from .workspace import Workspace
 
 __all__ = [
     # modules
     "actions", "aggregate", "backends", "data", "distributed", "ensemble", "layers", "losses",
-    "masking", "models", "optim", "privacy", "sampling", "scores", "sven",
+    "masking", "models", "optim", "privacy", "sampling", "scores", "sven", "workspace",
     # per-example engine and coherence
-    "coherence", "per_example", "per_example_gradients", "per_example_losses", "per_example_norms",
+    "Workspace", "coherence", "per_example", "per_example_gradients", "per_example_losses",
+    "per_example_norms",
     # training
     "FitResult", "Sifter", "Trainer", "fit",
     # recorders and scores

@@ -40,19 +40,34 @@ tie within 0.02 either way; confident learning is the default because it needs n
 training (the two AUM runs took 4x the audit's time on MNIST-1D) and works with any
 ``model``, while ``"aum"`` needs the default MLP.
 
-**Outliers and near-duplicates** come from k-nearest-neighbour distances
-(scikit-learn's ``NearestNeighbors``) in two spaces: the input space and the penultimate
-layer (embedding) of each fold's model, averaged over the folds. Distances are put on a
-common, calibrated scale by a robust z-score of their logarithm,
-``z = (log d - median(log d)) / (1.4826 MAD(log d))``: for the bulk of the data this is a
-standard normal, so a cut-off of ``z_threshold`` (default 3) has a known false-positive
-rate (about 0.1% under normality) whatever the data's units.
+**Outliers** come from k-nearest-neighbour distances (scikit-learn's
+``NearestNeighbors``), by default in the input space (``outlier_space``):
 
-* ``outlier_score``: the mean over the spaces of the z-score of the mean distance to the
-  ``k`` nearest neighbours; flagged when above ``z_threshold``.
-* ``near_duplicate_score``: minus the z-score of the distance to the nearest neighbour in
-  input space (exact copies score highest); flagged when above ``z_threshold``.
-  ``near_duplicate_of`` is that neighbour's ``example_id`` for flagged rows, -1 otherwise.
+* the distance is cosine for more than 3 features (Euclidean otherwise), as in cleanlab's
+  Datalab: it ignores a feature vector's scale and sees its pattern, so an example from
+  another distribution with ordinary magnitudes (scrambled features) stands out;
+* ``outlier_score`` is a one-sided robust z-score of the mean distance to the ``k``
+  nearest neighbours, ``(d - median d) / (1.4826 * median_{d > median}(d - median d))``.
+  Distances are right-skewed and only large ones matter, so the scale is the MAD of the
+  upper half; for the bulk of the data the score is then close to a standard normal's
+  upper tail, and the cut-off ``z_threshold`` (default 3) has a known false-positive rate
+  (about 0.1%) whatever the data's units;
+* ``outlier_score_input`` and ``outlier_score_embedding`` (the same score in the
+  penultimate layer of each fold's model, averaged over folds) are both kept;
+  ``outlier_space="embedding"`` or ``"both"`` (the larger of the two) flags by those.
+
+  Measured with ``benchmarks/audit.py`` (3% outliers, scrambled real examples): the input
+  space alone flagged best, F1 0.846 on MNIST-1D and 0.785 on digits against Datalab's
+  0.857 and 0.737. The embedding space ranked worse (AUROC 0.891 and 0.991 against the
+  input space's 0.9998 and 1.0) and its heavy tail flagged many inliers, so ``"both"`` is
+  not the default. It is the right choice where raw inputs carry no geometry (token ids).
+
+**Near-duplicates**: ``near_duplicate_score`` is minus the robust z-score of the log
+distance to the nearest neighbour in input space (Euclidean; exact copies score highest).
+Every example is tested, so the cut-off controls the family-wise error: the Bonferroni
+z for ``duplicate_alpha`` (default 0.05) over ``N`` examples, ``Phi^-1(1 - alpha / N)``
+(3.9 for 1800 examples). ``near_duplicate_of`` is the neighbour's ``example_id`` for flagged
+rows, -1 otherwise.
 """
 
 from __future__ import annotations
@@ -68,8 +83,10 @@ from torch import nn
 from .errors import DataError, GradsiftError
 
 LABEL_THRESHOLDS = ("confident", "aum")
+OUTLIER_SPACES = ("input", "embedding", "both")
 
-__all__ = ["audit", "AuditResult", "run_audit", "audit_summary", "knn_distances", "robust_z", "aum_threshold_flags", "LABEL_THRESHOLDS"]
+__all__ = ["audit", "AuditResult", "run_audit", "audit_summary", "knn_distances", "robust_z", "upper_robust_z", "aum_threshold_flags",
+           "LABEL_THRESHOLDS", "OUTLIER_SPACES"]
 
 
 def robust_z(values: np.ndarray) -> np.ndarray:
@@ -82,14 +99,34 @@ def robust_z(values: np.ndarray) -> np.ndarray:
     return (v - med) / scale
 
 
-def knn_distances(z: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Distances and positions of each row's ``k`` nearest other rows (Euclidean, by
-    scikit-learn's ``NearestNeighbors``): ``[N, D] -> ([N, k], [N, k])``, nearest first."""
+def upper_robust_z(values: np.ndarray) -> np.ndarray:
+    """One-sided robust z-score for right-skewed values where only large ones matter:
+    ``(v - median) / (1.4826 * median of (v - median) over v >= median)``, ``[N] -> [N]``
+    (a zero scale falls back to the standard deviation, then 1)."""
+    v = np.asarray(values, dtype=np.float64)
+    med = np.median(v)
+    upper = v[v >= med] - med
+    scale = 1.4826 * np.median(upper) if len(upper) else 0.0
+    if not scale > 0:
+        scale = v.std() if v.std() > 0 else 1.0
+    return (v - med) / scale
+
+
+def feature_metric(z: np.ndarray) -> str:
+    """``"cosine"`` for ``[N, D]`` features with ``D > 3`` (pattern over scale), else
+    ``"euclidean"`` (cleanlab's Datalab makes the same choice)."""
+    return "cosine" if z.reshape(len(z), -1).shape[1] > 3 else "euclidean"
+
+
+def knn_distances(z: np.ndarray, k: int, metric: str = "euclidean") -> tuple[np.ndarray, np.ndarray]:
+    """Distances and positions of each row's ``k`` nearest other rows (``metric`` as in
+    scikit-learn's ``NearestNeighbors``, which does the search): ``[N, D] -> ([N, k],
+    [N, k])``, nearest first."""
     from sklearn.neighbors import NearestNeighbors
 
     z = np.asarray(z, dtype=np.float64).reshape(len(z), -1)
     k = min(k, len(z) - 1)
-    nn_index = NearestNeighbors(n_neighbors=k).fit(z)
+    nn_index = NearestNeighbors(n_neighbors=k, metric=metric).fit(z)
     dist, pos = nn_index.kneighbors()  # without X: the query point is not its own neighbour
     return dist, pos
 
@@ -226,6 +263,8 @@ def run_audit(
     width: int = 128,
     k: int = 10,
     z_threshold: float = 3.0,
+    outlier_space: str = "input",
+    duplicate_alpha: float = 0.05,
     label_threshold: str = "confident",
     example_ids: np.ndarray | None = None,
     seed: int = 0,
@@ -242,7 +281,10 @@ def run_audit(
         num_classes: ``C`` (default ``max(y) + 1``).
         folds, epochs, batch_size, lr, momentum, weight_decay, width, seed: training.
         k: neighbours for the outlier distance.
-        z_threshold: robust z-score cut-off for outliers and near-duplicates.
+        z_threshold: one-sided robust z-score cut-off for outliers.
+        outlier_space: ``"input"``, ``"embedding"`` or ``"both"``: which score flags
+            outliers (see the module docs).
+        duplicate_alpha: family-wise false-positive rate of the near-duplicate flags.
         label_threshold: ``"confident"`` or ``"aum"`` (see the module docs).
         example_ids: ``[N]`` ids for the index (default: the data set's, else ``0..N-1``).
 
@@ -252,6 +294,10 @@ def run_audit(
     from .label_issues import confident_issue_mask, label_issue_signals
     from .scores.basic import penultimate_embeddings
 
+    if outlier_space not in OUTLIER_SPACES:
+        raise GradsiftError(f"outlier_space must be one of {', '.join(OUTLIER_SPACES)}, got '{outlier_space}'")
+    if not 0 < duplicate_alpha < 1:
+        raise GradsiftError(f"duplicate_alpha must be in (0, 1), got {duplicate_alpha}")
     if label_threshold not in LABEL_THRESHOLDS:
         raise GradsiftError(f"label_threshold must be one of {', '.join(LABEL_THRESHOLDS)}, got '{label_threshold}'")
     x, labels, ids = _as_arrays(X, y)
@@ -272,25 +318,31 @@ def run_audit(
             raise GradsiftError("label_threshold='aum' trains its own MLP with a fake class; use model=None")
         is_label, extra["aum"], _ = aum_threshold_flags(x, labels, c, width=width, seed=seed, **train_kw)
 
-    # outliers and near-duplicates: k-NN distances in input space and in each fold model's embedding
+    # outliers: k-NN distances in input space and in each fold model's embedding;
+    # near-duplicates: nearest-neighbour distance in input space
+    from scipy.stats import norm
+
     flat = x.reshape(n, -1).astype(np.float64)
-    d_in, pos_in = knn_distances(flat, max(k, 1))
-    z_out = [robust_z(_log(d_in.mean(1)))]
+    d_out, _ = knn_distances(flat, max(k, 1), metric=feature_metric(flat))
+    z_input = upper_robust_z(d_out.mean(1))
     xt = torch.from_numpy(x.reshape(n, -1) if model is None else x)
     z_emb, embeddings = [], []
     for fold_model in res.models:
         emb = penultimate_embeddings(fold_model, xt).double().numpy()
         embeddings.append(emb)
-        d_e, _ = knn_distances(emb, max(k, 1))
-        z_emb.append(robust_z(_log(d_e.mean(1))))
-    z_out.append(np.mean(z_emb, axis=0))
-    outlier_score = np.mean(z_out, axis=0)
+        d_e, _ = knn_distances(emb, max(k, 1), metric=feature_metric(emb))
+        z_emb.append(upper_robust_z(d_e.mean(1)))
+    z_embedding = np.mean(z_emb, axis=0)
+    outlier_score = {"input": z_input, "embedding": z_embedding,
+                     "both": np.maximum(z_input, z_embedding)}[outlier_space]
+    d_in, pos_in = knn_distances(flat, 1)
     dup_score = -robust_z(_log(d_in[:, 0]))
-    is_dup = dup_score > z_threshold
+    is_dup = dup_score > float(norm.isf(duplicate_alpha / n))
     table = pd.DataFrame({
         "given_label": labels,
         "label_score": label_score, "is_label": is_label, "suggested_label": res.pred_probs.argmax(1),
         "outlier_score": outlier_score, "is_outlier": outlier_score > z_threshold,
+        "outlier_score_input": z_input, "outlier_score_embedding": z_embedding,
         "near_duplicate_score": dup_score, "is_near_duplicate": is_dup,
         "near_duplicate_of": np.where(is_dup, ids[pos_in[:, 0]], -1),
         **{col: res.data_map[col].to_numpy() for col in res.data_map.columns},

@@ -42,6 +42,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from . import layers
 from .errors import UnsupportedModelError
 from .inputs import Inputs, batch_size, call_model, select, split_tensors
+from .workspace import Workspace
+from .workspace import take as take_buffer
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +206,7 @@ def per_example(
     *,
     chunk_size: int | None = None,
     method: Method = "auto",
+    workspace: Workspace | None = None,
 ) -> PerExample:
     """Per-example losses, gradients and outputs in one pass.
 
@@ -219,6 +222,10 @@ def per_example(
         method: ``"auto"`` (hooks where every trainable layer has a rule and the batch
             trace succeeds, else torch.func; see :func:`gradsift.layers.explain`), ``"hooks"`` (raise if
             not possible) or ``"vmap"`` (torch.func).
+        workspace: a :class:`gradsift.workspace.Workspace` to write the gradients into
+            (hooks path): the next call with it *overwrites* them. By default the
+            gradients are views of a pooled buffer that is reused only once nothing holds
+            them (see :mod:`gradsift.workspace`), so results you keep are never overwritten.
 
     Returns:
         :class:`PerExample` with ``losses [B]``, ``grads name -> [B, *shape]``, ``outputs``.
@@ -228,22 +235,46 @@ def per_example(
     resolved = resolve_method(model, method)
     if resolved == "hooks" and batch > 0:
         # The hook path holds no per-example intermediates beyond its result, so it runs
-        # the batch whole unless asked to chunk (chunks cost a final copy).
+        # the batch whole unless asked to chunk; each chunk writes its rows of the result.
         chunk_size = batch if chunk_size is None else chunk_size
+        grads = result_buffers(model, batch, workspace)
         try:
             parts = [
-                layers.hook_per_example(model, loss_fn, select(inputs, s), targets[s])
+                layers.hook_per_example(model, loss_fn, select(inputs, s), targets[s],
+                                        out={n: g[s] for n, g in grads.items()})
                 for s in _chunks(batch, chunk_size)
             ]
         except layers.NotHookable as err:
+            del grads
             _fallback(err, method)
         else:
             return PerExample(
                 losses=_cat([p[0] for p in parts]),
-                grads={n: _cat([p[1][n] for p in parts]) for n in parts[0][1]},
+                grads=grads,
                 outputs=_cat([p[2] for p in parts]),
             )
     return _vmap_per_example(model, loss_fn, inputs, targets, chunk_size=chunk_size)
+
+
+def result_buffers(model: nn.Module, batch: int, workspace: Workspace | None = None) -> Grads:
+    """Uninitialized per-example gradient tensors name -> ``[B, *param.shape]`` (contiguous),
+    views of one flat buffer per dtype and device: from ``workspace`` when given (previous
+    results in it are overwritten), else from the :mod:`gradsift.workspace` pool (a buffer
+    no caller holds any more, so results a caller keeps are never overwritten)."""
+    params = trainable_parameters(model)
+    groups: dict[tuple[torch.device, torch.dtype], list[str]] = {}
+    for n, p in params.items():
+        groups.setdefault((p.device, p.dtype), []).append(n)
+    out: Grads = {}
+    for (device, dtype), names in groups.items():
+        total = sum(batch * params[n].numel() for n in names)
+        flat = take_buffer(total, dtype=dtype, device=device, workspace=workspace)
+        offset = 0
+        for n in names:
+            size = batch * params[n].numel()
+            out[n] = flat[offset : offset + size].view(batch, *params[n].shape)
+            offset += size
+    return {n: out[n] for n in params}
 
 
 def _vmap_per_example(
@@ -336,9 +367,11 @@ def per_example_gradients(
     *,
     chunk_size: int | None = None,
     method: Method = "auto",
+    workspace: Workspace | None = None,
 ) -> Grads:
     """Per-example gradients: parameter name -> ``[B, *param.shape]`` (arguments as :func:`per_example`)."""
-    return per_example(model, loss_fn, inputs, targets, chunk_size=chunk_size, method=method).grads
+    return per_example(model, loss_fn, inputs, targets, chunk_size=chunk_size, method=method,
+                       workspace=workspace).grads
 
 
 def grad_norms(grads: Grads, *, per_layer: bool = False) -> Tensor | dict[str, Tensor]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import matplotlib
 
 matplotlib.use("Agg")
@@ -56,17 +57,24 @@ def memorization_figure(summary: dict):
 
 
 def plot_pruning_curve(summary: dict, path: str | Path) -> Path:
-    """Test accuracy (mean ± std over seeds) against the fraction kept, one line per score."""
+    """Test accuracy against the fraction kept, one line per curve: the mean over seeds
+    with its 95% confidence interval (``ci95``; the std where a summary has none).
+    ``random`` is dashed grey, keep-easy curves are dotted."""
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for name, by_frac in summary["results"].items():
         fr = sorted(by_frac, key=float)
-        mean = [by_frac[f]["test_acc_mean"] for f in fr]
-        std = [by_frac[f]["test_acc_std"] for f in fr]
-        style = dict(ls="--", color="gray") if name == "random" else {}
-        ax.errorbar([float(f) for f in fr], mean, yerr=std, marker="o", capsize=3, label=name, **style)
+        mean = np.array([by_frac[f]["test_acc_mean"] for f in fr])
+        lo = np.array([(by_frac[f].get("ci95") or [None])[0] for f in fr], dtype=float)
+        hi = np.array([(by_frac[f].get("ci95") or [None, None])[1] for f in fr], dtype=float)
+        std = np.array([by_frac[f]["test_acc_std"] for f in fr])
+        lo = np.where(np.isnan(lo), mean - std, lo)
+        hi = np.where(np.isnan(hi), mean + std, hi)
+        style = dict(ls="--", color="gray") if name == "random" else dict(ls=":") if name.endswith("(easy)") else {}
+        ax.errorbar([float(f) for f in fr], mean, yerr=[mean - lo, hi - mean], marker="o", capsize=3, label=name,
+                    **style)
     cfg = summary["config"]
     ax.set_xlabel("fraction of training data kept")
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel("test accuracy (mean, 95% CI)")
     ax.set_title(f"pruning curve ({cfg['dataset']}, keep {cfg['prefer']}, {cfg['seeds']} seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -145,12 +145,21 @@ def test_pruning_curve_cli(tmp_path):
                               "--out", str(out)])
     assert res.exit_code == 0, res.output
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["results"]) == {"el2n", "grand", "forgetting", "memorization", "random"}
-    for by_frac in summary["results"].values():
+    scores = ("el2n", "grand", "forgetting", "memorization")
+    assert set(summary["results"]) == {f"{s} ({end})" for s in scores for end in ("hard", "easy")} | {"random"}
+    for name, by_frac in summary["results"].items():
         assert set(by_frac) == {"0.5", "1.0"}
         assert by_frac["0.5"]["n_kept"] == 80 and len(by_frac["0.5"]["test_acc"]) == 2
         assert 0 <= by_frac["0.5"]["test_acc_mean"] <= 1
-    assert summary["results"]["el2n"]["1.0"] == summary["results"]["random"]["1.0"]
+        lo, hi = by_frac["0.5"]["ci95"]
+        assert lo <= by_frac["0.5"]["test_acc_mean"] <= hi
+        assert ("vs_random" in by_frac["0.5"]) == (name != "random")
+    hard, easy = summary["results"]["el2n (hard)"]["0.5"], summary["results"]["el2n (easy)"]["0.5"]
+    assert hard["test_acc"] != easy["test_acc"]  # the two ends train on different subsets
+    assert summary["results"]["el2n (hard)"]["1.0"]["test_acc"] == summary["results"]["random"]["1.0"]["test_acc"]
+    assert set(summary["findings"]) == {"best_score_at", "above_random", "below_random", "better_end"}
+    assert set(summary["findings"]["better_end"]) == set(scores)
+    assert "↑" in res.output or "↓" in res.output or "95% CI" in res.output
     assert (out / "pruning_curve.png").stat().st_size > 1000
     assert set(gs.open_run(out).scores().columns) >= {"label", "el2n", "grand", "forgetting", "memorization"}
     bad = runner.invoke(app, ["pruning-curve", "--dataset", str(_npz(tmp_path)), "--scores", "bogus", "--out", str(out)])

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
-from gradsift.audit import audit, audit_summary, knn_distances, robust_z
+from gradsift.audit import audit, audit_summary, feature_metric, knn_distances, robust_z, upper_robust_z
 from gradsift.data import Dataset
 
 
@@ -31,6 +31,15 @@ def test_robust_z_and_knn_by_hand():
     d, pos = knn_distances(np.array([[0.0], [1.0], [3.0], [3.0]]), 2)
     np.testing.assert_allclose(d, [[1, 3], [1, 2], [0, 2], [0, 2]])
     assert pos[2, 0] == 3 and pos[3, 0] == 2 and pos[0, 0] == 1
+    # one-sided: median 3, upper deviations [0, 1, 97] -> MAD of the upper half 1
+    np.testing.assert_allclose(upper_robust_z(np.array([1.0, 2.0, 3.0, 4.0, 100.0])),
+                               (np.array([1, 2, 3, 4, 100.0]) - 3) / 1.4826)
+    np.testing.assert_allclose(upper_robust_z(np.array([0.0, 2.9, 3.0, 5.0, 7.0])),
+                               (np.array([0.0, 2.9, 3.0, 5.0, 7.0]) - 3) / (1.4826 * 2))
+    # cosine: [1, 0] and [2, 0] are one direction (distance 0); [0, 1] is orthogonal (distance 1)
+    assert feature_metric(np.zeros((3, 4))) == "cosine" and feature_metric(np.zeros((3, 2))) == "euclidean"
+    d, _ = knn_distances(np.array([[1.0, 0], [2.0, 0], [0, 1.0]]), 1, metric="cosine")
+    np.testing.assert_allclose(d[:, 0], [0, 0, 1], atol=1e-12)
 
 
 def test_audit_flags_injected_issues():
@@ -44,6 +53,9 @@ def test_audit_flags_injected_issues():
     assert len(flagged & set(flips)) >= 8 and len(flagged - set(flips) - set(outliers)) <= 4
     assert (table.suggested_label.to_numpy()[flips] == (Y[flips] - 1) % 3).mean() >= 0.8
     assert set(np.flatnonzero(table.is_outlier.to_numpy())) >= set(outliers)
+    assert (table.outlier_score == table.outlier_score_input).all()
+    both = audit(X, Y, epochs=15, width=32, folds=3, batch_size=16, outlier_space="both")
+    np.testing.assert_allclose(both.outlier_score, np.maximum(both.outlier_score_input, both.outlier_score_embedding))
     dups = set(np.flatnonzero(table.is_near_duplicate.to_numpy()))
     assert dups >= set(src) | {154, 155, 156} and len(dups) <= 8
     assert table.near_duplicate_of.loc[154] == 3 and table.near_duplicate_of.loc[3] == 154

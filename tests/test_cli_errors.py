@@ -46,6 +46,8 @@ def invoke(*args: str):
     (["pruning-curve", "--fractions", "0.5,abc"], "error: --fractions must be a comma list of numbers, got '0.5,abc'"),
     (["pruning-curve", "--fractions", "0,0.5", "--dataset", "digits"], "error: fractions must be in (0, 1], got (0.0, 0.5)"),
     (["pruning-curve", "--seeds", "0"], "Invalid value for '--seeds'"),
+    (["pruning-curve", "--keep", "middle"], "error: --keep must be one of hard, easy, both, got 'middle'"),
+    (["audit", "--outlier-space", "pixels"], "error: outlier_space must be one of input, embedding, both, got 'pixels'"),
     (["prune", "--run", ".", "--by", "el2n", "--keep", "2"], "error: --keep must be a fraction in [0, 1], got 2.0"),
     (["train", "--noise-rate", "0.3"], "error: --noise-rate 0.3 has no effect with no --label-noise; add --label-noise symmetric or asymmetric"),
     (["train", "--label-noise", "random", "--noise-rate", "0.3"], "has no effect with --label-noise random"),

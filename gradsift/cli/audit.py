@@ -20,6 +20,8 @@ def audit(
     width: Width = 128,
     label_threshold: str = typer.Option("confident", help="label cut-off: confident (confident learning's "
                                         "per-class thresholds) or aum (AUM threshold samples)"),
+    outlier_space: str = typer.Option("input", help="space whose k-NN distance flags outliers: input, embedding "
+                                      "(the fold models' penultimate layer) or both (the larger score)"),
     seed: Seed = 0,
     quiet: Quiet = False,
 ) -> None:
@@ -36,7 +38,7 @@ def audit(
     train = data_mod.corrupt(train, label_noise, rate, seed=seed)
     with progress_scope(show_progress(quiet)):
         summary = run_audit_experiment(train, out, folds=folds, epochs=epochs, width=width,
-                                       label_threshold=label_threshold, seed=seed)
+                                       label_threshold=label_threshold, outlier_space=outlier_space, seed=seed)
     issues = summary["issues"]
     msg = (f"{summary['n']} examples: {issues['label']} label issues, {issues['outlier']} outliers, "
            f"{issues['near_duplicate']} near-duplicates; class imbalance {summary['imbalance_ratio']:.2f}")

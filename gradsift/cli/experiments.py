@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from .common import UsageError, many_model_backend, out_console, show_progress, split_list, write_experiment_report
-from .options import (Backend, ClassBalanced, Dataset, Epochs, KeepHard, MemModels, OutDir, Quiet, RayAddress,
+from .options import (Backend, ClassBalanced, Dataset, Epochs, MemModels, OutDir, Quiet, RayAddress,
                       Seed, Width)
 
 
@@ -54,11 +54,12 @@ def pruning_curve(
     dataset: Dataset = "mnist1d",
     scores: str = typer.Option("el2n,grand,forgetting,memorization,random", help="comma list of scores"),
     fractions: str = typer.Option("0.3,0.5,0.7,1.0", help="comma list of fractions kept"),
-    seeds: int = typer.Option(2, min=1, help="training seeds per point"),
+    seeds: int = typer.Option(3, min=1, help="training seeds per point (2 or more for confidence intervals and tests)"),
     epochs: Epochs = 15,
     width: Width = 128,
     mem_models: MemModels = 16,
-    keep_hard: KeepHard = True,
+    keep: str = typer.Option("both", "--keep", help="which end of each score to keep: hard (Data Diet), easy, or "
+                             "both (Sorscher et al.: hard helps with abundant data, easy with scarce data)"),
     class_balanced: ClassBalanced = False,
     out: OutDir = Path("runs/pruning"),
     seed: Seed = 0,
@@ -71,7 +72,7 @@ def pruning_curve(
     Scores the training set, keeps fractions of it by each score, retrains with several
     seeds; summary.json maps score -> fraction -> test accuracy mean/std over seeds."""
     from ..distributed import launched_by_torchrun
-    from ..experiments.pruning_curve import PruningCurveConfig, run_pruning_curve
+    from ..experiments.pruning_curve import PREFER, PruningCurveConfig, format_point, run_pruning_curve
     from ..progress import progress_scope
 
     try:
@@ -80,18 +81,20 @@ def pruning_curve(
         raise UsageError(f"--fractions must be a comma list of numbers, got '{fractions}'") from None
     config = PruningCurveConfig(dataset=dataset, scores=tuple(split_list(scores)), fractions=fr, seeds=seeds,
                                 epochs=epochs, width=width, mem_models=mem_models,
-                                prefer="hard" if keep_hard else "easy", class_balanced=class_balanced, seed=seed)
+                                prefer=keep, class_balanced=class_balanced, seed=seed)
+    if keep not in PREFER:
+        raise UsageError(f"--keep must be one of {', '.join(PREFER)}, got '{keep}'")
     if launched_by_torchrun():
         raise UsageError("pruning-curve does not run under torchrun; use --backend ray to spread its models")
     with many_model_backend(backend, ray_address) as (runner, _), progress_scope(show_progress(quiet)):
         summary = run_pruning_curve(config, out, backend=runner)
-    table = Table(title=f"pruning curve on {dataset}: test accuracy (mean ± std over {seeds} seeds)")
-    table.add_column("score")
+    table = Table(title=f"pruning curve on {dataset}: test accuracy, mean ± 95% CI half-width over {seeds} seeds "
+                        "(↑/↓: paired t-test against random, p < 0.05)")
+    table.add_column("curve")
     for f in sorted(fr):
         table.add_column(f"keep {f:g}", justify="right")
     for name, by_frac in summary["results"].items():
-        table.add_row(name, *[f"{by_frac[str(f)]['test_acc_mean']:.3f} ± {by_frac[str(f)]['test_acc_std']:.3f}"
-                              for f in sorted(fr)])
+        table.add_row(name, *[format_point(by_frac[str(f)]) for f in sorted(fr)])
     out_console.print(table)
     report = write_experiment_report(out)
     out_console.print(f"wrote {out / 'summary.json'}, {out / 'pruning_curve.png'} and {report}")

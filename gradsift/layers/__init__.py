@@ -17,10 +17,12 @@ file                   layers
 ``conv.py``            Conv1d, Conv2d, Conv3d (stride, padding incl. ``'same'``, dilation,
                        groups, every padding mode)
 ``embedding.py``       Embedding (``padding_idx``, ``scale_grad_by_freq``, ``max_norm``),
-                       EmbeddingBag (``[B, L]`` bags; every mode)
+                       EmbeddingBag (``[B, L]`` bags or flat ``(input, offsets)``; every mode)
 ``norms.py``           LayerNorm, RMSNorm, GroupNorm, InstanceNorm (affine)
-``rnn.py``             RNN, GRU, LSTM (layers, directions, ``batch_first``; by the cell
-                       decomposition)
+``rnn.py``             RNN, GRU, LSTM (layers, directions, ``batch_first``, packed
+                       sequences; by the cell decomposition)
+``attention.py``       MultiheadAttention as a whole (in/out projections, ``bias_k``/``bias_v``,
+                       ``kdim``/``vdim``, ``add_zero_attn``, padding and attention masks)
 =====================  ===================================================================
 
 A model is *hookable* when every trainable parameter belongs directly to a layer with a
@@ -65,7 +67,7 @@ Register a :class:`LayerRule` for its type; only :meth:`LayerRule.grads` is requ
 
 from __future__ import annotations
 
-from . import conv, embedding, linear, norms, rnn  # noqa: F401  (register the built-in rules)
+from . import attention, conv, embedding, linear, norms, rnn  # noqa: F401  (register the built-in rules)
 from .base import RULES, Capture, Grads, LayerRule, own_trainable, register_layer_rule, rule_for
 from .linear import BLOCK_ELEMENTS, MatmulRule
 from .model import (

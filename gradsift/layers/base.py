@@ -94,6 +94,24 @@ class LayerRule:
         """Whether this rule handles this instance (e.g. an option it does not cover)."""
         return True
 
+    def unsupported_reason(self, module: nn.Module) -> str:
+        """Why :meth:`supports` is false for this instance (shown by ``layers.explain``)."""
+        return f"{type(self).__name__} does not support these options"
+
+    def parameters(self, module: nn.Module) -> dict[str, Tensor]:
+        """The trainable parameters this rule gives gradients for, by name relative to the
+        module. Default: the module's own (:func:`own_trainable`); a rule may also cover a
+        child that is never called as a module (``MultiheadAttention.out_proj``)."""
+        return own_trainable(module)
+
+    def check_call(
+        self, module: nn.Module, args: tuple, kwargs: dict, tag: Callable[[Tensor], Any], batch: int
+    ) -> str | None:
+        """A multi-output layer's check of its other tensor arguments: why this call is not
+        handled, or ``None``. ``tag(t)`` is a tensor's batch tag (``(axis, inner)``, ``None``
+        when it does not depend on the inputs, ``(-1, -1)`` when unknown); ``batch`` is ``B``."""
+        return None
+
     def batch_axis_ok(self, module: nn.Module, ndim: int, axis: int) -> bool:
         """Whether an input with ``ndim`` axes and the batch on ``axis`` is handled."""
         if self.batch_axis_free:
@@ -107,6 +125,23 @@ class LayerRule:
     def grads(self, cap: Capture) -> Grads:
         """Per-example gradients: local name -> ``[B, *param.shape]`` (summed over calls)."""
         raise NotImplementedError
+
+    def grads_into(self, cap: Capture, out: Grads, accumulate: bool = False) -> set[str]:
+        """Write the per-example gradients into ``out`` (local name -> ``[B, *param.shape]``
+        tensors, e.g. views of a :mod:`gradsift.workspace` buffer), or add them to what it
+        holds when ``accumulate``. The default copies :meth:`grads`; rules override it to
+        write in place.
+
+        Returns:
+            the local names written (a parameter left out has a zero gradient).
+        """
+        grads = self.grads(cap)
+        for n, g in grads.items():
+            if accumulate:
+                out[n].add_(g)
+            else:
+                out[n].copy_(g)
+        return set(grads)
 
     def norms_sq(self, cap: Capture) -> Grads:
         """Squared L2 norms of the per-example gradients: local name -> ``[B]``."""
@@ -188,6 +223,24 @@ def register_layer_rule(*module_types: type[nn.Module] | str):
         return cls
 
     return decorate
+
+
+def shared_or_batch(t: Tensor | None, tag: Any, axis: int, batch: int) -> bool:
+    """Whether ``t`` (an extra argument: a mask, an initial state) is per-example along
+    ``axis`` by construction (tag ``(axis, 1)``), or the same for every example (no tag and
+    equal slices along ``axis``, or size 1 there), or absent."""
+    if t is None:
+        return True
+    if tag is not None:
+        return tuple(tag) == (axis, 1)
+    if t.ndim <= axis:
+        return False
+    if t.shape[axis] == 1:
+        return True
+    if t.shape[axis] != batch:
+        return False
+    first = t.narrow(axis, 0, 1)
+    return bool((t == first).all())
 
 
 def rule_for(module: nn.Module) -> LayerRule | None:

@@ -55,6 +55,56 @@ class MatmulRule(LayerRule):
             out["bias"] = D.sum(2).reshape(D.shape[0], -1)
         return out
 
+    def as_matrix(self, w: Tensor, groups: int) -> Tensor | None:
+        """A writable view ``[B, G, O/G, K]`` of per-example weight values ``w``
+        ``[B, *param.shape]`` laid out as :meth:`to_param` lays them, or ``None`` (default:
+        the inverse of the reshape)."""
+        b, o = w.shape[0], w.shape[1]
+        if b == 0 or o == 0:
+            return None
+        try:
+            return w.view(b, groups, o // groups, w[0].numel() // o)
+        except RuntimeError:
+            return None
+
+    def grads_into(self, cap: Capture, out: Grads, accumulate: bool = False) -> set[str]:
+        """Writes ``D^T A`` straight into ``out`` (an elementwise outer product when each
+        example has one position, a batched matmul otherwise): no ``[B, O, K]`` temporary."""
+        own = own_trainable(cap.module)
+        if not cap.inputs:
+            return set()
+        A, D = self.stacked(cap)
+        b, groups, t, k = A.shape
+        written: set[str] = set()
+        if "weight" in own:
+            w = out["weight"]
+            W = self.as_matrix(w, groups) if w.dtype == A.dtype == D.dtype else None
+            Dt = D.transpose(2, 3)  # [B, G, O/G, T]
+            if W is None or W.shape != (b, groups, D.shape[3], k):
+                g = self.to_param(torch.matmul(Dt, A), own["weight"])
+                w.add_(g) if accumulate else w.copy_(g)
+            elif t == 1:
+                if accumulate:
+                    W.addcmul_(Dt, A)
+                else:
+                    torch.mul(Dt, A, out=W)
+            elif W.is_contiguous():
+                W3 = W.view(b * groups, D.shape[3], k)
+                Dt3, A3 = Dt.reshape(b * groups, D.shape[3], t), A.reshape(b * groups, t, k)
+                if accumulate:
+                    W3.baddbmm_(Dt3, A3)
+                else:
+                    torch.bmm(Dt3, A3, out=W3)
+            else:
+                g = torch.matmul(Dt, A)
+                W.add_(g) if accumulate else W.copy_(g)
+            written.add("weight")
+        if "bias" in own:
+            g = D.sum(2).reshape(b, -1) if t > 1 else D.reshape(b, -1)
+            out["bias"].add_(g) if accumulate else out["bias"].copy_(g)
+            written.add("bias")
+        return written
+
     def weighted_sum(self, cap: Capture, weights: Tensor) -> Grads:
         own = own_trainable(cap.module)
         if not cap.inputs:
@@ -174,3 +224,6 @@ class TransposedLinearRule(LinearRule):
 
     def to_param(self, g: Tensor, param: Tensor) -> Tensor:
         return g.reshape(*g.shape[:-3], param.shape[1], param.shape[0]).transpose(-1, -2)
+
+    def as_matrix(self, w: Tensor, groups: int) -> Tensor | None:
+        return w.transpose(-1, -2).unsqueeze(1)

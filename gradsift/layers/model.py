@@ -18,7 +18,7 @@ def unsupported_layers(model: nn.Module) -> list[str]:
     A module whose parameters are all also owned by layers with rules (a bias tied to
     a child's, as in BERT's ``cls.predictions.bias``) is covered by those layers.
     """
-    covered = {id(p) for m in model.modules() if rule_for(m) is not None for p in own_trainable(m).values()}
+    covered = {id(p) for m in model.modules() if rule_for(m) is not None for p in rule_for(m).parameters(m).values()}
     return [
         name or type(m).__name__
         for name, m in model.named_modules()
@@ -105,7 +105,7 @@ def parameter_names(model: nn.Module, layers: dict[str, nn.Module]) -> dict[tupl
         first.setdefault(id(p), n)
     out = {}
     for lname, m in layers.items():
-        for local, p in own_trainable(m).items():
+        for local, p in rule_for(m).parameters(m).items():
             out[(lname, local)] = first[id(p)]
     return out
 
@@ -125,18 +125,37 @@ def _accumulate(target: Grads, name: str, value: Tensor) -> None:
 
 
 def hook_per_example(
-    model: nn.Module, loss_fn: LossFn, inputs: Inputs, targets: Tensor
+    model: nn.Module, loss_fn: LossFn, inputs: Inputs, targets: Tensor, *, out: Grads | None = None
 ) -> tuple[Tensor, Grads, Tensor]:
-    """Per-example ``(losses [B], grads name -> [B, *shape], outputs)`` by layer rules."""
+    """Per-example ``(losses [B], grads name -> [B, *shape], outputs)`` by layer rules.
+
+    Args:
+        out: name -> ``[B, *param.shape]`` tensors to write the gradients into (e.g. views
+            of a :mod:`gradsift.workspace` buffer), one per trainable parameter; ``None``
+            allocates them. Each rule writes in place (:meth:`LayerRule.grads_into`).
+    """
     check_hookable(model)
     rec = record(model, loss_fn, inputs, targets)
-    grads: Grads = {}
-    for name, g in iter_layer_results(model, rec, layer_grads):
-        _accumulate(grads, name, g)
     b = rec.losses.shape[0]
-    for n, p in model.named_parameters():
-        if p.requires_grad and n not in grads:
-            grads[n] = p.new_zeros((b, *p.shape))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    grads = {n: p.new_empty((b, *p.shape)) for n, p in params.items()} if out is None else out
+    names = parameter_names(model, {n: c.module for n, c in rec.captures.items()})
+    written: set[str] = set()
+    for lname, cap in rec.captures.items():
+        if not cap.inputs:
+            continue
+        local = {loc: names[(lname, loc)] for loc in _rule(cap).parameters(cap.module)}
+        again = {loc for loc, n in local.items() if n in written}
+        if again and again != set(local):  # partly shared: start the others at zero
+            for loc, n in local.items():
+                if loc not in again:
+                    grads[n].zero_()
+                    written.add(n)
+        done = _rule(cap).grads_into(cap, {loc: grads[n] for loc, n in local.items()}, accumulate=bool(again))
+        written.update(local[loc] for loc in done)
+    for n in params:
+        if n not in written:
+            grads[n].zero_()
     return rec.losses, grads, rec.outputs
 
 
@@ -164,7 +183,7 @@ def recording_norms_sq(model: nn.Module, rec: Recording) -> Grads:
     out: Grads = {}
     shared_grads: Grads = {}
     for lname, cap in rec.captures.items():
-        own = {names[(lname, local)] for local in own_trainable(cap.module)}
+        own = {names[(lname, local)] for local in rule_for(cap.module).parameters(cap.module)}
         if own & shared:
             for local, g in layer_grads(cap).items():
                 n = names[(lname, local)]
@@ -231,9 +250,9 @@ def explain(
         if rule is not None:
             per_layer[name or type(m).__name__] = f"hooks ({type(rule).__name__})"
         elif (name or type(m).__name__) not in unsupported_layers(model):
-            per_layer[name or type(m).__name__] = "hooks (parameters tied to layers with rules)"
+            per_layer[name or type(m).__name__] = "hooks (its parameters are covered by another layer's rule)"
         elif type(m) in RULES:
-            per_layer[name or type(m).__name__] = f"no rule: {type(RULES[type(m)]).__name__} does not support these options"
+            per_layer[name or type(m).__name__] = f"no rule: {RULES[type(m)].unsupported_reason(m)}"
         else:
             per_layer[name or type(m).__name__] = f"no rule for {type(m).__name__}"
     bad = unsupported_layers(model)

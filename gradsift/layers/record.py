@@ -7,12 +7,13 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
 from torch.utils._pytree import tree_map
 
 from ..errors import UnsupportedModelError
 from ..inputs import Inputs, batch_size, call_model
-from .base import Capture, own_trainable, rule_for
-from .trace import UNKNOWN, BatchTrace, Tag, to_batch_first
+from .base import Capture, rule_for
+from .trace import UNKNOWN, BatchTrace, PackedLayout, Tag, to_batch_first
 
 LossFn = Callable[[Any, Tensor], Tensor]
 
@@ -23,7 +24,7 @@ class NotHookable(UnsupportedModelError):
 
 def hooked_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Modules owning trainable parameters that have a layer rule, by module name."""
-    return {name: m for name, m in model.named_modules() if own_trainable(m) and rule_for(m) is not None}
+    return {name: m for name, m in model.named_modules() if rule_for(m) is not None and rule_for(m).parameters(m)}
 
 
 @dataclass
@@ -104,6 +105,20 @@ def record(
                 return None
             ta, to = trace.tag(a), trace.tag(output)
             replaced = None
+            if getattr(rule, "flat_input", False) and a.ndim == 1 and to == (0, 1):
+                # EmbeddingBag(flat, offsets): the trace checked that bag j holds example j's rows
+                cap = captures[name]
+                cap.inputs.append(a.detach())
+                cap.args.append(_detach(tuple(args)))
+                cap.kwargs.append(_detach(dict(kwargs)))
+                cap.outputs.append(output)
+                out_tags[name].append(to)
+                versions.append((output, output._version))
+                if clone_outputs and output.requires_grad:
+                    copy = output.clone()
+                    trace.set(copy, to)
+                    return copy
+                return None
             if ta is None and to is None:
                 # An input shared by all examples (e.g. position_ids [1, T]): the output is
                 # broadcast against the batch downstream, and the trace checks that use.
@@ -145,17 +160,29 @@ def record(
 
     def multi_hook(name, module, a, args, kwargs, output):
         rule = rule_for(module)
-        ta = trace.tag(a) if isinstance(a, Tensor) else None
+        if a is None and args and isinstance(args[0], PackedSequence):
+            a = args[0]
+        if isinstance(a, PackedSequence):
+            ta = packed_tag(a)
+            a = a.data
+        else:
+            ta = trace.tag(a) if isinstance(a, Tensor) else None
         outs = rule.output_tensors(output)
-        tags = rule.output_tags(module, ta, outs) if ta not in (None, UNKNOWN) else \
-            "its input is not a tensor with a traced batch axis"
+        tags = rule.output_tags(module, ta, outs) if isinstance(ta, (tuple, PackedLayout)) and ta != UNKNOWN \
+            else ta if isinstance(ta, str) else "its input is not a tensor with a traced batch axis"
+        if not isinstance(tags, str):
+            tags = rule.check_call(module, args, kwargs, trace.tag, batch) or tags
         if isinstance(tags, str):
             problems.setdefault(name, tags)
             for o in outs:
                 trace.set(o, UNKNOWN)
             return None
         for o, tag in zip(outs, tags):
-            trace.set(o, tag)
+            if isinstance(tag, PackedLayout):
+                perm = tag.sorted_indices.cpu() if tag.sorted_indices is not None else torch.arange(batch)
+                trace.set_perm(o, "packed", 0, perm)
+            else:
+                trace.set(o, tag)
         cap = captures[name]
         cap.inputs.append(to_batch_first(a, ta, batch).detach())
         cap.args.append(_detach(tuple(args)))  # as passed: the rule knows their layouts
@@ -167,6 +194,17 @@ def record(
         for o in outs:
             versions.append((o, o._version))
         return None
+
+    def packed_tag(p: PackedSequence) -> PackedLayout | str:
+        order = trace.perm(p.data)
+        if order is None or order[0] != "packed":
+            return ("its PackedSequence was not made by pack_padded_sequence from tensors traced to the "
+                    "inputs (pass the lengths [B] among the model's inputs)")
+        s = p.sorted_indices
+        if not torch.equal(order[2], s.cpu() if s is not None else torch.arange(batch)):
+            return ("its PackedSequence's columns are not in the order of its sorted_indices (pack with "
+                    "enforce_sorted=False instead of sorting the batch by hand)")
+        return PackedLayout(p.batch_sizes, p.sorted_indices, p.unsorted_indices)
 
     handles = []
     try:

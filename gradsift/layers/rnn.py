@@ -9,7 +9,8 @@ positions, example ``i``'s gradients are ``sum_t dgi_it x_it^T`` (``W_ih``),
 The rule gets ``dgi``/``dgh`` by re-running the layer in Python, on the recorded input
 and initial state, and back-propagating the recorded output gradients (of the output
 sequence, ``h_n`` and ``c_n``) through it: one batched pass, exact. Multi-layer,
-bidirectional and ``batch_first`` either way are covered; ``proj_size`` and dropout
+bidirectional, ``batch_first`` either way and packed sequences (``pack_padded_sequence``,
+``enforce_sorted`` either way) are covered; ``proj_size`` and dropout
 between layers (in training mode) are not (the engine then uses torch.func).
 """
 
@@ -19,8 +20,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
 
-from .base import Capture, Grads, LayerRule, own_trainable, register_layer_rule
+from .base import Capture, Grads, LayerRule, own_trainable, register_layer_rule, shared_or_batch
+from .trace import PackedLayout
 
 
 def _cell(mode: str, gi: Tensor, gh: Tensor, h: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor | None]:
@@ -49,25 +52,43 @@ class RecurrentRule(LayerRule):
     def supports(self, module: nn.Module) -> bool:
         return getattr(module, "proj_size", 0) == 0 and not (module.training and module.dropout > 0)
 
+    def unsupported_reason(self, module: nn.Module) -> str:
+        if getattr(module, "proj_size", 0):
+            return "RecurrentRule does not cover proj_size > 0 (torch.func is used)"
+        return ("RecurrentRule does not cover dropout between layers in training mode (its random mask "
+                "is not recorded); call model.eval() or set dropout=0 (torch.func is used otherwise)")
+
+    def check_call(self, module, args, kwargs, tag, batch) -> str | None:
+        hx = args[1] if len(args) > 1 else kwargs.get("hx")
+        for h in (hx if isinstance(hx, tuple) else (hx,)):
+            if isinstance(h, Tensor) and not shared_or_batch(h, tag(h), 1, batch):
+                return "its initial state is not [layers * directions, B, H] traced to the inputs"
+        return None
+
     def output_tensors(self, output: Any) -> list[Tensor]:
         out, state = output
         states = list(state) if isinstance(state, tuple) else [state]
-        return [out, *states]
+        return [out.data if isinstance(out, PackedSequence) else out, *states]
 
     def output_tags(self, module: nn.Module, in_tag: Any, outputs: list[Tensor]) -> list[Any] | str:
         axis = 0 if module.batch_first else 1
-        if not isinstance(outputs[0], Tensor):
-            return "packed sequences are not supported on the hooks path"
+        if isinstance(in_tag, PackedLayout):  # the output is packed like the input; states [L*D, B, H]
+            return [in_tag] + [(1, 1)] * (len(outputs) - 1)
         if in_tag != (axis, 1) or outputs[0].ndim != 3:
             return (f"its input has the batch on axis {in_tag[0]}, but batch_first={module.batch_first} "
                     f"means axis {axis}")
         return [(axis, 1)] + [(1, 1)] * (len(outputs) - 1)
 
     def _replay(
-        self, module: nn.Module, x: Tensor, hx: Any, d_out: Tensor, d_states: tuple[Tensor, ...]
+        self, module: nn.Module, x: Tensor, hx: Any, d_out: Tensor, d_states: tuple[Tensor, ...],
+        lengths: Tensor | None = None,
     ) -> dict[str, tuple[Tensor, Tensor, Tensor, Tensor]]:
         """Re-run the layer on ``x [B, T, in]`` (initial state ``[B, layers*dirs, H]``) and
         back-propagate the recorded gradients.
+
+        With ``lengths [B]`` (a packed sequence, padded), example ``i`` runs only its first
+        ``lengths[i]`` steps: the state is carried unchanged over the others, as packing does
+        (a reverse direction starts at the example's last step).
 
         Returns:
             per direction suffix (``"_l0"``, ``"_l0_reverse"``, ...): the layer's input
@@ -92,6 +113,10 @@ class RecurrentRule(LayerRule):
         prevs: dict[str, list[Tensor]] = {}
         h_last, c_last = [], []
         layer_in = x.detach()
+        masks = None
+        if lengths is not None:
+            steps = torch.arange(t, device=x.device)
+            masks = (steps.unsqueeze(0) < lengths.to(x.device).unsqueeze(1)).unsqueeze(-1)  # [B, T, 1]
         with torch.enable_grad():
             for layer in range(module.num_layers):
                 outs = []
@@ -118,8 +143,15 @@ class RecurrentRule(LayerRule):
                             gh = gh.detach().requires_grad_()
                         ghs[sfx].append(gh)
                         prevs[sfx].append(h.detach())
-                        h, c = _cell(mode, gi_all[:, s], gh, h, c)
-                        seq[s] = h
+                        h_new, c_new = _cell(mode, gi_all[:, s], gh, h, c)
+                        if masks is None:
+                            h, c = h_new, c_new
+                            seq[s] = h
+                        else:
+                            m = masks[:, s]
+                            h = torch.where(m, h_new, h)
+                            c = torch.where(m, c_new, c) if lstm else None
+                            seq[s] = torch.where(m, h_new, torch.zeros_like(h_new))
                     outs.append(torch.stack(seq, 1))
                     h_last.append(h)
                     if lstm:
@@ -149,7 +181,12 @@ class RecurrentRule(LayerRule):
             hx = args[1] if len(args) > 1 else kwargs.get("hx")
             if hx is not None:  # [layers * directions, B, H] by construction
                 hx = tuple(h.movedim(1, 0) for h in hx) if isinstance(hx, tuple) else hx.movedim(1, 0)
-            for sfx, (a, dgi, prev, dgh) in self._replay(m, x, hx, d_out, cap.extra_grads[k]).items():
+            packed = args[0] if args and isinstance(args[0], PackedSequence) else kwargs.get("input")
+            lengths = None
+            if isinstance(packed, PackedSequence):
+                lengths = PackedLayout(packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices).lengths()
+            replayed = self._replay(m, x, hx, d_out, cap.extra_grads[k], lengths)
+            for sfx, (a, dgi, prev, dgh) in replayed.items():
                 terms = {
                     "weight_ih" + sfx: lambda: torch.einsum("btg,bti->bgi", dgi, a),
                     "bias_ih" + sfx: lambda: dgi.sum(1),

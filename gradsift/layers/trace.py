@@ -27,6 +27,7 @@ shapes, so a repeated block costs one lookup per operation.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -41,6 +42,11 @@ Tag = tuple[int, int]
 PROBE = 104729
 
 _ATTR = "_gradsift_batch_tag"
+_PERM = "_gradsift_batch_perm"
+
+#: Sorting along the last axis by default: a batch-only ``[B]`` tensor is sorted across examples.
+_DEFAULT_LAST_DIM = {"sort", "argsort", "topk", "kthvalue", "median", "nanmedian", "mode", "cummax",
+                     "cummin", "msort", "log_softmax", "softmax", "logsumexp"}
 
 # ------------------------------------------------------------------ operation families
 
@@ -115,6 +121,12 @@ _INDEXING = {"gather", "index_select", "take", "take_along_dim", "scatter", "sca
              "__setitem__"}
 
 
+#: Operations that may permute the batch (see :meth:`BatchTrace._permutation`).
+_PERMUTING = {"sort"}
+_PERMUTING_ANY = {"index_select", "__getitem__", "_pack_padded_sequence", "_pad_packed_sequence",
+                  "masked_select", "embedding_bag"}
+
+
 def get_tag(t: Tensor, session: object) -> Tag | None:
     """``(axis, inner)`` of ``t`` in this trace, ``UNKNOWN``, or ``None`` (no batch)."""
     entry = getattr(t, _ATTR, None)
@@ -131,8 +143,55 @@ def set_tag(t: Tensor, session: object, tag: Tag | None) -> None:
         pass
 
 
-def to_batch_first(t: Tensor, tag: Tag, batch: int) -> Tensor:
-    """View ``t`` with the batch on axis 0: ``[B, ...]`` (``[B, ..., inner, ...]`` if inner > 1)."""
+def get_perm(t: Tensor, session: object) -> tuple[str, int, Tensor] | None:
+    """A permuted or packed batch: ``(kind, axis, perm)``, or ``None``.
+
+    ``kind == "padded"``: position ``j`` along ``axis`` holds example ``perm[j]``.
+    ``kind == "packed"``: ``t`` is a ``PackedSequence``'s data whose column ``j`` (in the
+    ``batch_sizes`` layout) is example ``perm[j]``. Such tensors are tagged :data:`UNKNOWN`,
+    so that only the operations below (and the recurrent layers) use them.
+    """
+    entry = getattr(t, _PERM, None)
+    if entry is None or entry[0] is not session:
+        return None
+    return entry[1]
+
+
+@dataclass
+class PackedLayout:
+    """The batch layout of a ``PackedSequence``'s data ``[N, ...]`` (a tag of its own).
+
+    Column ``j`` of the ``batch_sizes`` layout is example ``perm[j]``; the engine accepts
+    a packed sequence only when ``perm`` is its ``sorted_indices`` (identity when
+    ``None``), as :func:`torch.nn.utils.rnn.pack_padded_sequence` makes it.
+    """
+
+    batch_sizes: Tensor
+    sorted_indices: Tensor | None
+    unsorted_indices: Tensor | None
+
+    def unpack(self, data: Tensor) -> Tensor:
+        """``[N, ...]`` packed data -> ``[B, T_max, ...]`` in example order, zeros past each length."""
+        with torch._C.DisableTorchFunction():
+            t = int(len(self.batch_sizes))
+            padded, _ = torch._VF._pad_packed_sequence(data, self.batch_sizes, True, 0.0, t)
+            if self.unsorted_indices is not None:
+                padded = padded.index_select(0, self.unsorted_indices.to(padded.device))
+        return padded
+
+    def lengths(self) -> Tensor:
+        """``[B]`` sequence lengths in example order (CPU, int64)."""
+        b = int(self.batch_sizes[0]) if len(self.batch_sizes) else 0
+        sizes = self.batch_sizes.cpu()
+        lens = (sizes.unsqueeze(0) > torch.arange(b).unsqueeze(1)).sum(1)
+        return lens if self.unsorted_indices is None else lens[self.unsorted_indices.cpu()]
+
+
+def to_batch_first(t: Tensor, tag: Tag | PackedLayout, batch: int) -> Tensor:
+    """View ``t`` with the batch on axis 0: ``[B, ...]`` (``[B, ..., inner, ...]`` if inner > 1);
+    packed data (:class:`PackedLayout`) is padded to ``[B, T_max, ...]``."""
+    if isinstance(tag, PackedLayout):
+        return tag.unpack(t)
     axis, inner = tag
     if inner == 1:
         return t if axis == 0 else t.movedim(axis, 0)
@@ -202,6 +261,158 @@ class BatchTrace(TorchFunctionMode):
     def set(self, t: Tensor, tag: Tag | None) -> None:
         set_tag(t, self.session, tag)
 
+    def perm(self, t: Tensor) -> tuple[str, int, Tensor] | None:
+        """See :func:`get_perm`."""
+        return get_perm(t, self.session)
+
+    def set_perm(self, t: Tensor, kind: str, axis: int, perm: Tensor) -> None:
+        """Mark ``t`` as a permuted (``"padded"``) or ``"packed"`` batch; an identity
+        permutation of a padded tensor is an ordinary tag ``(axis, 1)``."""
+        if kind == "padded" and bool((perm == torch.arange(len(perm), device=perm.device)).all()):
+            self.set(t, (axis, 1))
+            setattr(t, _PERM, None)
+            return
+        self.set(t, UNKNOWN)
+        try:
+            setattr(t, _PERM, (self.session, (kind, axis, perm)))
+        except (AttributeError, RuntimeError):  # pragma: no cover
+            pass
+
+    def _batch_order(self, t: Tensor) -> tuple[str, int, Tensor] | None:
+        """``(kind, axis, perm)`` of a traced tensor whose examples are whole rows along one axis."""
+        p = self.perm(t)
+        if p is not None:
+            return p
+        tag = self.tag(t)
+        if tag is None or tag == UNKNOWN or tag[1] != 1:
+            return None
+        return ("padded", tag[0], torch.arange(self.batch))
+
+    def _permutation(self, func, name, args, kwargs, result) -> bool:
+        """Follow a permutation of the batch (packing sequences, ``index_select`` by a
+        permutation, sorting a ``[B]`` tensor); ``True`` if handled."""
+        if name == "sort" and isinstance(args[0], Tensor) and args[0].ndim == 1 and \
+                self._batch_order(args[0]) is not None and isinstance(result, tuple):
+            kind, axis, p = self._batch_order(args[0])
+            if kind != "padded":
+                return False
+            values, indices = result
+            self.set_perm(values, "padded", 0, p[indices.cpu()])
+            self.set(indices, UNKNOWN)
+            return True
+        if name in ("__getitem__", "masked_select") and isinstance(args[0], Tensor) and self._ragged(name, args, result):
+            return True
+        if name == "embedding_bag":
+            return self._embedding_bag(args, kwargs, result)
+        if name in ("index_select", "__getitem__") and isinstance(args[0], Tensor):
+            src = args[0]
+            order = self._batch_order(src)
+            if order is None or order[0] != "padded":
+                return False
+            axis, p = order[1], order[2]
+            if name == "index_select":
+                dim = args[1] if len(args) > 1 else kwargs.get("dim")
+                index = args[2] if len(args) > 2 else kwargs.get("index")
+                if not isinstance(dim, int) or dim % src.ndim != axis:
+                    return False
+            else:
+                idx = args[1] if isinstance(args[1], tuple) else (args[1],)
+                if len(idx) != axis + 1 or any(not (isinstance(v, slice) and v == slice(None)) for v in idx[:axis]):
+                    return False
+                index = idx[axis]
+            if not isinstance(index, Tensor) or index.ndim != 1 or index.is_floating_point() or \
+                    index.dtype == torch.bool or len(index) != self.batch:
+                return False
+            cpu = index.cpu().long()
+            if not bool((cpu.sort().values == torch.arange(self.batch)).all()):
+                return False
+            self.set_perm(result, "padded", axis, p[cpu])
+            return True
+        if name == "_pack_padded_sequence":
+            src, lengths, batch_first = args[0], args[1], args[2]
+            order, lorder = self._batch_order(src), self._batch_order(lengths)
+            if order is None or lorder is None or order[0] != "padded" or lorder[0] != "padded" or \
+                    order[1] != (0 if batch_first else 1) or lorder[1] != 0 or not torch.equal(order[2], lorder[2]):
+                return False
+            self.set_perm(result[0], "packed", 0, order[2])
+            return True
+        if name == "_pad_packed_sequence":
+            order = self.perm(args[0])
+            if order is None or order[0] != "packed":
+                return False
+            batch_first = args[2] if len(args) > 2 else kwargs.get("batch_first")
+            padded, lengths = result
+            self.set_perm(padded, "padded", 0 if batch_first else 1, order[2])
+            self.set_perm(lengths, "padded", 0, order[2])
+            return True
+        return False
+
+    def _ragged(self, name: str, args, result) -> bool:
+        """``x[mask]`` / ``masked_select(x, mask)`` with the batch on axis 0 of ``x``: the flat
+        result is *ragged*, row ``r`` belonging to example ``mask.nonzero()[r, 0]``."""
+        src, mask = args[0], args[1]
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool or not isinstance(result, Tensor):
+            return False
+        if self.tag(src) != (0, 1) or self.perm(src) is not None:
+            return False
+        if name == "__getitem__" and mask.shape != src.shape[: mask.ndim]:
+            return False
+        if name == "masked_select":
+            if mask.shape != src.shape:
+                return False
+        with torch._C.DisableTorchFunction():
+            ids = mask.nonzero()[:, 0].cpu()
+        if len(ids) != result.shape[0] or (mask.ndim and mask.shape[0] != self.batch):
+            return False
+        self.set_perm(result, "ragged", 0, ids)
+        if self.lost_at is None:
+            self.lost_at = f"{name} by a mask (a ragged batch, followed only into EmbeddingBag with offsets)"
+        return True
+
+    def rows_of(self, t: Tensor) -> Tensor | None:
+        """The example of each row (axis 0) of a flat tensor: ``[N]`` (CPU), or ``None``."""
+        p = self.perm(t)
+        if p is not None:
+            return p[2] if p[0] == "ragged" or (p[0] == "padded" and p[1] == 0) else None
+        tag = self.tag(t)
+        if tag is None or tag == UNKNOWN or tag[0] != 0:
+            return None
+        return torch.arange(t.shape[0]) // tag[1]
+
+    def _embedding_bag(self, args, kwargs, result) -> bool:
+        """``F.embedding_bag(flat [N], weight, offsets, ...)``: bag ``j`` is example ``j`` when every
+        row in it belongs to example ``j`` (traced), and there are ``B`` bags."""
+        import inspect
+
+        import torch.nn.functional as F
+
+        bound = inspect.signature(F.embedding_bag).bind(*args, **kwargs).arguments
+        flat, offsets = bound.get("input"), bound.get("offsets")
+        if not isinstance(flat, Tensor) or flat.ndim != 1 or not isinstance(offsets, Tensor):
+            return False
+        rows = self.rows_of(flat)
+        psw = bound.get("per_sample_weights")
+        out = result[0] if isinstance(result, tuple) else result
+        if rows is None:
+            return False
+        if isinstance(psw, Tensor):
+            prow = self.rows_of(psw)
+            same = prow is not None and torch.equal(prow, rows)
+            if not same and not (self.tag(psw) is None and self.perm(psw) is None and bool((psw == psw[:1]).all())):
+                return False
+        with torch._C.DisableTorchFunction():
+            off = offsets.cpu().long()
+            n = flat.shape[0]
+            end = int(off[-1]) if bound.get("include_last_offset") else n
+            starts = off[:-1] if bound.get("include_last_offset") else off
+            if len(starts) != self.batch:
+                return False
+            bag = torch.searchsorted(starts, torch.arange(end), right=True) - 1
+            if not bool((bag == rows[:end]).all()):
+                return False
+        self.set(out, (0, 1))
+        return True
+
     def tag_inputs(self, x: Any) -> None:
         """Tag every tensor in ``x`` (a tensor, tuple, list or dict) as batch-first."""
         for t in _leaves(x, []):
@@ -230,6 +441,13 @@ class BatchTrace(TorchFunctionMode):
                         self.violation = name
                         break
         tags = [self.tag(t) for t in tensors]
+        name = _name(func)
+        if name in _PERMUTING and UNKNOWN not in tags[1:] or name in _PERMUTING_ANY:
+            try:
+                if self._permutation(func, name, args, kwargs, result):
+                    return result
+            except Exception:  # noqa: BLE001 - a failed analysis only loses tags
+                pass
         if all(tag is None for tag in tags):
             if _name(func) == "__setitem__":
                 self._setitem(args, tensors, tags)
@@ -410,7 +628,12 @@ class BatchTrace(TorchFunctionMode):
             x, pad = args[0], args[1] if len(args) > 1 else kwargs["pad"]
             if id(x) in tagged and tagged[id(x)][0] >= x.ndim - len(pad) // 2:
                 raise ValueError("padding the batch axis")
-        elif name not in _NO_AXIS_ARGS and name not in _AXIS_MOVERS:
+        if name in _DEFAULT_LAST_DIM and "dim" not in kwargs and not _ints(list(args[1:2]), []):
+            first = args[0] if args and isinstance(args[0], Tensor) else None
+            tag = tagged.get(id(first)) if first is not None else None
+            if tag is not None and tag[0] == (0 if name == "msort" else first.ndim - 1):
+                raise ValueError(f"{name} along the batch axis (its default axis)")
+        if name != "pad" and name not in _NO_AXIS_ARGS and name not in _AXIS_MOVERS:
             for t in tensors:
                 tag = tagged.get(id(t))
                 if tag is None:

@@ -5,8 +5,11 @@ import torch
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from .harness import check_path, check_per_example
+from gradsift import layers
+
+from .harness import check_path, check_per_example, probe_loss
 
 SETTINGS = settings(max_examples=12, deadline=None, derandomize=True, phases=[Phase.generate])
 KINDS = {"rnn": nn.RNN, "relu": lambda *a, **k: nn.RNN(*a, nonlinearity="relu", **k), "gru": nn.GRU, "lstm": nn.LSTM}
@@ -49,3 +52,75 @@ def test_t_equal_b_sequence_first(kind):
     x = torch.randn(3, 3, 3)
     assert check_path(model, x) == "hooks"
     check_per_example(model, x, methods=("hooks", "auto"))
+
+
+class PackedHead(nn.Module):
+    """``(x [B, T, in], lengths [B])`` -> pack -> recurrent layer -> pad -> loss-ready output."""
+
+    def __init__(self, rnn: nn.Module, enforce_sorted: bool, hx: bool = False):
+        super().__init__()
+        self.rnn, self.enforce_sorted, self.hx = rnn, enforce_sorted, hx
+
+    def forward(self, x, lengths):
+        bf = self.rnn.batch_first
+        seq = x if bf else x.transpose(0, 1)
+        packed = pack_padded_sequence(seq, lengths.cpu(), batch_first=bf, enforce_sorted=self.enforce_sorted)
+        state = None
+        if self.hx:
+            dirs = 2 if self.rnn.bidirectional else 1
+            h = x[:, :1, :1].transpose(0, 1).expand(self.rnn.num_layers * dirs, -1, self.rnn.hidden_size) * 0.5
+            state = (h, h * 2) if isinstance(self.rnn, nn.LSTM) else h
+        out, hn = self.rnn(packed, state)
+        hn = hn[0] if isinstance(hn, tuple) else hn
+        out, _ = pad_packed_sequence(out, batch_first=bf, total_length=x.shape[1])
+        out = out if bf else out.transpose(0, 1)
+        return out.sum(1)[:, : self.rnn.hidden_size] * out.sum(1)[:, -self.rnn.hidden_size :] + hn.sum(0)
+
+
+@SETTINGS
+@given(
+    kind=st.sampled_from(sorted(KINDS)), b=st.integers(1, 4), t=st.integers(1, 5), layers=st.integers(1, 2),
+    bidir=st.booleans(), batch_first=st.booleans(), sort=st.booleans(), hx=st.booleans(), seed=st.integers(0, 99),
+)
+def test_packed(kind, b, t, layers, bidir, batch_first, sort, hx, seed):
+    torch.manual_seed(seed)
+    rnn = KINDS[kind](3, 4, num_layers=layers, bidirectional=bidir, batch_first=batch_first)
+    lengths = torch.randint(1, t + 1, (b,))
+    if sort:
+        lengths = lengths.sort(descending=True).values
+    model = PackedHead(rnn, enforce_sorted=sort, hx=hx)
+    x = torch.randn(b, t, 3)
+    check_per_example(model, (x, lengths), methods=("hooks",))
+    assert check_path(model, (x, lengths)) == "hooks"
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+@pytest.mark.parametrize("sort", [False, True])
+def test_packed_t_equal_b_sequence_first(kind, sort):
+    model = PackedHead(KINDS[kind](3, 4, num_layers=2, bidirectional=True), enforce_sorted=sort)
+    x, lengths = torch.randn(3, 3, 3), torch.tensor([3, 2, 1] if sort else [2, 3, 1])
+    assert check_path(model, (x, lengths)) == "hooks"
+    check_per_example(model, (x, lengths), methods=("hooks", "auto"))
+
+
+class HandSorted(nn.Module):
+    """Lengths that are not among the inputs: the packing cannot be traced to the examples."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(3, 4, batch_first=True)
+
+    def forward(self, x):
+        packed = pack_padded_sequence(x, [x.shape[1]] * x.shape[0], batch_first=True)
+        return self.rnn(packed)[1][0]
+
+
+def test_untraced_packing_is_refused_with_a_reason():
+    plan = layers.explain(HandSorted(), probe_loss, torch.randn(2, 3, 3), torch.randn(2, 4))
+    assert plan.method == "vmap" and "pack_padded_sequence" in plan.reason
+
+
+@pytest.mark.parametrize("sort", [False, True])
+def test_packed_batch_of_one(sort):
+    model = PackedHead(nn.LSTM(3, 4, bidirectional=True), enforce_sorted=sort)
+    check_per_example(model, (torch.randn(1, 4, 3), torch.tensor([2])), methods=("hooks",))

@@ -1,0 +1,245 @@
+"""``nn.MultiheadAttention`` as a whole: its input projections, ``bias_k``/``bias_v`` and ``out_proj``.
+
+The layer computes ``Q = q W_q^T + b_q``, ``K = k W_k^T + b_k``, ``V = v W_v^T + b_v``
+(``in_proj_weight`` stacks ``W_q; W_k; W_v``, or they are ``q/k/v_proj_weight`` when
+``kdim``/``vdim`` differ), appends ``bias_k``/``bias_v`` and zero keys (``add_zero_attn``)
+as extra key positions, attends per head (masks added to the scores) and projects the
+heads' output ``O`` with ``out_proj`` (never called as a module, so this rule covers its
+parameters). Example ``i``'s gradients are, as for Linear layers over positions,
+``sum_t dQ_it q_it^T`` (and ``K``, ``V``), ``sum_t d_it O_it^T`` (``out_proj``), the
+position sums of ``dQ``/``dK``/``dV``/``d`` (biases) and ``dK``/``dV`` at the appended
+position (``bias_k``/``bias_v``).
+
+The rule gets ``dQ``, ``dK``, ``dV`` and ``O`` by re-running the attention on the
+recorded (batch-first) inputs and masks and back-propagating the recorded gradients of
+the output (and of the returned attention weights): one batched pass, exact. Handled:
+``batch_first`` either way, ``kdim``/``vdim``, ``add_bias_kv``, ``add_zero_attn``,
+``key_padding_mask`` (bool or float, ``[B, S]``), ``attn_mask`` (``[T, S]`` shared, or
+``[B * heads, T, S]`` traced to the inputs), ``need_weights`` and ``average_attn_weights``.
+Dropout on the attention weights in training mode is not (its random mask is not
+recorded): the engine then uses torch.func.
+
+PyTorch's fused fast path (``torch._native_multi_head_attention``, also taken by
+``nn.TransformerEncoderLayer`` in eval mode) runs only when no gradient is needed, so it
+never runs while gradients are recorded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import Capture, Grads, LayerRule, own_trainable, register_layer_rule, shared_or_batch
+
+
+def _float_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """A bool mask (``True`` = not allowed) as ``-inf``/0, a float mask as it is."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
+    return mask.to(dtype)
+
+
+def _outer_sq(d: Tensor, a: Tensor) -> Tensor:
+    """``||sum_t d_t a_t^T||^2`` per example for ``d [B, T, O]``, ``a [B, T, K]``: ``[B]``
+    (ghost norm when cheaper)."""
+    t, k, o = a.shape[1], a.shape[2], d.shape[2]
+    if t * (k + o) < k * o:
+        return ((a @ a.transpose(1, 2)) * (d @ d.transpose(1, 2))).sum((1, 2))
+    return torch.einsum("bto,btk->bok", d, a).square().sum((1, 2))
+
+
+def _get(args: tuple, kwargs: dict, pos: int, name: str, default: Any = None) -> Any:
+    return args[pos] if len(args) > pos else kwargs.get(name, default)
+
+
+@register_layer_rule(nn.MultiheadAttention)
+class AttentionRule(LayerRule):
+    """``nn.MultiheadAttention``: in-projections (packed or separate), ``bias_k``/``bias_v``,
+    ``out_proj``; every option but attention dropout in training mode."""
+
+    multi_output = True
+
+    def supports(self, module: nn.Module) -> bool:
+        return not (module.training and module.dropout > 0) and type(module.out_proj) in (
+            nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
+
+    def unsupported_reason(self, module: nn.Module) -> str:
+        return ("AttentionRule does not cover attention dropout in training mode (its random mask is not "
+                "recorded); call model.eval() or set dropout=0 (torch.func is used otherwise)")
+
+    def parameters(self, module: nn.Module) -> dict[str, Tensor]:
+        own = own_trainable(module)
+        own.update({f"out_proj.{n}": p for n, p in own_trainable(module.out_proj).items()})
+        return own
+
+    # ------------------------------------------------------------------ recording
+
+    def output_tensors(self, output: Any) -> list[Tensor]:
+        out, weights = output
+        return [out] if weights is None else [out, weights]
+
+    def output_tags(self, module: nn.Module, in_tag: Any, outputs: list[Tensor]) -> list[Any] | str:
+        axis = 0 if module.batch_first else 1
+        if in_tag != (axis, 1) or outputs[0].ndim != 3:
+            return (f"its query has the batch on axis {in_tag[0]}, but batch_first={module.batch_first} "
+                    f"means axis {axis} of a [B, T, E] / [T, B, E] query")
+        return [(axis, 1)] + [(0, 1)] * (len(outputs) - 1)
+
+    def check_call(self, module, args, kwargs, tag, batch) -> str | None:
+        axis = 0 if module.batch_first else 1
+        for pos, name in ((1, "key"), (2, "value")):
+            t = _get(args, kwargs, pos, name)
+            if not isinstance(t, Tensor) or tag(t) != (axis, 1):
+                return f"its {name} is not a [B, S, d] / [S, B, d] tensor traced to the inputs"
+        kpm = _get(args, kwargs, 3, "key_padding_mask")
+        if isinstance(kpm, Tensor) and not shared_or_batch(kpm, tag(kpm), 0, batch):
+            return "its key_padding_mask is not [B, S] traced to the inputs"
+        mask = _get(args, kwargs, 5, "attn_mask")
+        if isinstance(mask, Tensor):
+            mt = tag(mask)
+            if mask.ndim == 2 and mt is not None:
+                return "its 2-D attn_mask [T, S] depends on the inputs (give a [B * heads, T, S] mask)"
+            if mask.ndim == 3 and mt != (0, module.num_heads) and not (mt is None and batch == 1):
+                return "its 3-D attn_mask is not [B * heads, T, S] traced to the inputs"
+        return None
+
+    # ------------------------------------------------------------------ replay
+
+    def _inputs(self, m: nn.MultiheadAttention, cap: Capture, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """Query, key, value ``[B, T|S, d]`` and the additive score mask ``[B|1, H|1, T, S]``."""
+        args, kwargs = cap.args[k], cap.kwargs[k]
+        q = cap.inputs[k]
+        key, value = _get(args, kwargs, 1, "key"), _get(args, kwargs, 2, "value")
+        if not m.batch_first:
+            key, value = key.transpose(0, 1), value.transpose(0, 1)
+        b, t, s = q.shape[0], q.shape[1], key.shape[1]
+        dtype = q.dtype
+        mask = None
+        am = _float_mask(_get(args, kwargs, 5, "attn_mask"), dtype)
+        if am is not None:
+            mask = am.view(1, 1, t, s) if am.ndim == 2 else am.view(b, m.num_heads, t, s)
+        kpm = _float_mask(_get(args, kwargs, 3, "key_padding_mask"), dtype)
+        if kpm is not None:
+            kpm = kpm.reshape(-1, 1, 1, s)
+            mask = kpm if mask is None else mask + kpm
+        return q, key, value, mask
+
+    def _replay(self, m: nn.MultiheadAttention, cap: Capture, k: int) -> dict[str, Tensor]:
+        """Back-propagate call ``k``'s recorded gradients through the attention.
+
+        Returns:
+            ``q``, ``k``, ``v`` (inputs ``[B, T|S, d]``), ``dQ``, ``dK``, ``dV`` (``[B, T|S, E]``),
+            ``O`` (heads' output ``[B, T, E]``), ``d`` (output gradient ``[B, T, E]``) and, with
+            ``bias_k``, ``dbias_k``/``dbias_v`` ``[B, E]``.
+        """
+        q, key, value, mask = self._inputs(m, cap, k)
+        e, h = m.embed_dim, m.num_heads
+        hd = e // h
+        b, t = q.shape[:2]
+        if m._qkv_same_embed_dim:
+            wq, wk, wv = m.in_proj_weight.detach().chunk(3)
+        else:
+            wq, wk, wv = m.q_proj_weight.detach(), m.k_proj_weight.detach(), m.v_proj_weight.detach()
+        bq = bk = bv = None
+        if m.in_proj_bias is not None:
+            bq, bk, bv = m.in_proj_bias.detach().chunk(3)
+        d_out = cap.grad_outputs[k]
+        d_weights = cap.extra_grads[k][0] if cap.extra_grads and cap.extra_grads[k] else None
+        args, kwargs = cap.args[k], cap.kwargs[k]
+        average = _get(args, kwargs, 6, "average_attn_weights", True)
+        with torch.enable_grad():
+            Q = F.linear(q, wq, bq).requires_grad_()
+            K = F.linear(key, wk, bk).requires_grad_()
+            V = F.linear(value, wv, bv).requires_grad_()
+            Kx, Vx, extra = K, V, []
+            if m.bias_k is not None:
+                bk_ = m.bias_k.detach().reshape(1, 1, e).expand(b, 1, e).clone().requires_grad_()
+                bv_ = m.bias_v.detach().reshape(1, 1, e).expand(b, 1, e).clone().requires_grad_()
+                Kx, Vx, extra = torch.cat([K, bk_], 1), torch.cat([V, bv_], 1), [bk_, bv_]
+                mask = None if mask is None else F.pad(mask, (0, 1))
+            Qh = Q.view(b, t, h, hd).transpose(1, 2)
+            Kh = Kx.view(b, -1, h, hd).transpose(1, 2)
+            Vh = Vx.view(b, -1, h, hd).transpose(1, 2)
+            if m.add_zero_attn:
+                Kh = torch.cat([Kh, Kh.new_zeros(b, h, 1, hd)], 2)
+                Vh = torch.cat([Vh, Vh.new_zeros(b, h, 1, hd)], 2)
+                mask = None if mask is None else F.pad(mask, (0, 1))
+            scores = (Qh * hd ** -0.5) @ Kh.transpose(-2, -1)
+            if mask is not None:
+                scores = scores + mask
+            P = scores.softmax(-1)
+            O = (P @ Vh).transpose(1, 2).reshape(b, t, e)
+            out = F.linear(O, m.out_proj.weight.detach())
+            outs, grads = [out], [d_out]
+            if d_weights is not None:
+                outs.append(P.mean(1) if average else P)
+                grads.append(d_weights)
+            got = torch.autograd.grad(outs, [Q, K, V, *extra], grads, allow_unused=True)
+        z = [torch.zeros_like(x) if g is None else g for g, x in zip(got, [Q, K, V, *extra])]
+        res = {"q": q, "k": key, "v": value, "dQ": z[0], "dK": z[1], "dV": z[2], "O": O.detach(), "d": d_out}
+        if extra:
+            res["dbias_k"], res["dbias_v"] = z[3].reshape(b, e), z[4].reshape(b, e)
+        return res
+
+    # ------------------------------------------------------------------ results
+
+    def _each_call(self, cap: Capture):
+        for k in range(len(cap.inputs)):
+            yield self._replay(cap.module, cap, k)
+
+    def grads(self, cap: Capture) -> Grads:
+        m = cap.module
+        own = self.parameters(m)
+        total: Grads = {}
+
+        def add(n: str, g: Tensor) -> None:
+            if n in own:
+                g = g.reshape(g.shape[0], *own[n].shape)
+                total[n] = total[n] + g if n in total else g
+
+        for r in self._each_call(cap):
+            wq, wk, wv = (torch.einsum("bto,bti->boi", r[d], r[a]) for d, a in (("dQ", "q"), ("dK", "k"), ("dV", "v")))
+            if m._qkv_same_embed_dim:
+                add("in_proj_weight", torch.cat([wq, wk, wv], 1))
+            else:
+                add("q_proj_weight", wq)
+                add("k_proj_weight", wk)
+                add("v_proj_weight", wv)
+            add("in_proj_bias", torch.cat([r["dQ"].sum(1), r["dK"].sum(1), r["dV"].sum(1)], 1))
+            if "dbias_k" in r:
+                add("bias_k", r["dbias_k"])
+                add("bias_v", r["dbias_v"])
+            add("out_proj.weight", torch.einsum("bto,bti->boi", r["d"], r["O"]))
+            add("out_proj.bias", r["d"].sum(1))
+        return total
+
+    def norms_sq(self, cap: Capture) -> Grads:
+        m = cap.module
+        own = self.parameters(m)
+        if len(cap.inputs) != 1:
+            return super().norms_sq(cap)
+        r = next(self._each_call(cap))
+        blocks = {"dQ": "q", "dK": "k", "dV": "v"}
+        out: Grads = {}
+        if m._qkv_same_embed_dim:
+            if "in_proj_weight" in own:
+                out["in_proj_weight"] = sum(_outer_sq(r[d], r[a]) for d, a in blocks.items())
+        else:
+            for (d, a), n in zip(blocks.items(), ("q_proj_weight", "k_proj_weight", "v_proj_weight")):
+                if n in own:
+                    out[n] = _outer_sq(r[d], r[a])
+        if "in_proj_bias" in own:
+            out["in_proj_bias"] = sum(r[d].sum(1).square().sum(1) for d in blocks)
+        for n in ("bias_k", "bias_v"):
+            if n in own:
+                out[n] = r["d" + n].square().sum(1)
+        if "out_proj.weight" in own:
+            out["out_proj.weight"] = _outer_sq(r["d"], r["O"])
+        if "out_proj.bias" in own:
+            out["out_proj.bias"] = r["d"].sum(1).square().sum(1)
+        return out
