@@ -48,7 +48,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
+from .backends import InProcess
 from .progress import task
+from .rundir import checkpointing
 
 if TYPE_CHECKING:
     from .backends import Backend
@@ -141,7 +143,8 @@ def can_vmap(model: nn.Module) -> bool:
 def fit_members(models: Sequence[nn.Module], x: Tensor, y: Tensor, batches: Batches, *, epochs: int,
                 make_opt: OptimizerFactory, loss_fn: LossFn, vectorize: bool,
                 on_epoch: Callable[[int, int, Tensor], None] | None = None, track: Tensor | None = None,
-                ids: Sequence[int] | None = None, advance: Callable[..., None] = lambda n=1: None) -> None:
+                ids: Sequence[int] | None = None, advance: Callable[..., None] = lambda n=1: None,
+                piece: "Piece | None" = None) -> None:
     """Train ``models`` in place: member ``i`` on ``batches(i, epoch)`` for every epoch.
 
     Args:
@@ -157,14 +160,33 @@ def fit_members(models: Sequence[nn.Module], x: Tensor, y: Tensor, batches: Batc
             member, with its eval-mode outputs on ``track`` (default ``x``).
         ids: the members' ids passed to ``on_epoch`` (default ``0..K-1``).
         advance: progress callback, called with the number of member-epochs done.
+        piece: where to checkpoint (:class:`Piece`): after every epoch (the ``vmap`` path:
+            all members; the loop: the member in training, and each member when done).
+            Training continues from what the piece holds, and ``on_epoch`` is replayed for
+            the epochs done before, so a resumed job equals an uninterrupted one.
     """
     ids = list(range(len(models))) if ids is None else list(ids)
     track = x if track is None else track
     if not vectorize:
         for i, model in enumerate(models):
+            finished = piece.load_member(i) if piece is not None else None
+            if finished is not None:
+                model.load_state_dict(finished["model"])
+                _replay(on_epoch, [ids[i]], [o.unsqueeze(0) for o in finished["track"]])
+                advance(epochs)
+                continue
             model.train()
             opt = make_opt([p for p in model.parameters() if p.requires_grad])
-            for epoch in range(1, epochs + 1):
+            start, outs = 1, []
+            state = piece.load() if piece is not None else None
+            if state is not None and state.get("member") == i:
+                model.load_state_dict(state["model"])
+                opt.load_state_dict(state["optimizer"])
+                torch.set_rng_state(state["rng"])
+                start, outs = state["epoch"] + 1, list(state["track"])
+                _replay(on_epoch, [ids[i]], [o.unsqueeze(0) for o in outs])
+                advance(state["epoch"])
+            for epoch in range(start, epochs + 1):
                 for idx in batches(i, epoch):
                     opt.zero_grad(set_to_none=True)
                     loss_fn(model(x[idx]), y[idx]).mean().backward()
@@ -173,8 +195,16 @@ def fit_members(models: Sequence[nn.Module], x: Tensor, y: Tensor, batches: Batc
                 if on_epoch is not None:
                     model.eval()
                     with torch.no_grad():
-                        on_epoch(ids[i], epoch, model(track))
+                        out = model(track)
+                    on_epoch(ids[i], epoch, out)
+                    outs.append(out)
                     model.train()
+                if piece is not None:
+                    if epoch == epochs:
+                        piece.save_member(i, {"model": model.state_dict(), "track": outs})
+                    else:
+                        piece.save({"member": i, "epoch": epoch, "model": model.state_dict(),
+                                    "optimizer": opt.state_dict(), "rng": torch.get_rng_state(), "track": outs})
         return
     params, buffers = stack_module_state(list(models))
     params = {n: p.detach().clone().requires_grad_(True) for n, p in params.items()}
@@ -186,7 +216,18 @@ def fit_members(models: Sequence[nn.Module], x: Tensor, y: Tensor, batches: Batc
     batched = vmap(forward, in_dims=(0, 0, 0))
     opt = make_opt(list(params.values()))
     k = len(models)
-    for epoch in range(1, epochs + 1):
+    start, outs = 1, []
+    state = piece.load() if piece is not None else None
+    if state is not None:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(state["params"][n])
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        start, outs = state["epoch"] + 1, list(state["track"])
+        _replay(on_epoch, ids, outs)
+        advance(k * state["epoch"])
+    for epoch in range(start, epochs + 1):
         orders = [batches(i, epoch) for i in range(k)]
         if len({len(o) for o in orders}) != 1:
             raise ValueError("vmap needs the same number of batches for every member")
@@ -203,10 +244,68 @@ def fit_members(models: Sequence[nn.Module], x: Tensor, y: Tensor, batches: Batc
                 out = vmap(forward, in_dims=(0, 0, None))(params, buffers, track)  # [K, M, C]
             for i in range(k):
                 on_epoch(ids[i], epoch, out[i])
+            outs.append(out)
+        if piece is not None:
+            piece.save({"epoch": epoch, "params": {n: p.detach() for n, p in params.items()},
+                        "optimizer": opt.state_dict(), "rng": torch.get_rng_state(), "track": outs})
     with torch.no_grad():
         for i, m in enumerate(models):
             for n, p in m.named_parameters():
                 p.copy_(params[n][i])
+
+
+def _replay(on_epoch: Callable[[int, int, Tensor], None] | None, ids: Sequence[int], outs: Sequence[Tensor]) -> None:
+    """Call ``on_epoch`` again for epochs trained before a resume (``outs[e - 1]``: ``[K, M, C]``)."""
+    if on_epoch is not None:
+        for epoch, out in enumerate(outs, start=1):
+            for i, k in enumerate(ids):
+                on_epoch(k, epoch, out[i])
+
+
+class Piece:
+    """The checkpoints of one K-model training inside a :func:`gradsift.rundir.checkpointing`
+    block (see :class:`gradsift.rundir.JobCheckpoints`): ``KEY.pt`` holds the training in
+    progress (after its last finished epoch), ``KEY-mNNN.pt`` each member trained to the
+    end. ``signature`` (what determines the training) is stored and checked on load, so a
+    checkpoint of another training is refused, never continued."""
+
+    def __init__(self, jobs, key: str, signature: dict):
+        from .rundir import fingerprint
+
+        self.jobs, self.key = jobs, key
+        self.signature = fingerprint(repr(sorted(signature.items())))
+
+    def _checked(self, state: dict | None, name: str) -> dict | None:
+        if state is not None and state.get("signature") != self.signature:
+            from .rundir import RunDirError
+
+            raise RunDirError(f"{self.jobs.file(name)} was written by a different training than this one "
+                              "(another config?); start again with --overwrite")
+        return state
+
+    def load(self) -> dict | None:
+        return self._checked(self.jobs.load(self.key), self.key)
+
+    def save(self, state: dict) -> None:
+        self.jobs.save(self.key, {**state, "signature": self.signature})
+
+    def load_member(self, i: int) -> dict | None:
+        return self._checked(self.jobs.load(f"{self.key}-m{i:03d}"), f"{self.key}-m{i:03d}")
+
+    def save_member(self, i: int, state: dict) -> None:
+        self.jobs.save(f"{self.key}-m{i:03d}", {**state, "signature": self.signature})
+
+
+def _piece(ids: Sequence[int], x: Tensor, y: Tensor, masks: Tensor, kwargs: dict) -> Piece | None:
+    """The :class:`Piece` of a :func:`train_members` call inside a checkpointing block."""
+    from .rundir import active_checkpoints, fingerprint
+
+    jobs = active_checkpoints()
+    if jobs is None:
+        return None
+    settings = {k: v for k, v in kwargs.items() if isinstance(v, (int, float, str, bool, type(None)))}
+    return Piece(jobs, jobs.next_key("members"),
+                 {"ids": list(ids), "x": tuple(x.shape), "y": fingerprint(y), "masks": fingerprint(masks), **settings})
 
 
 def _sgd(lr: float, momentum: float, weight_decay: float) -> OptimizerFactory:
@@ -269,11 +368,14 @@ def train_members(
         raise ValueError(f"member_ids has {len(ids)} ids for {masks.shape[0]} members")
     kwargs = dict(epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
                   seed=seed, vectorize=vectorize, loss_fn=loss_fn)
+    piece = _piece(ids, x, y, masks, kwargs)  # inside gradsift.rundir.checkpointing(...): resumable
+    if piece is not None and isinstance(backend, InProcess):
+        backend = None  # the same models; checkpointed per epoch rather than per task
     if backend is not None:
         if on_epoch is not None:
             raise ValueError("on_epoch callbacks cannot run on a backend; train in this process")
         with task(f"training {len(ids)} models on {type(backend).__name__}", len(ids)) as advance:
-            models = run_members(backend, model_fn, x, y, masks, ids, members_per_task, kwargs)
+            models = _run_members_resumable(backend, model_fn, x, y, masks, ids, members_per_task, kwargs, piece)
             advance(len(ids))
         return models
     models = [model_fn(k) for k in ids]
@@ -282,7 +384,7 @@ def train_members(
         fit_members(models, x, y, lambda i, e: member_batches(masks[i], ids[i], e, batch_size, seed),
                     epochs=epochs, make_opt=_sgd(lr, momentum, weight_decay),
                     loss_fn=loss_fn or nn.CrossEntropyLoss(reduction="none"), vectorize=vmapped,
-                    on_epoch=on_epoch, track=track, ids=ids, advance=advance)
+                    on_epoch=on_epoch, track=track, ids=ids, advance=advance, piece=piece)
     for m in models:
         m.eval()
     return models
@@ -345,6 +447,30 @@ def run_members(backend: "Backend", model_fn: ModelFn, x: Tensor, y: Tensor, mas
     states = [s for chunk in backend.map(train_task, calls) for s in chunk]
     for m, s in zip(models, states):
         m.load_state_dict(s)
+        m.eval()
+    return models
+
+
+def _run_members_resumable(backend: "Backend", model_fn: ModelFn, x: Tensor, y: Tensor, masks: Tensor,
+                           ids: list[int], members_per_task: int | None, kwargs: dict,
+                           piece: Piece | None) -> list[nn.Module]:
+    """:func:`run_members`, skipping the members ``piece`` holds trained and saving the others."""
+    if piece is None:
+        return run_members(backend, model_fn, x, y, masks, ids, members_per_task, kwargs)
+    done = {i: s for i in range(len(ids)) if (s := piece.load_member(i)) is not None}
+    todo = [i for i in range(len(ids)) if i not in done]
+    models = [model_fn(k) for k in ids]
+    if todo:
+        # the path is the whole job's, so a part trains its members as the whole would
+        vectorize = _vmap_path(models, masks, kwargs.get("vectorize"))
+        with checkpointing(None):  # a task in this process must not checkpoint as a piece of its own
+            trained = run_members(backend, model_fn, x, y, masks[todo], [ids[i] for i in todo], members_per_task,
+                                  {**kwargs, "vectorize": vectorize})
+        for i, m in zip(todo, trained):
+            piece.save_member(i, {"model": m.state_dict(), "track": []})
+            done[i] = {"model": m.state_dict()}
+    for i, m in enumerate(models):
+        m.load_state_dict(done[i]["model"])
         m.eval()
     return models
 

@@ -17,6 +17,9 @@ Layout of a run directory::
                            per-example scores (see :mod:`gradsift.scores`); writers merge
                            their columns in (``write_scores``)
     RUN/checkpoint.pt      model, optimizer and aggregator state for resuming
+    RUN/checkpoints/       a long job's pieces while it runs (the K-model trainings of
+                           ``gradsift scores``, ``issues``, ``pruning-curve``, per epoch
+                           or per model; :class:`JobCheckpoints`), removed when it finishes
 
 Every file is written atomically (to a temporary file in the same directory, then
 ``os.replace``), so an interrupted run never leaves a half-written file and loses no row
@@ -49,6 +52,7 @@ import tempfile
 import time
 import warnings
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
@@ -58,12 +62,13 @@ from .errors import GradsiftError
 
 __all__ = ["RunDir", "Run", "RunDirError", "RunInUseError", "open_run", "atomic_path", "write_json",
            "write_parquet", "versions", "is_run_dir", "fingerprint", "config_differences",
-           "allow_checkpoint_types", "RESUMABLE"]
+           "allow_checkpoint_types", "RESUMABLE", "JobCheckpoints", "checkpointing", "active_checkpoints"]
 
 # Config keys that may differ when a run is resumed: they cannot change the results so far
 # (world_size: the exact distributed mode gives the one-process update on the global batch).
 RESUMABLE = frozenset({"epochs", "world_size"})
 LOCK_NAME = ".lock"
+JOB_DIR = "checkpoints"  # RUN/checkpoints/: the pieces of a long job (see JobCheckpoints)
 
 
 # Types of the manifest's fields that gradsift reads back.
@@ -349,7 +354,8 @@ class RunDir:
                 p.unlink()
 
     def start(self, config: Mapping[str, Any], *, resume: bool = False, overwrite: bool = False,
-              merge: bool = False, may_differ: Iterable[str] = RESUMABLE, **manifest: Any) -> dict | None:
+              merge: bool = False, may_differ: Iterable[str] = RESUMABLE, job: bool = False,
+              **manifest: Any) -> dict | None:
         """Begin writing a run with ``config`` (what determines its results); returns the
         checkpoint to continue from when ``resume`` (else ``None``).
 
@@ -363,6 +369,11 @@ class RunDir:
           columns, e.g. scores), else refused;
         * otherwise the directory must be empty, or ``overwrite`` clears it first.
 
+        ``job=True`` is for a job that checkpoints its pieces in ``RUN/checkpoints/``
+        (:class:`JobCheckpoints`) instead of ``checkpoint.pt``: ``resume`` then needs a run
+        started with the same config (its pieces, if any, are continued), and a directory
+        holding an interrupted job's pieces is refused without ``resume`` or ``overwrite``.
+
         Every refusal is a :class:`RunDirError` naming the fix. The manifest is written
         with ``config`` (``status="running"`` and ``manifest`` keys).
         """
@@ -372,15 +383,30 @@ class RunDir:
         try:
             self.remove_stale_tmp()
             checkpoint = self._check(dict(config), resume=resume, overwrite=overwrite, merge=merge,
-                                     may_differ=set(may_differ))
+                                     may_differ=set(may_differ), job=job)
             self.write_manifest(dict(config), status="running", **manifest)
         except BaseException:
             self.unlock()
             raise
         return checkpoint
 
-    def _check(self, config: dict, *, resume: bool, overwrite: bool, merge: bool, may_differ: set) -> dict | None:
+    def _check(self, config: dict, *, resume: bool, overwrite: bool, merge: bool, may_differ: set,
+               job: bool = False) -> dict | None:
         old = self.read_manifest()
+        if job and resume:
+            if not old:
+                held = ", ".join(self.contents()) or "nothing"
+                raise RunDirError(f"--resume: {self.path} holds no run to continue (it holds {held}); "
+                                  "drop --resume to start a new run")
+            diffs = config_differences(old.get("config") or {}, config, may_differ=may_differ)
+            if diffs:
+                raise RunDirError(f"--resume: the run in {self.path} was made with a different config: "
+                                  + "; ".join(diffs) + ". Resume with the same options, or start a new run "
+                                  "(another directory, or --overwrite)")
+            return None
+        if job and not overwrite and JobCheckpoints(self).exist():
+            raise RunDirError(f"{self.path} holds an interrupted run ({JOB_DIR}/ has its finished pieces); "
+                              "pass --resume to continue it, --overwrite to start again, or choose another directory")
         if resume:
             if not self.checkpoint_path.exists():
                 held = ", ".join(self.contents()) or "nothing"
@@ -557,22 +583,23 @@ class RunDir:
     def checkpoint_path(self) -> Path:
         return self.path / "checkpoint.pt"
 
-    def save_checkpoint(self, state: dict) -> None:
+    def save_checkpoint(self, state: dict, path: str | Path | None = None) -> None:
+        """Write ``state`` to ``checkpoint.pt`` (or ``path``) atomically."""
         import torch
 
-        with atomic_path(self.checkpoint_path) as tmp:
+        with atomic_path(self.checkpoint_path if path is None else path) as tmp:
             torch.save(state, tmp)
 
-    def load_checkpoint(self) -> dict | None:
-        """The checkpoint (``None`` if there is none), loaded with
-        ``torch.load(weights_only=True)``: tensors, plain containers, numbers, strings and
+    def load_checkpoint(self, path: str | Path | None = None) -> dict | None:
+        """The checkpoint (``checkpoint.pt``, or ``path``; ``None`` if there is none), loaded
+        with ``torch.load(weights_only=True)``: tensors, plain containers, numbers, strings and
         the types of :func:`allow_checkpoint_types` only, so a planted pickle cannot run
         code. A file that is not such a checkpoint raises :class:`RunDirError`."""
         import pickle
 
         import torch
 
-        path = self.checkpoint_path
+        path = self.checkpoint_path if path is None else Path(path)
         if not path.exists():
             return None
         if path.stat().st_size == 0:
@@ -606,6 +633,88 @@ class RunDir:
 
 # The reading view of a run directory is the same class.
 Run = RunDir
+
+
+class JobCheckpoints:
+    """The checkpoints of a long job's pieces in ``RUN/checkpoints/<key>.pt``.
+
+    A long command (``gradsift scores``, ``issues``, ``pruning-curve``) is a fixed sequence
+    of pieces (K-model trainings, one recorder run), each checkpointing per epoch or per
+    model under a key that counts the pieces of its kind in order (``members-000``,
+    ``members-001``, ``fit-000``, ...). The same command with the same config (checked by
+    :meth:`RunDir.start`) asks for the same keys in the same order, so a resumed job finds
+    each piece's last checkpoint, and loses at most the work in flight. Files are written
+    atomically and read with ``weights_only`` (:meth:`RunDir.load_checkpoint`).
+
+    Use :func:`checkpointing` to make the trainers inside a block checkpoint here.
+    """
+
+    def __init__(self, run: RunDir):
+        self.run = run
+        self.path = run.path / JOB_DIR
+        self._counts: dict[str, int] = {}
+
+    def next_key(self, kind: str) -> str:
+        """The key of the next piece of ``kind`` (``kind-000``, ``kind-001``, ...)."""
+        n = self._counts.get(kind, 0)
+        self._counts[kind] = n + 1
+        return f"{kind}-{n:03d}"
+
+    def file(self, key: str) -> Path:
+        return self.path / f"{key}.pt"
+
+    def save(self, key: str, state: dict) -> None:
+        """Write piece ``key``'s checkpoint atomically."""
+        self.run.save_checkpoint(state, self.file(key))
+
+    def load(self, key: str) -> dict | None:
+        """Piece ``key``'s checkpoint (``None`` if it has none)."""
+        return self.run.load_checkpoint(self.file(key))
+
+    def remove(self, key: str) -> None:
+        self.file(key).unlink(missing_ok=True)
+
+    def subdir(self, key: str) -> Path:
+        """A directory for a piece that keeps a run directory of its own (a :func:`gradsift.fit`)."""
+        return self.path / key
+
+    def exist(self) -> bool:
+        """Whether any piece has a checkpoint."""
+        return self.path.is_dir() and any(self.path.iterdir())
+
+    def clear(self) -> None:
+        """Delete every piece's checkpoint (when the job has finished)."""
+        if self.path.is_dir():
+            shutil.rmtree(self.path)
+
+
+_ACTIVE: ContextVar[JobCheckpoints | None] = ContextVar("gradsift_job_checkpoints", default=None)
+
+
+@contextmanager
+def checkpointing(run: RunDir | JobCheckpoints | None) -> Iterator[JobCheckpoints | None]:
+    """Within the block, the K-model trainer (:func:`gradsift.ensemble.train_members`) and
+    :func:`gradsift.scores.compute_scores`' recorder run checkpoint their pieces in
+    ``run``'s ``checkpoints/`` folder and continue from what is there (``None``: no
+    checkpoints)::
+
+        run = RunDir("runs/mem")
+        run.start(config, resume=resume, job=True)
+        with checkpointing(run):
+            table = gs.memorization_scores(data, model_fn, n_models=64)   # resumable
+        JobCheckpoints(run).clear()
+    """
+    jobs = JobCheckpoints(run) if isinstance(run, RunDir) else run
+    token = _ACTIVE.set(jobs)
+    try:
+        yield jobs
+    finally:
+        _ACTIVE.reset(token)
+
+
+def active_checkpoints() -> JobCheckpoints | None:
+    """The :class:`JobCheckpoints` of the enclosing :func:`checkpointing` block, if any."""
+    return _ACTIVE.get()
 
 
 def open_run(path: str | Path) -> RunDir:

@@ -10,7 +10,7 @@ import typer
 from ..scores import score_names
 from .common import UsageError, many_model_backend, out_console, show_progress, split_list
 from .options import (Backend, ClassBalanced, Dataset, Encoding, KeepHard, LabelColumn, LabelNoise, MemModels,
-                      NoiseRate, Overwrite, Quiet, RayAddress, RunDirOption, Seed, Width, noise_rate_for)
+                      NoiseRate, Overwrite, Quiet, RayAddress, Resume, RunDirOption, Seed, Width, noise_rate_for)
 
 
 def scores(
@@ -28,10 +28,14 @@ def scores(
     seed: Seed = 0,
     backend: Backend = "local",
     ray_address: RayAddress = None,
+    resume: Resume = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
     """Score every training example; write RUN/scores.parquet (one row per example_id).
+
+    Every training checkpoints per epoch (or per model) in RUN/checkpoints/; after a crash,
+    the same command with --resume continues from there and gives the same table.
 
     With --backend ray the models behind el2n/grand and memorization are Ray tasks. Started
     by torchrun, the ranks share those models and train the dynamics run data-parallel;
@@ -42,8 +46,12 @@ def scores(
     from .. import data as data_mod
     from ..experiments.pruning_curve import PruningCurveConfig, compute_scores
     from ..progress import progress_scope
-    from ..rundir import RunDir, fingerprint
+    from ..distributed import launched_by_torchrun
+    from ..rundir import JobCheckpoints, RunDir, checkpointing, fingerprint
 
+    if resume and launched_by_torchrun():
+        raise UsageError("--resume does not run under torchrun (its checkpoints are this process's); "
+                         "resume without torchrun, or use --backend ray")
     noise_rate = noise_rate_for(label_noise, noise_rate)
     names = split_list(scores)
     config = PruningCurveConfig(dataset=dataset, scores=tuple(names), epochs=epochs, width=width,
@@ -59,15 +67,17 @@ def scores(
                           "label_noise": label_noise, "noise_rate": noise_rate, "epochs": epochs, "width": width,
                           "mem_models": mem_models, "seed": seed,
                           "scores": sorted(set(before) | set(names)) if not overwrite else names}
-            run.start(run_config, merge=not overwrite, overwrite=overwrite, may_differ={"scores"}, seed=seed)
+            run.start(run_config, merge=not overwrite, overwrite=overwrite, resume=resume, may_differ={"scores"},
+                      job=True, seed=seed)
         try:
-            with progress_scope(show_progress(quiet) and writer):
+            with progress_scope(show_progress(quiet) and writer), checkpointing(run if comm is None else None):
                 table = compute_scores(config, train_data, backend=runner, comm=comm)
             if not writer:
                 return
             if len(train_data.corrupted):
                 table["corrupted"] = train_data.is_noisy
             run.write_scores(table)
+            JobCheckpoints(run).clear()
             run.update_manifest(status="finished")
         finally:
             run.unlock()

@@ -17,7 +17,7 @@ file                   layers
 ``conv.py``            Conv1d, Conv2d, Conv3d (stride, padding incl. ``'same'``, dilation,
                        groups, every padding mode)
 ``embedding.py``       Embedding (``padding_idx``, ``scale_grad_by_freq``, ``max_norm``),
-                       EmbeddingBag (``[B, L]`` bags; every mode)
+                       EmbeddingBag (``[B, L]`` bags or flat ``(input, offsets)``; every mode)
 ``norms.py``           LayerNorm, RMSNorm, GroupNorm, InstanceNorm (affine)
 ``rnn.py``             RNN, GRU, LSTM (layers, directions, ``batch_first``, packed
                        sequences; by the cell decomposition)

@@ -85,11 +85,45 @@ class EmbeddingRule(LayerRule):
         return super().gram(cap)
 
 
+def _bags(m: nn.EmbeddingBag, cap: Capture, k: int) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Call ``k``'s bags as ``idx [B, L]``, ``filled [B, L]`` (a real entry) and the
+    ``per_sample_weights [B, L]`` (or ``None``); the flat ``(input, offsets)`` form is padded."""
+    args, kwargs = cap.args[k], cap.kwargs[k]
+    idx = cap.inputs[k]
+    offsets = args[1] if len(args) > 1 else kwargs.get("offsets")
+    psw = args[2] if len(args) > 2 else kwargs.get("per_sample_weights")
+    if idx.ndim == 2:
+        return idx, torch.ones_like(idx, dtype=torch.bool), psw
+    # flat [N] with offsets: bag j is rows offsets[j] .. offsets[j+1] - 1 (checked to be example j's)
+    off = offsets.to(idx.device).long()
+    end = int(off[-1]) if m.include_last_offset else idx.shape[0]
+    starts = off[:-1] if m.include_last_offset else off
+    b = starts.shape[0]
+    rows = torch.arange(end, device=idx.device)
+    bag = torch.searchsorted(starts, rows, right=True) - 1
+    pos = rows - starts[bag]
+    width = int(pos.max()) + 1 if end else 1
+    padded = idx.new_zeros(b, width)
+    filled = torch.zeros(b, width, dtype=torch.bool, device=idx.device)
+    padded[bag, pos] = idx[:end]
+    filled[bag, pos] = True
+    if psw is not None:
+        w = psw.new_zeros(b, width)
+        w[bag, pos] = psw[:end]
+        psw = w
+    return padded, filled, psw
+
+
 @register_layer_rule(nn.EmbeddingBag)
 class EmbeddingBagRule(LayerRule):
-    """``nn.EmbeddingBag`` on ``[B, L]`` bags (one per example): ``sum``, ``mean``, ``max``,
-    ``per_sample_weights``, ``padding_idx``. The flat ``(input, offsets)`` form has no batch
-    axis the trace can follow, so models using it run through torch.func."""
+    """``nn.EmbeddingBag``, every mode (``sum``, ``mean``, ``max``), ``per_sample_weights``,
+    ``padding_idx``: on ``[B, L]`` bags (one per example), or on the flat ``(input [N],
+    offsets [B])`` form (``include_last_offset`` either way) when the batch trace shows that
+    bag ``j`` holds only example ``j``'s entries (e.g. ``tokens[mask]``, or a flattened
+    ``[B, L]`` tensor with ``offsets = arange(B) * L``)."""
+
+    #: takes a flat input whose examples are given by its offsets (see :mod:`.record`)
+    flat_input = True
 
     def grads(self, cap: Capture) -> Grads:
         m: nn.EmbeddingBag = cap.module  # type: ignore[assignment]
@@ -97,20 +131,18 @@ class EmbeddingBagRule(LayerRule):
             return {}
         b, v, dim = cap.batch_size, m.num_embeddings, m.embedding_dim
         total = None
-        for k, (idx, d) in enumerate(zip(cap.inputs, cap.grad_outputs)):
-            args, kwargs = cap.args[k], cap.kwargs[k]
-            if len(args) > 1 and args[1] is not None or kwargs.get("offsets") is not None:
-                raise ValueError("EmbeddingBag with offsets is not supported by the hooks path")
-            psw = args[2] if len(args) > 2 else kwargs.get("per_sample_weights")
-            valid = torch.ones_like(idx, dtype=d.dtype) if m.padding_idx is None else \
-                (idx != m.padding_idx).to(d.dtype)
+        for k, d in enumerate(cap.grad_outputs):
+            idx, filled, psw = _bags(m, cap, k)
+            valid = filled if m.padding_idx is None else filled & (idx != m.padding_idx)
+            valid = valid.to(d.dtype)
             if m.mode == "max":
-                rows = m.weight.detach()[idx]  # [B, L, dim]
+                rows = m.weight.detach()[idx].to(d.dtype)  # [B, L, dim]
                 rows = rows.masked_fill(valid.unsqueeze(-1) == 0, float("-inf"))
                 arg = rows.argmax(1)  # [B, dim]
                 flat = idx.gather(1, arg)  # the chosen token per (example, dim)
+                any_valid = (valid.sum(1, keepdim=True) > 0).to(d.dtype)  # an empty bag has no gradient
                 g = d.new_zeros(b, v, dim)
-                g.scatter_add_(1, flat.unsqueeze(1), d.unsqueeze(1))
+                g.scatter_add_(1, flat.unsqueeze(1), (d * any_valid).unsqueeze(1))
             else:
                 w = valid if psw is None else valid * psw.to(d.dtype)
                 if m.mode == "mean":

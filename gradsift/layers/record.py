@@ -105,6 +105,20 @@ def record(
                 return None
             ta, to = trace.tag(a), trace.tag(output)
             replaced = None
+            if getattr(rule, "flat_input", False) and a.ndim == 1 and to == (0, 1):
+                # EmbeddingBag(flat, offsets): the trace checked that bag j holds example j's rows
+                cap = captures[name]
+                cap.inputs.append(a.detach())
+                cap.args.append(_detach(tuple(args)))
+                cap.kwargs.append(_detach(dict(kwargs)))
+                cap.outputs.append(output)
+                out_tags[name].append(to)
+                versions.append((output, output._version))
+                if clone_outputs and output.requires_grad:
+                    copy = output.clone()
+                    trace.set(copy, to)
+                    return copy
+                return None
             if ta is None and to is None:
                 # An input shared by all examples (e.g. position_ids [1, T]): the output is
                 # broadcast against the batch downstream, and the trace checks that use.

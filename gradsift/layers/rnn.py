@@ -10,8 +10,10 @@ The rule gets ``dgi``/``dgh`` by re-running the layer in Python, on the recorded
 and initial state, and back-propagating the recorded output gradients (of the output
 sequence, ``h_n`` and ``c_n``) through it: one batched pass, exact. Multi-layer,
 bidirectional, ``batch_first`` either way and packed sequences (``pack_padded_sequence``,
-``enforce_sorted`` either way) are covered; ``proj_size`` and dropout
-between layers (in training mode) are not (the engine then uses torch.func).
+``enforce_sorted`` either way) and an LSTM's ``proj_size`` (``h = W_hr (o * tanh(c))``,
+whose gradient is ``sum_t dh_t (o * tanh(c))_t^T``) are covered. Dropout between layers in
+training mode is not: its random masks are drawn inside the fused kernel and cannot be
+replayed, so the rule declines (``layers.explain`` says so) and the engine uses torch.func.
 """
 
 from __future__ import annotations
@@ -50,11 +52,9 @@ class RecurrentRule(LayerRule):
     multi_output = True
 
     def supports(self, module: nn.Module) -> bool:
-        return getattr(module, "proj_size", 0) == 0 and not (module.training and module.dropout > 0)
+        return not (module.training and module.dropout > 0 and module.num_layers > 1)
 
     def unsupported_reason(self, module: nn.Module) -> str:
-        if getattr(module, "proj_size", 0):
-            return "RecurrentRule does not cover proj_size > 0 (torch.func is used)"
         return ("RecurrentRule does not cover dropout between layers in training mode (its random mask "
                 "is not recorded); call model.eval() or set dropout=0 (torch.func is used otherwise)")
 
@@ -98,10 +98,11 @@ class RecurrentRule(LayerRule):
         b, t = x.shape[:2]
         dirs = 2 if module.bidirectional else 1
         hsz, mode = module.hidden_size, module.mode
+        proj = getattr(module, "proj_size", 0)
         lstm = mode == "LSTM"
         if hx is None:
-            h0 = x.new_zeros(b, module.num_layers * dirs, hsz)
-            c0 = h0 if lstm else None
+            h0 = x.new_zeros(b, module.num_layers * dirs, proj or hsz)
+            c0 = x.new_zeros(b, module.num_layers * dirs, hsz) if lstm else None
         elif lstm:
             h0, c0 = hx
         else:
@@ -111,6 +112,8 @@ class RecurrentRule(LayerRule):
         gis: dict[str, Tensor] = {}
         ghs: dict[str, list[Tensor]] = {}
         prevs: dict[str, list[Tensor]] = {}
+        units: dict[str, list[Tensor]] = {}  # with proj_size: the unprojected h (o * tanh(c))
+        projs: dict[str, list[Tensor]] = {}  # and the projected h
         h_last, c_last = [], []
         layer_in = x.detach()
         masks = None
@@ -134,7 +137,8 @@ class RecurrentRule(LayerRule):
                     k = layer * dirs + r
                     h, c = h0[:, k].detach(), (c0[:, k].detach() if lstm else None)
                     seq: list[Tensor] = [h] * t
-                    ghs[sfx], prevs[sfx] = [], []
+                    ghs[sfx], prevs[sfx], units[sfx], projs[sfx] = [], [], [], []
+                    w_hr = weights.get("weight_hr" + sfx)
                     for s in (range(t - 1, -1, -1) if r else range(t)):
                         gh = h @ w_hh.T
                         if b_hh is not None:
@@ -144,6 +148,10 @@ class RecurrentRule(LayerRule):
                         ghs[sfx].append(gh)
                         prevs[sfx].append(h.detach())
                         h_new, c_new = _cell(mode, gi_all[:, s], gh, h, c)
+                        if w_hr is not None:
+                            units[sfx].append(h_new.detach())
+                            h_new = h_new @ w_hr.T
+                            projs[sfx].append(h_new)
                         if masks is None:
                             h, c = h_new, c_new
                             seq[s] = h
@@ -158,17 +166,19 @@ class RecurrentRule(LayerRule):
                         c_last.append(c)
                 layer_in = outs[0] if dirs == 1 else torch.cat(outs, 2)
             final = [layer_in, torch.stack(h_last, 1)] + ([torch.stack(c_last, 1)] if lstm else [])
-            wanted = list(gis.values()) + [g for sfx in gis for g in ghs[sfx]]
+            wanted = list(gis.values()) + [g for sfx in gis for g in ghs[sfx] + projs[sfx]]
             grads = torch.autograd.grad(final, wanted, [d_out, *d_states], allow_unused=True)
         result = {}
         rest = list(grads[len(gis):])
         for (sfx, gi), dgi in zip(gis.items(), grads[: len(gis)]):
-            n = len(ghs[sfx])
+            n, n_p = len(ghs[sfx]), len(projs[sfx])
             dgh = [torch.zeros_like(h) if g is None else g for g, h in zip(rest[:n], ghs[sfx])]
-            rest = rest[n:]
+            dhp = [torch.zeros_like(h) if g is None else g for g, h in zip(rest[n : n + n_p], projs[sfx])]
+            rest = rest[n + n_p :]
             result[sfx] = (
                 ins[sfx], torch.zeros_like(gi) if dgi is None else dgi,
                 torch.stack(prevs[sfx], 1), torch.stack(dgh, 1),
+                torch.stack(units[sfx], 1) if n_p else None, torch.stack(dhp, 1) if n_p else None,
             )
         return result
 
@@ -186,12 +196,13 @@ class RecurrentRule(LayerRule):
             if isinstance(packed, PackedSequence):
                 lengths = PackedLayout(packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices).lengths()
             replayed = self._replay(m, x, hx, d_out, cap.extra_grads[k], lengths)
-            for sfx, (a, dgi, prev, dgh) in replayed.items():
+            for sfx, (a, dgi, prev, dgh, unit, dhp) in replayed.items():
                 terms = {
                     "weight_ih" + sfx: lambda: torch.einsum("btg,bti->bgi", dgi, a),
                     "bias_ih" + sfx: lambda: dgi.sum(1),
                     "weight_hh" + sfx: lambda: torch.einsum("btg,bth->bgh", dgh, prev),
                     "bias_hh" + sfx: lambda: dgh.sum(1),
+                    "weight_hr" + sfx: lambda: torch.einsum("btp,bth->bph", dhp, unit),
                 }
                 for n, term in terms.items():
                     if n in own:

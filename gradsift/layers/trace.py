@@ -123,7 +123,8 @@ _INDEXING = {"gather", "index_select", "take", "take_along_dim", "scatter", "sca
 
 #: Operations that may permute the batch (see :meth:`BatchTrace._permutation`).
 _PERMUTING = {"sort"}
-_PERMUTING_ANY = {"index_select", "__getitem__", "_pack_padded_sequence", "_pad_packed_sequence"}
+_PERMUTING_ANY = {"index_select", "__getitem__", "_pack_padded_sequence", "_pad_packed_sequence",
+                  "masked_select", "embedding_bag"}
 
 
 def get_tag(t: Tensor, session: object) -> Tag | None:
@@ -299,6 +300,10 @@ class BatchTrace(TorchFunctionMode):
             self.set_perm(values, "padded", 0, p[indices.cpu()])
             self.set(indices, UNKNOWN)
             return True
+        if name in ("__getitem__", "masked_select") and isinstance(args[0], Tensor) and self._ragged(name, args, result):
+            return True
+        if name == "embedding_bag":
+            return self._embedding_bag(args, kwargs, result)
         if name in ("index_select", "__getitem__") and isinstance(args[0], Tensor):
             src = args[0]
             order = self._batch_order(src)
@@ -341,6 +346,72 @@ class BatchTrace(TorchFunctionMode):
             self.set_perm(lengths, "padded", 0, order[2])
             return True
         return False
+
+    def _ragged(self, name: str, args, result) -> bool:
+        """``x[mask]`` / ``masked_select(x, mask)`` with the batch on axis 0 of ``x``: the flat
+        result is *ragged*, row ``r`` belonging to example ``mask.nonzero()[r, 0]``."""
+        src, mask = args[0], args[1]
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool or not isinstance(result, Tensor):
+            return False
+        if self.tag(src) != (0, 1) or self.perm(src) is not None:
+            return False
+        if name == "__getitem__" and mask.shape != src.shape[: mask.ndim]:
+            return False
+        if name == "masked_select":
+            if mask.shape != src.shape:
+                return False
+        with torch._C.DisableTorchFunction():
+            ids = mask.nonzero()[:, 0].cpu()
+        if len(ids) != result.shape[0] or (mask.ndim and mask.shape[0] != self.batch):
+            return False
+        self.set_perm(result, "ragged", 0, ids)
+        if self.lost_at is None:
+            self.lost_at = f"{name} by a mask (a ragged batch, followed only into EmbeddingBag with offsets)"
+        return True
+
+    def rows_of(self, t: Tensor) -> Tensor | None:
+        """The example of each row (axis 0) of a flat tensor: ``[N]`` (CPU), or ``None``."""
+        p = self.perm(t)
+        if p is not None:
+            return p[2] if p[0] == "ragged" or (p[0] == "padded" and p[1] == 0) else None
+        tag = self.tag(t)
+        if tag is None or tag == UNKNOWN or tag[0] != 0:
+            return None
+        return torch.arange(t.shape[0]) // tag[1]
+
+    def _embedding_bag(self, args, kwargs, result) -> bool:
+        """``F.embedding_bag(flat [N], weight, offsets, ...)``: bag ``j`` is example ``j`` when every
+        row in it belongs to example ``j`` (traced), and there are ``B`` bags."""
+        import inspect
+
+        import torch.nn.functional as F
+
+        bound = inspect.signature(F.embedding_bag).bind(*args, **kwargs).arguments
+        flat, offsets = bound.get("input"), bound.get("offsets")
+        if not isinstance(flat, Tensor) or flat.ndim != 1 or not isinstance(offsets, Tensor):
+            return False
+        rows = self.rows_of(flat)
+        psw = bound.get("per_sample_weights")
+        out = result[0] if isinstance(result, tuple) else result
+        if rows is None:
+            return False
+        if isinstance(psw, Tensor):
+            prow = self.rows_of(psw)
+            same = prow is not None and torch.equal(prow, rows)
+            if not same and not (self.tag(psw) is None and self.perm(psw) is None and bool((psw == psw[:1]).all())):
+                return False
+        with torch._C.DisableTorchFunction():
+            off = offsets.cpu().long()
+            n = flat.shape[0]
+            end = int(off[-1]) if bound.get("include_last_offset") else n
+            starts = off[:-1] if bound.get("include_last_offset") else off
+            if len(starts) != self.batch:
+                return False
+            bag = torch.searchsorted(starts, torch.arange(end), right=True) - 1
+            if not bool((bag == rows[:end]).all()):
+                return False
+        self.set(out, (0, 1))
+        return True
 
     def tag_inputs(self, x: Any) -> None:
         """Tag every tensor in ``x`` (a tensor, tuple, list or dict) as batch-first."""

@@ -165,6 +165,20 @@ def hardness(table: pd.DataFrame, name: str) -> np.ndarray:
     return v if entry.higher_is_harder else -v
 
 
+def _resumable_run() -> dict:
+    """Inside :func:`gradsift.rundir.checkpointing`: the recorders' training run checkpoints
+    every epoch in a run directory of its own under ``RUN/checkpoints/`` and continues
+    from it (recorder state included)."""
+    from ..rundir import active_checkpoints
+
+    jobs = active_checkpoints()
+    if jobs is None:
+        return {}
+    run_dir = jobs.subdir(jobs.next_key("fit"))
+    resume = (run_dir / "checkpoint.pt").exists()
+    return {"run_dir": run_dir, "resume": resume, "overwrite": not resume}
+
+
 def compute_scores(data, settings: ScoreSettings, names: Sequence[str], *, backend=None, comm=None,
                    progress: Any = None) -> pd.DataFrame:
     """Score every example of ``data`` (a :class:`gradsift.data.Dataset`) with the
@@ -176,6 +190,10 @@ def compute_scores(data, settings: ScoreSettings, names: Sequence[str], *, backe
     for their many-model parts. The table does not depend on ``backend`` or ``comm``.
 
     ``progress``: ``None`` shows the training epochs in the caller's progress display, if any.
+
+    Inside :func:`gradsift.rundir.checkpointing` every training checkpoints per epoch (or
+    per model) and continues from its checkpoint: a killed job, run again in the block,
+    gives the same table.
 
     Returns:
         DataFrame indexed by ``example_id``: ``label`` and every requested score's columns,
@@ -206,7 +224,8 @@ def compute_scores(data, settings: ScoreSettings, names: Sequence[str], *, backe
                                    f"weight_decay={settings.weight_decay}",
             epochs=settings.epochs, batch_size=settings.batch_size, seed=settings.seed,
             recorders=[r for r, _ in recorders],
-            progress=(current() or False) if progress is None else progress)  # epochs in the caller's display
+            progress=(current() or False) if progress is None else progress,  # epochs in the caller's display
+            **(_resumable_run() if comm is None else {}))
         for rec, group in recorders:
             table = rec.scores()
             frames.append(table[[c for e in group for c in e.columns]])

@@ -27,12 +27,19 @@ class Head(nn.Module):
         state = None
         if self.hx:
             dirs = 2 if self.rnn.bidirectional else 1
-            h = x.new_ones(self.rnn.num_layers * dirs, x.shape[0], self.rnn.hidden_size) * 0.1
-            state = (h, h * 2) if isinstance(self.rnn, nn.LSTM) else h
+            h = x.new_ones(self.rnn.num_layers * dirs, x.shape[0], out_size(self.rnn)) * 0.1
+            c = x.new_ones(self.rnn.num_layers * dirs, x.shape[0], self.rnn.hidden_size) * 0.2
+            state = (h, c) if isinstance(self.rnn, nn.LSTM) else h
         out, hn = self.rnn(seq, state)
         hn = hn[0] if isinstance(hn, tuple) else hn
         out = out if self.rnn.batch_first else out.transpose(0, 1)
-        return out.sum(1)[:, : self.rnn.hidden_size] * out.sum(1)[:, -self.rnn.hidden_size :] + hn.sum(0)
+        n = out_size(self.rnn)
+        return out.sum(1)[:, :n] * out.sum(1)[:, -n:] + hn.sum(0)
+
+
+def out_size(rnn: nn.Module) -> int:
+    """Features of ``h`` per direction: ``proj_size`` or ``hidden_size``."""
+    return getattr(rnn, "proj_size", 0) or rnn.hidden_size
 
 
 @SETTINGS
@@ -68,13 +75,15 @@ class PackedHead(nn.Module):
         state = None
         if self.hx:
             dirs = 2 if self.rnn.bidirectional else 1
-            h = x[:, :1, :1].transpose(0, 1).expand(self.rnn.num_layers * dirs, -1, self.rnn.hidden_size) * 0.5
-            state = (h, h * 2) if isinstance(self.rnn, nn.LSTM) else h
+            h = x[:, :1, :1].transpose(0, 1).expand(self.rnn.num_layers * dirs, -1, out_size(self.rnn)) * 0.5
+            c = x[:, :1, 1:2].transpose(0, 1).expand(self.rnn.num_layers * dirs, -1, self.rnn.hidden_size) * 2
+            state = (h, c) if isinstance(self.rnn, nn.LSTM) else h
         out, hn = self.rnn(packed, state)
         hn = hn[0] if isinstance(hn, tuple) else hn
         out, _ = pad_packed_sequence(out, batch_first=bf, total_length=x.shape[1])
         out = out if bf else out.transpose(0, 1)
-        return out.sum(1)[:, : self.rnn.hidden_size] * out.sum(1)[:, -self.rnn.hidden_size :] + hn.sum(0)
+        n = out_size(self.rnn)
+        return out.sum(1)[:, :n] * out.sum(1)[:, -n:] + hn.sum(0)
 
 
 @SETTINGS
@@ -124,3 +133,33 @@ def test_untraced_packing_is_refused_with_a_reason():
 def test_packed_batch_of_one(sort):
     model = PackedHead(nn.LSTM(3, 4, bidirectional=True), enforce_sorted=sort)
     check_per_example(model, (torch.randn(1, 4, 3), torch.tensor([2])), methods=("hooks",))
+
+
+@SETTINGS
+@given(
+    b=st.integers(1, 3), t=st.integers(1, 4), layers=st.integers(1, 2), bidir=st.booleans(),
+    batch_first=st.booleans(), packed=st.booleans(), hx=st.booleans(), seed=st.integers(0, 99),
+)
+def test_lstm_proj_size(b, t, layers, bidir, batch_first, packed, hx, seed):
+    torch.manual_seed(seed)
+    rnn = nn.LSTM(3, 5, num_layers=layers, bidirectional=bidir, batch_first=batch_first, proj_size=2)
+    if packed:
+        model, x = PackedHead(rnn, enforce_sorted=False, hx=hx), (torch.randn(b, t, 3), torch.randint(1, t + 1, (b,)))
+    else:
+        model, x = Head(rnn, hx), torch.randn(b, t, 3)
+    check_per_example(model, x, methods=("hooks",))
+
+
+def test_lstm_proj_size_t_equal_b():
+    model = Head(nn.LSTM(3, 4, num_layers=2, bidirectional=True, proj_size=3))
+    x = torch.randn(3, 3, 3)
+    assert check_path(model, x) == "hooks"
+    check_per_example(model, x, methods=("hooks", "auto"))
+
+
+def test_dropout_between_layers_in_training_is_refused_with_a_reason():
+    model = Head(nn.GRU(3, 4, num_layers=2, dropout=0.5))
+    plan = layers.explain(model, probe_loss, torch.randn(2, 3, 3), torch.randn(2, 4))
+    assert plan.method == "vmap" and "dropout" in plan.layers["rnn"] and "eval" in plan.layers["rnn"]
+    model.eval()  # no dropout in eval mode: the rule applies
+    check_per_example(model, torch.randn(2, 3, 3), methods=("hooks",))
