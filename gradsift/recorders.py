@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
@@ -31,7 +32,7 @@ from .engine import per_example
 if TYPE_CHECKING:  # annotations only
     from .sifter import Sifter
 
-__all__ = ["StepInfo", "Recorder", "CoherenceRecorder", "TensorBoardRecorder"]
+__all__ = ["StepInfo", "Recorder", "ExampleSlots", "CoherenceRecorder", "TensorBoardRecorder"]
 
 
 @dataclass
@@ -90,6 +91,50 @@ class Recorder:
         return {}
 
     def load_state_dict(self, state: dict) -> None: ...
+
+
+class ExampleSlots:
+    """Where each example's values live in a recorder's ``[N]`` arrays.
+
+    With the training set known (``fit``, ``Sifter(data=...)``) the slots are the
+    positions and ``ids`` is ``sifter.ids``. In the user's own loop without ``data=`` the
+    ids are learnt as they come: each new id gets the next slot, and the recorder grows
+    its arrays by the count :meth:`of` returns (:meth:`grow`).
+
+    Args:
+        sifter: the Sifter starting the run (read in ``on_fit_begin``).
+        ids: ids learnt earlier (a resumed recorder's state), for the growing form.
+    """
+
+    def __init__(self, sifter: "Sifter", ids: np.ndarray | None = None):
+        self.growing = getattr(sifter, "data", True) is None
+        if self.growing:
+            self.ids = np.zeros(0, np.int64) if ids is None else np.asarray(ids, np.int64)
+            self._slot = {int(i): j for j, i in enumerate(self.ids)}
+        else:
+            self.ids = sifter.ids.numpy()
+            self._slot = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def of(self, step: StepInfo) -> tuple[np.ndarray, int]:
+        """``([B] slots of the step's examples, number of new ids appended)``."""
+        if self._slot is None:
+            return step.positions.numpy(), 0
+        ids = [int(i) for i in step.example_ids.tolist()]
+        new = [i for i in dict.fromkeys(ids) if i not in self._slot]
+        if new:
+            self._slot.update({i: len(self.ids) + j for j, i in enumerate(new)})
+            self.ids = np.concatenate([self.ids, np.asarray(new, np.int64)])
+        return np.asarray([self._slot[i] for i in ids], np.int64), len(new)
+
+    @staticmethod
+    def grow(a: np.ndarray, k: int, fill: Any) -> np.ndarray:
+        """``a [n, ...]`` followed by ``k`` rows of ``fill``."""
+        if k == 0:
+            return a
+        return np.concatenate([a, np.full((k, *a.shape[1:]), fill, a.dtype)])
 
 
 class CoherenceRecorder(Recorder):

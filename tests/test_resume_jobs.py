@@ -4,6 +4,7 @@ the K-model trainer continues from its per-epoch / per-model checkpoints."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -119,3 +120,24 @@ def test_train_members_continues_from_its_checkpoints(tmp_path, vectorize):
             assert torch.equal(p, q), n
     with pytest.raises(RunDirError, match="written by a different training"), checkpointing(run):
         train_members(mf, x, y, masks, **{**kw, "seed": 5})
+
+
+def test_pruning_curve_killed_then_resumed_and_reruns_checked(tmp_path):
+    data = _data(tmp_path)
+    args = ["pruning-curve", "--dataset", data, "--scores", "el2n,random", "--fractions", "0.5,1.0", "--seeds", "2",
+            "--epochs", "12", "--width", "8", "-q"]
+    full = subprocess.run(_cli(*args, "--out", tmp_path / "full"), env=_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert full.returncode == 0, full.stderr[-3000:]
+    part = tmp_path / "part"
+    killed = _kill_when(_cli(*args, "--out", part), part / "checkpoints" / "members-001.pt")  # retraining at 0.5
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    resumed = subprocess.run(_cli(*args, "--out", part, "--resume"), env=_env(), capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = json.loads((tmp_path / "full" / "summary.json").read_text())
+    b = json.loads((part / "summary.json").read_text())
+    assert a["results"] == b["results"]
+    again = subprocess.run(_cli(*args, "--out", part), env=_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 2 and "already holds a run" in again.stderr and "--overwrite" in again.stderr
+    assert "Traceback" not in again.stderr

@@ -276,3 +276,50 @@ def test_issue_example_own_loop_without_data(digits_small, tmp_path):
     assert sorted(scores.index) == list(range(len(tr)))
     np.testing.assert_array_equal(scores.label.to_numpy(), tr.y)
     assert scores.forgetting.notna().all()
+
+
+class _Items(torch.utils.data.Dataset):
+    """(example_id, inputs, target) items whose ids are not positions."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return 1000 + 7 * i, self.x[i], self.y[i]
+
+
+def test_recorders_learn_ids_without_data(digits_small, tmp_path):
+    """AUM, alignment and dynamics in the user's own loop without data=: the ids (not
+    positions) are learnt as they come, also ids first seen in a later epoch, and every
+    score equals the same loop with data= given."""
+    tr, _ = digits_small
+    x, y = tr.tensors()
+    items = _Items(x[:120], y[:120])
+    half = torch.utils.data.Subset(items, range(60))
+
+    def run(data, where):
+        model = make_model(3)
+        opt = torch.optim.SGD(model.parameters(), lr=0.2)
+        recs = [gs.AUMRecorder(), gs.scores.AlignmentRecorder(), gs.DynamicsRecorder()]
+        with gs.Sifter(model, LOSS, aggregator="m3", recorders=recs, run_dir=tmp_path / where, data=data) as s:
+            for epoch, ds in enumerate((half, items, items)):  # epoch 1 sees only the first half
+                loader = DataLoader(ds, batch_size=20, shuffle=True, generator=torch.Generator().manual_seed(epoch))
+                for ids, xb, yb in loader:
+                    s.backward(xb, yb, ids=ids)
+                    opt.step()
+                    opt.zero_grad()
+                s.end_epoch()
+        return gs.open_run(tmp_path / where).scores(), recs
+
+    known, _ = run(items, "known")
+    learnt, recs = run(None, "learnt")
+    assert sorted(learnt.index) == [1000 + 7 * i for i in range(120)]
+    pd.testing.assert_frame_equal(learnt.sort_index(), known.sort_index(), check_like=True)
+    assert learnt.aum.notna().all() and learnt.alignment.notna().all()
+    # the ids first seen in epoch 2 have one presentation less
+    aum = recs[0]
+    seen = dict(zip(aum.ids.tolist(), aum.count.tolist()))
+    assert seen[1000] == 3 and seen[1000 + 7 * 119] == 2

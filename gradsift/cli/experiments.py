@@ -11,8 +11,8 @@ import typer
 from rich.table import Table
 
 from .common import UsageError, many_model_backend, out_console, show_progress, split_list, write_experiment_report
-from .options import (Backend, ClassBalanced, Dataset, Epochs, MemModels, OutDir, Quiet, RayAddress,
-                      Seed, Width)
+from .options import (Backend, ClassBalanced, Dataset, Epochs, MemModels, OutDir, Overwrite, Quiet, RayAddress,
+                      Resume, Seed, Width)
 
 
 def memorization(
@@ -65,6 +65,8 @@ def pruning_curve(
     seed: Seed = 0,
     backend: Backend = "local",
     ray_address: RayAddress = None,
+    resume: Resume = False,
+    overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
     """Accuracy vs fraction of data kept, per score: write summary.json and a plot.
@@ -87,7 +89,7 @@ def pruning_curve(
     if launched_by_torchrun():
         raise UsageError("pruning-curve does not run under torchrun; use --backend ray to spread its models")
     with many_model_backend(backend, ray_address) as (runner, _), progress_scope(show_progress(quiet)):
-        summary = run_pruning_curve(config, out, backend=runner)
+        summary = run_pruning_curve(config, out, backend=runner, resume=resume, overwrite=overwrite)
     table = Table(title=f"pruning curve on {dataset}: test accuracy, mean ± 95% CI half-width over {seeds} seeds "
                         "(↑/↓: paired t-test against random, p < 0.05)")
     table.add_column("curve")

@@ -198,10 +198,20 @@ class SiftTrainer(transformers.Trainer):
             return None
         return params | set(_LABEL_KEYS)
 
+    def _set_signature_columns_if_needed(self) -> None:
+        # the Trainer's collator drops the columns the model's forward does not take
+        # (remove_unused_columns): keep the example index
+        super()._set_signature_columns_if_needed()
+        if _ID not in self._signature_columns:
+            self._signature_columns.append(_ID)
+
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Tensor:
         model.train()
         inputs = dict(self._prepare_inputs(inputs))
         ids = inputs.pop(_ID, None)
+        if ids is None:
+            raise GradsiftError(f"SiftTrainer: the batch lost its '{_ID}' column (the example index every "
+                                "score is keyed by); a custom data_collator must pass it through")
         labels = next((inputs.pop(k) for k in _LABEL_KEYS if k in inputs), None)
         if labels is None:
             raise GradsiftError("SiftTrainer: the batch has no labels ('labels' or 'label'); per-example "

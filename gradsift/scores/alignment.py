@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 
 from ..coherence import gradient_gram, gram_coherence
+from ..recorders import ExampleSlots
 from ..train import Recorder, StepInfo, Trainer
 from .registry import register_score
 
@@ -30,25 +31,32 @@ class AlignmentRecorder(Recorder):
 
     Run-directory output: ``scores.parquet`` column ``alignment`` (mean over presentations),
     updated after every epoch; the epoch's mean m-coherence of the batches goes to the
-    metrics as ``batch_m_coherence``.
+    metrics as ``batch_m_coherence``. In a Sifter without ``data=`` the example ids are
+    learnt as they come (:class:`~gradsift.recorders.ExampleSlots`).
     """
 
     def __init__(self) -> None:
         self.total: np.ndarray | None = None
         self.count: np.ndarray | None = None
         self._coh: list[float] = []
+        self._ids: np.ndarray | None = None  # learnt ids restored from a checkpoint
 
     def on_fit_begin(self, trainer: Trainer) -> None:
-        self.ids = trainer.ids.numpy()
+        self.slots = ExampleSlots(trainer, self._ids)
+        self.ids = self.slots.ids
         if self.total is None:
-            self.total = np.zeros(len(self.ids))
-            self.count = np.zeros(len(self.ids), dtype=np.int64)
+            self.total = np.zeros(len(self.slots))
+            self.count = np.zeros(len(self.slots), dtype=np.int64)
 
     def on_epoch_begin(self, trainer: Trainer, epoch: int) -> None:
         self._coh = []
 
     def on_step(self, trainer: Trainer, step: StepInfo) -> None:
-        if len(step.positions) < 2:
+        slots, new = self.slots.of(step)
+        self.total = ExampleSlots.grow(self.total, new, 0.0)
+        self.count = ExampleSlots.grow(self.count, new, 0)
+        self.ids = self.slots.ids
+        if len(slots) < 2:
             return
         was = trainer.model.training
         trainer.model.eval()
@@ -59,7 +67,7 @@ class AlignmentRecorder(Recorder):
         stats = gram_coherence(gram)
         a = stats["alignment"].numpy()
         ok = ~np.isnan(a)
-        pos = step.positions.numpy()[ok]
+        pos = slots[ok]
         np.add.at(self.total, pos, a[ok])
         np.add.at(self.count, pos, 1)
         self._coh.append(stats["m_coherence"])
@@ -76,10 +84,11 @@ class AlignmentRecorder(Recorder):
         return pd.DataFrame({"alignment": value}, index=pd.Index(self.ids, name="example_id"))
 
     def state_dict(self) -> dict:
-        return {"total": self.total, "count": self.count}
+        learnt = self.slots.ids if getattr(self, "slots", None) is not None and self.slots.growing else None
+        return {"total": self.total, "count": self.count, "ids": learnt}
 
     def load_state_dict(self, state: dict) -> None:
-        self.total, self.count = state["total"], state["count"]
+        self.total, self.count, self._ids = state["total"], state["count"], state.get("ids")
 
 
 def alignment_recorder(settings=None) -> AlignmentRecorder:

@@ -23,6 +23,8 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from ..errors import GradsiftError
+from ..recorders import ExampleSlots
 from ..train import Recorder, StepInfo, Trainer
 from .registry import register_score
 
@@ -48,21 +50,32 @@ class AUMRecorder(Recorder):
     :func:`gradsift.fit` and keeps its running mean, the AUM.
 
     Run-directory output: ``scores.parquet`` column ``aum``, updated after every epoch.
-    After training, :meth:`scores` returns ``aum`` indexed by ``example_id``.
+    After training, :meth:`scores` returns ``aum`` indexed by ``example_id``. In a Sifter
+    without ``data=`` the example ids are learnt as they come (:class:`ExampleSlots`).
     """
 
     def __init__(self) -> None:
         self.total: np.ndarray | None = None
         self.count: np.ndarray | None = None
+        self._ids: np.ndarray | None = None  # learnt ids restored from a checkpoint
 
     def on_fit_begin(self, trainer: Trainer) -> None:
-        self.ids = trainer.ids.numpy()
+        self.slots = ExampleSlots(trainer, self._ids)
+        self.ids = self.slots.ids
         if self.total is None:
-            self.total = np.zeros(len(self.ids))
-            self.count = np.zeros(len(self.ids), dtype=np.int64)
+            self.total = np.zeros(len(self.slots))
+            self.count = np.zeros(len(self.slots), dtype=np.int64)
 
     def on_step(self, trainer: Trainer, step: StepInfo) -> None:
-        pos = step.positions.numpy()
+        if step.outputs.ndim != 2 or step.targets.ndim != 1:
+            raise GradsiftError(
+                f"AUMRecorder scores classification (logits [B, C], labels [B]); this model gives outputs "
+                f"{tuple(step.outputs.shape)} for targets {tuple(step.targets.shape)}. Drop the recorder "
+                "(a DynamicsRecorder records the losses of any task)")
+        pos, new = self.slots.of(step)
+        self.total = ExampleSlots.grow(self.total, new, 0.0)
+        self.count = ExampleSlots.grow(self.count, new, 0)
+        self.ids = self.slots.ids
         with torch.no_grad():
             m = logit_margin(step.outputs.detach(), step.targets).double().numpy()
         np.add.at(self.total, pos, m)
@@ -79,10 +92,11 @@ class AUMRecorder(Recorder):
         return pd.DataFrame({"aum": aum}, index=pd.Index(self.ids, name="example_id"))
 
     def state_dict(self) -> dict:
-        return {"total": self.total, "count": self.count}
+        learnt = self.slots.ids if getattr(self, "slots", None) is not None and self.slots.growing else None
+        return {"total": self.total, "count": self.count, "ids": learnt}
 
     def load_state_dict(self, state: dict) -> None:
-        self.total, self.count = state["total"], state["count"]
+        self.total, self.count, self._ids = state["total"], state["count"], state.get("ids")
 
 
 def aum_recorder(settings=None) -> AUMRecorder:

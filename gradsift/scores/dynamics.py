@@ -89,6 +89,10 @@ class DynamicsRecorder(Recorder):
 
     After training, :meth:`scores` returns the same columns as a DataFrame indexed by
     ``example_id``; :attr:`correct` / :attr:`losses` hold the ``[T, N]`` history.
+
+    Outputs that are not classification logits ``[B, C]`` against labels ``[B]`` (a
+    language model's ``[B, T, V]`` against tokens ``[B, T]``) have no correctness or
+    margin: only the losses are recorded, and the scores are ``loss`` and ``cum_loss``.
     """
 
     def __init__(self) -> None:
@@ -97,6 +101,7 @@ class DynamicsRecorder(Recorder):
         self.margins: list[np.ndarray] = []
         self.probs: list[np.ndarray] = []
         self._rows: list[pd.DataFrame] = []
+        self.losses_only = False  # set at the first step whose outputs are not [B, C] logits
 
     def on_fit_begin(self, trainer: Trainer) -> None:
         self._slots: dict[int, int] | None = None
@@ -105,7 +110,8 @@ class DynamicsRecorder(Recorder):
             self.ids, self.labels = np.zeros(0, np.int64), np.zeros(0, np.int64)
         else:
             self.ids = trainer.ids.numpy()
-            self.labels = trainer.y.numpy()
+            y = trainer.y
+            self.labels = y.numpy() if y.ndim == 1 else np.full(len(self.ids), -1, np.int64)
         done = len(self.correct)  # epochs restored from a checkpoint
         if trainer.run is not None:
             trainer.run.drop_parts("dynamics", lambda label: int(label) <= done)
@@ -119,6 +125,8 @@ class DynamicsRecorder(Recorder):
         """Slots of the step's examples when the ids are learnt as they come (new ids get
         new slots; earlier epochs read as not seen for them)."""
         ids, targets = step.example_ids.tolist(), step.targets.detach().cpu().numpy()
+        if targets.ndim != 1:  # token targets: no label per example
+            targets = np.full(len(ids), -1, np.int64)
         new = [i for i in dict.fromkeys(ids) if i not in self._slots]
         if new:
             k = len(new)
@@ -137,6 +145,11 @@ class DynamicsRecorder(Recorder):
     def on_step(self, trainer: Trainer, step: StepInfo) -> None:
         pos = step.positions.numpy() if self._slots is None else self._slots_of(step)
         correct, loss, marg, seen, prob = self._epoch
+        if step.outputs.ndim != 2 or step.targets.ndim != 1:
+            self.losses_only = True
+            loss[pos] = step.losses.detach().double().cpu().numpy()
+            seen[pos] = True
+            return
         with torch.no_grad():
             correct[pos] = (step.outputs.argmax(1) == step.targets).numpy()
             loss[pos] = step.losses.double().numpy()
@@ -161,6 +174,9 @@ class DynamicsRecorder(Recorder):
         """Per-example scores so far, indexed by ``example_id``."""
         c = np.stack(self.correct)
         lo = np.stack(self.losses)
+        if self.losses_only:
+            return pd.DataFrame({"loss": lo[-1], "cum_loss": np.nansum(lo, 0)},
+                                index=pd.Index(self.ids, name="example_id"))
         conf, var, corr = data_map(np.stack(self.probs), c)
         return pd.DataFrame({
             "label": self.labels, "loss": lo[-1], "margin": self.margins[-1],
@@ -171,12 +187,13 @@ class DynamicsRecorder(Recorder):
 
     def state_dict(self) -> dict:
         return {"correct": list(self.correct), "losses": list(self.losses), "margins": list(self.margins),
-                "probs": list(self.probs)}
+                "probs": list(self.probs), "losses_only": self.losses_only}
 
     def load_state_dict(self, state: dict) -> None:
         self.correct, self.losses, self.margins = (list(state[k]) for k in ("correct", "losses", "margins"))
         # checkpoints from before the Data Map columns: no probabilities for those epochs
         self.probs = list(state.get("probs", [np.full(len(c), np.nan) for c in self.correct]))
+        self.losses_only = bool(state.get("losses_only", False))
 
 
 def dynamics_recorder(settings=None) -> DynamicsRecorder:
