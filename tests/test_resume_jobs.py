@@ -175,3 +175,22 @@ def test_memorization_out_is_one_run(tmp_path):
     again = run_memorization(cfg, tmp_path, progress=False, resume=True)  # finished: continues nothing
     assert again["runs"] == first["runs"]
     assert run_memorization(cfg, tmp_path, progress=False, overwrite=True)["runs"] == first["runs"]
+
+
+def test_issues_killed_then_resumed_equals_uninterrupted(tmp_path):
+    data = _data(tmp_path)
+    args = ["issues", "--dataset", data, "--folds", "3", "--epochs", "15", "--width", "8", "-q"]
+    full = subprocess.run(_cli(*args, "--out", tmp_path / "full.csv"), env=_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert full.returncode == 0, full.stderr[-3000:]
+    assert not (tmp_path / "full.checkpoints").exists()
+    out = tmp_path / "part.csv"
+    killed = _kill_when(_cli(*args, "--out", out), tmp_path / "part.checkpoints" / "checkpoints" / "members-000.pt")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    again = subprocess.run(_cli(*args, "--out", out), env=_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 2 and "pass --resume to continue it" in again.stderr, again.stderr[-3000:]
+    resumed = subprocess.run(_cli(*args, "--out", out, "--resume"), env=_env(), capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "full.csv"), pd.read_csv(out))
+    assert not (tmp_path / "part.checkpoints").exists()
