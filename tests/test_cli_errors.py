@@ -308,7 +308,7 @@ ISSUE_16 = [
     ("csv, duplicate label header", file_case("e.csv", b"f1,label,label\n0.5,1,0\n0.2,0,1\n0.1,0,1\n0.3,1,0\n"),
      "label", None),
     ("memorization --n-train 100000", lambda t, p: ["memorization", "--n-train", "100000", "--epochs", "1",
-                                                    "--out", str(p / "m")], "n-train", H_SCORES),
+                                                    "--out", str(p / "m")], "n_train (--n-train) is 100000, but digits has", None),
 ]
 
 

@@ -130,3 +130,31 @@ def test_fused_peak_memory_stays_near_one_layer():
     assert bound < fused["total"]  # the bound separates the two paths
     assert fused["peak"] < bound, (fused, unfused)
     assert unfused["peak"] >= 0.9 * unfused["total"], (fused, unfused)
+
+
+class _SeqModel(nn.Module):
+    """A grouped Conv1d, a Linear over positions ([B, T, d]: T > 1) and a Linear on [B, d]."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(2, 4, 3, groups=2)
+        self.seq = nn.Linear(4, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):  # [B, 2, L]
+        h = self.conv(x).transpose(1, 2)  # [B, L-2, 4]
+        return self.head(torch.tanh(self.seq(h)).mean(1))
+
+
+@pytest.mark.parametrize("agg", [lambda: A.chain(A.clip(0.5), A.mean()), lambda: A.m3(),
+                                 lambda: A.chain(A.clip(0.3, per_layer=True), A.mean())])
+def test_weighted_sums_on_every_matmul_layout_equal_unfused(agg):
+    """Book-kept weighted sums (one matmul over positions, grouped einsum) equal the
+    materialized per-example gradients' reduction."""
+    torch.manual_seed(1)
+    model, x, y = _SeqModel(), torch.randn(9, 2, 7), torch.randint(0, 3, (9,))
+    f = aggregated_gradient(model, CE, x, y, agg())
+    u = aggregated_gradient(model, CE, x, y, agg(), fuse=False)
+    assert f.fused and not u.fused
+    for n in u.update:
+        torch.testing.assert_close(f.update[n], u.update[n], atol=1e-6, rtol=1e-5)

@@ -32,3 +32,16 @@ def test_validate_scores_command_short(tmp_path):
     assert [row["score"] for row in summary["rows"]] == ["loss", "aum", "grand_init", "alignment", "random"]
     assert any("2303.14753" in w for w in summary["warnings"])
     assert "2303.14753" in r.output and (out / "validate_scores.png").exists()
+    # 2 epochs of a width-16 MLP memorize nothing: the ground truth is flagged as noise
+    assert summary["mem_label_errors"] < 0.1 and any("barely memorized" in w for w in summary["warnings"])
+
+
+def test_memorization_check_by_hand():
+    from gradsift.experiments.validate_scores import memorization_check
+
+    mem = np.array([0.5, 0.3, np.nan, 0.0, 0.9])
+    truth = np.array([True, True, True, False, False])
+    assert memorization_check(mem, truth) == (0.4, None)  # mean of 0.5 and 0.3; NaN skipped
+    m, warning = memorization_check(np.array([0.05, 0.1, 0.9]), np.array([True, True, False]))
+    assert m == pytest.approx(0.075) and "0.075 < 0.1" in warning
+    assert memorization_check(mem, np.zeros(5, bool)) == (None, None)

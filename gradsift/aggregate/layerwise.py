@@ -199,6 +199,8 @@ def _weighted(model, rec, names, factors, red: Aggregator, b: int, shard: Shard 
         parts = sums.get(n)
         if parts is None:
             stacked[n] = par.new_zeros((k, *par.shape))
+        elif k == 1 and parts[0] is not None:
+            stacked[n] = parts[0].unsqueeze(0)
         else:
             stacked[n] = torch.stack([x if x is not None else par.new_zeros(par.shape) for x in parts])
     if shard is not None:
@@ -210,8 +212,14 @@ def _weighted(model, rec, names, factors, red: Aggregator, b: int, shard: Shard 
 
 def _all_finite(tensors) -> bool:
     """Every value finite (a sum is non-finite when any term is: one pass, no bool mask;
-    a finite sum that overflows only sends the batch to the materialized path)."""
-    return all(bool(torch.isfinite(t.sum())) for t in tensors)
+    a finite sum that overflows only sends the batch to the materialized path). One
+    host sync when the tensors share a device and dtype."""
+    sums = [t.sum() for t in tensors]
+    if not sums:
+        return True
+    if all(s.device == sums[0].device and s.dtype == sums[0].dtype for s in sums):
+        return bool(torch.isfinite(torch.stack(sums).sum()))
+    return all(bool(torch.isfinite(s)) for s in sums)
 
 
 def _span(w: Tensor) -> tuple[int, int] | None:

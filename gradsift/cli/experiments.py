@@ -11,8 +11,8 @@ import typer
 from rich.table import Table
 
 from .common import UsageError, many_model_backend, out_console, show_progress, split_list, write_experiment_report
-from .options import (Backend, ClassBalanced, Dataset, Epochs, MemModels, OutDir, Quiet, RayAddress,
-                      Seed, Width)
+from .options import (Backend, ClassBalanced, Dataset, Epochs, MemModels, OutDir, Overwrite, Quiet, RayAddress,
+                      Resume, Seed, Width)
 
 
 def memorization(
@@ -26,6 +26,8 @@ def memorization(
     winsorize_c: Optional[int] = typer.Option(None, "--winsorize-c", min=0, help="c of winsorize (values clipped at each end)"),
     n_train: Optional[int] = typer.Option(None, min=1, help="use only this many training examples"),
     seed: Seed = 0,
+    resume: Resume = False,
+    overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
     """Train the same MLP on real and random labels with SGD (mean), winsorize and m3;
@@ -35,7 +37,7 @@ def memorization(
     overrides = dict(epochs=epochs, width=width, lr=lr, momentum=momentum, batch_size=batch_size,
                      winsorize_c=winsorize_c, n_train=n_train)
     config = MemorizationConfig(dataset=dataset, seed=seed, **{k: v for k, v in overrides.items() if v is not None})
-    summary = run_memorization(config, out, progress=show_progress(quiet))
+    summary = run_memorization(config, out, progress=show_progress(quiet), resume=resume, overwrite=overwrite)
     table = Table(title=f"memorization on {dataset} ({config.epochs} epochs)")
     for col in ("labels", "aggregator", "train acc", "test acc", "m-coh (init)", "m-coh (ep 2)", "m-coh (end)"):
         table.add_column(col, justify="right" if "acc" in col or "coh" in col else "left")
@@ -65,6 +67,8 @@ def pruning_curve(
     seed: Seed = 0,
     backend: Backend = "local",
     ray_address: RayAddress = None,
+    resume: Resume = False,
+    overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
     """Accuracy vs fraction of data kept, per score: write summary.json and a plot.
@@ -87,7 +91,7 @@ def pruning_curve(
     if launched_by_torchrun():
         raise UsageError("pruning-curve does not run under torchrun; use --backend ray to spread its models")
     with many_model_backend(backend, ray_address) as (runner, _), progress_scope(show_progress(quiet)):
-        summary = run_pruning_curve(config, out, backend=runner)
+        summary = run_pruning_curve(config, out, backend=runner, resume=resume, overwrite=overwrite)
     table = Table(title=f"pruning curve on {dataset}: test accuracy, mean ± 95% CI half-width over {seeds} seeds "
                         "(↑/↓: paired t-test against random, p < 0.05)")
     table.add_column("curve")

@@ -20,7 +20,7 @@ def validate_scores(
     n_train: int = typer.Option(600, min=10, help="training examples used"),
     noise_rate: float = typer.Option(0.1, min=0.0, max=0.9, help="fraction of labels flipped (symmetric)"),
     mem_models: int = typer.Option(64, min=2, help="subset models for the ground truth (Feldman-Zhang)"),
-    epochs: int = typer.Option(15, min=1, help="epochs per model"),
+    epochs: int = typer.Option(40, min=1, help="epochs per model (long enough for the models to memorize)"),
     seeds: int = typer.Option(2, min=1, help="training seeds per cheap score"),
     width: Width = 128,
     seed: Seed = 0,

@@ -51,7 +51,7 @@ from ..actions import select
 from ..errors import GradsiftError
 from ..ensemble import mlp_factory, predict_members, train_members
 from ..progress import task
-from ..rundir import RunDir, write_json
+from ..rundir import JobCheckpoints, RunDir, checkpointing, fingerprint, write_json
 from ..scores import ScoreSettings, hardness, score_names
 from ..scores import compute_scores as score_table
 
@@ -177,13 +177,19 @@ def compute_scores(config: PruningCurveConfig, train: data_mod.Dataset, progress
     return score_table(train, config, [s for s in config.scores if s != "random"], backend=backend, comm=comm)
 
 
-def run_pruning_curve(config: PruningCurveConfig, out_dir: str | Path, *, backend=None) -> dict:
+def run_pruning_curve(config: PruningCurveConfig, out_dir: str | Path, *, backend=None, resume: bool = False,
+                      overwrite: bool = False) -> dict:
     """Score, prune, retrain, evaluate; write ``summary.json``, ``scores.parquet`` and the
     plot (see the module docstring). Returns the summary.
 
     ``backend`` (e.g. Ray, :mod:`gradsift.backends`) trains the scoring models
     and the (score, seed) models of each fraction in parallel tasks; the summary is the
-    same as in this process."""
+    same as in this process.
+
+    ``out_dir`` is a run directory (:meth:`gradsift.rundir.RunDir.start`): a directory
+    holding another run is refused unless ``overwrite``; every training checkpoints per
+    epoch (or per model) in ``OUT/checkpoints/``, and ``resume`` continues an interrupted
+    curve with the same config from there."""
     out = Path(out_dir)
     run = RunDir(out)
     train, test = data_mod.load(config.dataset, seed=config.seed)
@@ -192,6 +198,23 @@ def run_pruning_curve(config: PruningCurveConfig, out_dir: str | Path, *, backen
         raise GradsiftError(f"fractions must be in (0, 1], got {config.fractions}")
     if config.prefer not in PREFER:
         raise GradsiftError(f"prefer must be one of {', '.join(PREFER)}, got '{config.prefer}'")
+    unknown = [s for s in config.scores if s not in known()]
+    if unknown:  # before touching the run directory
+        raise GradsiftError(f"unknown score(s) {unknown}. Known: {', '.join(known())}")
+    run.start({"command": "pruning-curve", **asdict(config), "data": fingerprint(train)}, resume=resume,
+              overwrite=overwrite, job=True, may_differ=(), seed=config.seed)
+    try:
+        with checkpointing(run):
+            summary = _pruning_curve(config, run, train, test, backend)
+        JobCheckpoints(run).clear()
+        run.update_manifest(status="finished")
+    finally:
+        run.unlock()
+    return summary
+
+
+def _pruning_curve(config: PruningCurveConfig, run: RunDir, train, test, backend) -> dict:
+    out = run.path
     scores = compute_scores(config, train, backend=backend)
     run.write_scores(scores)
     x, y = train.tensors()

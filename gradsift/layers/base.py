@@ -25,7 +25,18 @@ def own_trainable(module: nn.Module) -> dict[str, Tensor]:
     Returns:
         local name (``"weight"``, ``"bias"``) -> parameter.
     """
-    return {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+    own = getattr(module, "_parameters", None)
+    if not isinstance(own, dict):  # not a plain nn.Module: the public (slower) walk
+        return {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+    # A hot path (called per layer, several times per step): nn.Module's own table, with
+    # named_parameters' rule that a parameter registered under two names counts once.
+    seen: set[int] = set()
+    out: dict[str, Tensor] = {}
+    for n, p in own.items():
+        if p is not None and p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            out[n] = p
+    return out
 
 
 @dataclass

@@ -52,6 +52,23 @@ class EmbeddingRule(LayerRule):
         g = D.new_zeros(b * v, m.embedding_dim).index_add_(0, flat, D.reshape(-1, m.embedding_dim))
         return {"weight": g.view(b, v, m.embedding_dim)}
 
+    def grads_into(self, cap: Capture, out: Grads, accumulate: bool = False) -> set[str]:
+        """Scatter-adds into ``out["weight"]`` ``[B, V, dim]`` (zeroed first unless
+        ``accumulate``): no ``B x V x dim`` temporary and no copy."""
+        m: nn.Embedding = cap.module  # type: ignore[assignment]
+        if not cap.inputs or "weight" not in own_trainable(m):
+            return set()
+        idx, D = token_positions(cap)
+        b, v = idx.shape[0], m.num_embeddings
+        target = out["weight"]
+        if not target.is_contiguous():
+            return super().grads_into(cap, out, accumulate)
+        if not accumulate:
+            target.zero_()
+        flat = (idx + torch.arange(b, device=idx.device).unsqueeze(1) * v).reshape(-1)
+        target.view(b * v, m.embedding_dim).index_add_(0, flat, D.reshape(-1, m.embedding_dim).to(target.dtype))
+        return {"weight"}
+
     def weighted_sum(self, cap: Capture, weights: Tensor) -> Grads:
         m: nn.Embedding = cap.module  # type: ignore[assignment]
         if not cap.inputs or "weight" not in own_trainable(m):

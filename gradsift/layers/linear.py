@@ -110,13 +110,26 @@ class MatmulRule(LayerRule):
         if not cap.inputs:
             return {}
         A, D = self.stacked(cap)
-        Dw = D * weights.view(-1, 1, 1, 1).to(D.dtype)
+        b, groups, t, k = A.shape
+        o = D.shape[3]
+        w = weights.to(D.dtype)
         out: Grads = {}
+        if groups == 1 and A.is_contiguous() and D.is_contiguous():
+            # one matrix product over all positions; the weights scale the narrower side
+            A2, D2 = A.view(b * t, k), D.view(b * t, o)
+            wr = (w if t == 1 else w.repeat_interleave(t)).unsqueeze(1)  # [B*T, 1]
+            if "weight" in own:
+                g = D2.T @ (A2 * wr) if k <= o else (D2 * wr).T @ A2
+                out["weight"] = self.to_param(g.unsqueeze(0), own["weight"])
+            if "bias" in own:
+                out["bias"] = (D2.T @ wr).reshape(-1)
+            return out
+        wv = w.view(-1, 1, 1, 1)
         if "weight" in own:
-            g = torch.einsum("bgto,bgtk->gok", Dw, A)
+            g = torch.einsum("bgto,bgtk->gok", D * wv, A) if o <= k else torch.einsum("bgto,bgtk->gok", D, A * wv)
             out["weight"] = self.to_param(g, own["weight"])
         if "bias" in own:
-            out["bias"] = Dw.sum((0, 2)).reshape(-1)
+            out["bias"] = torch.einsum("bgto,b->go", D, w).reshape(-1)
         return out
 
     def norms_sq(self, cap: Capture) -> Grads:

@@ -45,6 +45,112 @@ def _cell(mode: str, gi: Tensor, gh: Tensor, h: Tensor, c: Tensor | None) -> tup
     return torch.sigmoid(o) * torch.tanh(c), c
 
 
+def _lstm_bptt(
+    module: nn.LSTM, x: Tensor, h0: Tensor, c0: Tensor, d_out: Tensor, d_states: tuple[Tensor, ...],
+    masks: Tensor | None,
+) -> dict[str, tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]]:
+    """An LSTM's forward and backward through time, by hand (no autograd graph).
+
+    Args:
+        x: ``[B, T, in]``; h0 ``[B, L*D, P]`` (``P`` = ``proj_size`` or ``H``); c0 ``[B, L*D, H]``.
+        d_out: ``[B, T, D*P]``; d_states: ``dh_n [B, L*D, P]``, ``dc_n [B, L*D, H]``.
+        masks: ``[B, T, 1]`` (1 where step ``t`` is within example ``i``'s length) or ``None``.
+
+    Returns:
+        as :meth:`RecurrentRule._replay`; ``dgh`` is ``dgi`` (the gates are ``gi + gh``).
+    """
+    b, t = x.shape[:2]
+    dirs = 2 if module.bidirectional else 1
+    hsz = module.hidden_size
+    psz = getattr(module, "proj_size", 0) or hsz
+    w = {n: p.detach() for n, p in module.named_parameters()}
+    dh_n, dc_n = d_states
+    layer_in = x
+    saved: list[dict] = []
+    for layer in range(module.num_layers):
+        outs = []
+        for r in range(dirs):
+            sfx = f"_l{layer}" + ("_reverse" if r else "")
+            w_ih, w_hh, w_hr = w["weight_ih" + sfx], w["weight_hh" + sfx], w.get("weight_hr" + sfx)
+            gi = layer_in @ w_ih.T
+            if "bias_ih" + sfx in w:
+                gi = gi + (w["bias_ih" + sfx] + w["bias_hh" + sfx])
+            k = layer * dirs + r
+            h, c = h0[:, k], c0[:, k]
+            act = gi.new_empty(t, b, 4 * hsz)
+            tcs = gi.new_empty(t, b, hsz)
+            prev_h = gi.new_empty(t, b, psz)
+            prev_c = gi.new_empty(t, b, hsz)
+            units = gi.new_empty(t, b, hsz) if w_hr is not None else None
+            out = gi.new_zeros(t, b, psz)
+            w_hh_t = w_hh.T
+            for s in (range(t - 1, -1, -1) if r else range(t)):
+                prev_h[s], prev_c[s] = h, c
+                gates = torch.addmm(gi[:, s], h, w_hh_t)
+                a = act[s]
+                torch.sigmoid(gates, out=a)
+                torch.tanh(gates[:, 2 * hsz : 3 * hsz], out=a[:, 2 * hsz : 3 * hsz])
+                i, f, g, o = a.chunk(4, 1)
+                c_new = torch.addcmul(f * c, i, g)
+                tc = torch.tanh(c_new, out=tcs[s])
+                h_new = o * tc
+                if w_hr is not None:
+                    units[s] = h_new
+                    h_new = h_new @ w_hr.T
+                if masks is None:
+                    h, c = h_new, c_new
+                    out[s] = h_new
+                else:
+                    m = masks[:, s]
+                    h, c = torch.where(m, h_new, h), torch.where(m, c_new, c)
+                    torch.mul(h_new, m, out=out[s])
+            outs.append(out)
+            saved.append({"sfx": sfx, "k": k, "r": r, "in": layer_in, "act": act, "tc": tcs, "ph": prev_h,
+                          "pc": prev_c, "u": units, "w_ih": w_ih, "w_hh": w_hh, "w_hr": w_hr})
+        layer_in = (outs[0] if dirs == 1 else torch.cat(outs, 2)).transpose(0, 1)
+    result = {}
+    d_layer = d_out
+    for layer in range(module.num_layers - 1, -1, -1):
+        d_below = None
+        for sv in saved[layer * dirs : (layer + 1) * dirs]:
+            r, k, act, tcs = sv["r"], sv["k"], sv["act"], sv["tc"]
+            # step-local factors, for all steps at once: the recurrence below is 6 small ops a step
+            i, f, g, o = act.chunk(4, 2)  # [T, B, H] each
+            k_c = o * (1 - tcs * tcs)  # dc += dh * k_c
+            k_ifg = torch.stack([g * i * (1 - i), sv["pc"] * f * (1 - f), i * (1 - g * g)], 2)  # [T, B, 3, H]
+            k_o = tcs * o * (1 - o)
+            dy = d_layer[..., r * psz : (r + 1) * psz]
+            dh, dc = dh_n[:, k], dc_n[:, k]
+            dg_all = act.new_empty(b, t, 4 * hsz)
+            dhp = act.new_empty(b, t, psz) if sv["w_hr"] is not None else None
+            w_hh, w_hr = sv["w_hh"], sv["w_hr"]
+            for s in (range(t) if r else range(t - 1, -1, -1)):
+                if masks is None:
+                    dh_new, dc_new = dh + dy[:, s], dc
+                else:
+                    m = masks[:, s].to(act.dtype)
+                    dh_new, dc_new = m * (dh + dy[:, s]), m * dc
+                if dhp is not None:
+                    dhp[:, s] = dh_new
+                    dh_new = dh_new @ w_hr
+                dc_tot = torch.addcmul(dc_new, dh_new, k_c[s])
+                dg = dg_all[:, s]
+                torch.mul(dc_tot.unsqueeze(1), k_ifg[s], out=dg[:, : 3 * hsz].view(b, 3, hsz))
+                torch.mul(dh_new, k_o[s], out=dg[:, 3 * hsz :])
+                dh_prev, dc_prev = dg @ w_hh, dc_tot * f[s]
+                if masks is None:
+                    dh, dc = dh_prev, dc_prev
+                else:
+                    dh, dc = dh_prev + (1 - m) * dh, dc_prev + (1 - m) * dc
+            if layer > 0:
+                dx = dg_all @ sv["w_ih"]
+                d_below = dx if d_below is None else d_below + dx
+            units = sv["u"].transpose(0, 1) if sv["u"] is not None else None
+            result[sv["sfx"]] = (sv["in"], dg_all, sv["ph"].transpose(0, 1), dg_all, units, dhp)
+        d_layer = d_below
+    return result
+
+
 @register_layer_rule(nn.RNN, nn.GRU, nn.LSTM)
 class RecurrentRule(LayerRule):
     """``nn.RNN`` (tanh, ReLU), ``nn.GRU``, ``nn.LSTM``: any layers, directions, ``batch_first``."""
@@ -107,6 +213,12 @@ class RecurrentRule(LayerRule):
             h0, c0 = hx
         else:
             h0, c0 = hx, None
+        if lstm:
+            masks = None
+            if lengths is not None:
+                masks = (torch.arange(t, device=x.device).unsqueeze(0) < lengths.to(x.device).unsqueeze(1)).unsqueeze(-1)
+            with torch.no_grad():
+                return _lstm_bptt(module, x.detach(), h0.detach(), c0.detach(), d_out, d_states, masks)
         weights = {n: p.detach() for n, p in module.named_parameters()}
         ins: dict[str, Tensor] = {}
         gis: dict[str, Tensor] = {}
@@ -198,11 +310,11 @@ class RecurrentRule(LayerRule):
             replayed = self._replay(m, x, hx, d_out, cap.extra_grads[k], lengths)
             for sfx, (a, dgi, prev, dgh, unit, dhp) in replayed.items():
                 terms = {
-                    "weight_ih" + sfx: lambda: torch.einsum("btg,bti->bgi", dgi, a),
+                    "weight_ih" + sfx: lambda: torch.bmm(dgi.transpose(1, 2), a),
                     "bias_ih" + sfx: lambda: dgi.sum(1),
-                    "weight_hh" + sfx: lambda: torch.einsum("btg,bth->bgh", dgh, prev),
+                    "weight_hh" + sfx: lambda: torch.bmm(dgh.transpose(1, 2), prev),
                     "bias_hh" + sfx: lambda: dgh.sum(1),
-                    "weight_hr" + sfx: lambda: torch.einsum("btp,bth->bph", dhp, unit),
+                    "weight_hr" + sfx: lambda: torch.bmm(dhp.transpose(1, 2), unit),
                 }
                 for n, term in terms.items():
                     if n in own:
