@@ -141,3 +141,56 @@ def test_pruning_curve_killed_then_resumed_and_reruns_checked(tmp_path):
     again = subprocess.run(_cli(*args, "--out", part), env=_env(), capture_output=True, text=True, timeout=600)
     assert again.returncode == 2 and "already holds a run" in again.stderr and "--overwrite" in again.stderr
     assert "Traceback" not in again.stderr
+
+
+@pytest.mark.slow  # four CLI runs of six trainings each (about 1 min of CPU); the quick check is below
+def test_memorization_killed_then_resumed(tmp_path):
+    args = ["memorization", "--epochs", "3", "--width", "8", "--n-train", "60", "-q"]
+    full = subprocess.run(_cli(*args, "--out", tmp_path / "full"), env=_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert full.returncode == 0, full.stderr[-3000:]
+    part = tmp_path / "part"
+    killed = _kill_when(_cli(*args, "--out", part), part / "runs" / "real-winsorize" / "checkpoint.pt")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    resumed = subprocess.run(_cli(*args, "--out", part, "--resume"), env=_env(), capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = json.loads((tmp_path / "full" / "summary.json").read_text())
+    b = json.loads((part / "summary.json").read_text())
+    assert a["runs"] == b["runs"] and a["config"]["n_train"] == 60
+    other = subprocess.run(_cli(*args[:-1], "--epochs", "4", "--out", part, "--resume"), env=_env(),
+                           capture_output=True, text=True, timeout=600)
+    assert other.returncode == 2 and "different config" in other.stderr, other.stderr[-3000:]
+
+
+def test_memorization_out_is_one_run(tmp_path):
+    from gradsift.experiments.memorization import MemorizationConfig, run_memorization
+
+    cfg = MemorizationConfig(epochs=2, width=8, n_train=50, aggregators=("mean",), labels=("real",), probe_size=10)
+    first = run_memorization(cfg, tmp_path, progress=False)
+    with pytest.raises(RunDirError, match="already holds a run"):
+        run_memorization(cfg, tmp_path, progress=False)
+    with pytest.raises(RunDirError, match="different config: epochs: 2 -> 3"):
+        run_memorization(MemorizationConfig(**{**cfg.__dict__, "epochs": 3}), tmp_path, progress=False, resume=True)
+    again = run_memorization(cfg, tmp_path, progress=False, resume=True)  # finished: continues nothing
+    assert again["runs"] == first["runs"]
+    assert run_memorization(cfg, tmp_path, progress=False, overwrite=True)["runs"] == first["runs"]
+
+
+def test_issues_killed_then_resumed_equals_uninterrupted(tmp_path):
+    data = _data(tmp_path)
+    args = ["issues", "--dataset", data, "--folds", "3", "--epochs", "15", "--width", "8", "-q"]
+    full = subprocess.run(_cli(*args, "--out", tmp_path / "full.csv"), env=_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert full.returncode == 0, full.stderr[-3000:]
+    assert not (tmp_path / "full.checkpoints").exists()
+    out = tmp_path / "part.csv"
+    killed = _kill_when(_cli(*args, "--out", out), tmp_path / "part.checkpoints" / "checkpoints" / "members-000.pt")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    again = subprocess.run(_cli(*args, "--out", out), env=_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 2 and "pass --resume to continue it" in again.stderr, again.stderr[-3000:]
+    resumed = subprocess.run(_cli(*args, "--out", out, "--resume"), env=_env(), capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "full.csv"), pd.read_csv(out))
+    assert not (tmp_path / "part.checkpoints").exists()

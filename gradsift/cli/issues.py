@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from .common import UsageError, out_console, show_progress
-from .options import Dataset, Encoding, LabelColumn, LabelNoise, NoiseRate, Quiet, Seed, Width, noise_rate_for
+from .options import (Dataset, Encoding, LabelColumn, LabelNoise, NoiseRate, Overwrite, Quiet, Resume, Seed, Width,
+                      noise_rate_for)
 
 
 def issues(
@@ -25,18 +27,23 @@ def issues(
     out: Path = typer.Option(Path("issues.csv"), "--out", help="CSV: example_id, score, given_label, suggested_label "
                              "(and an HTML report beside it, same name with .html)"),
     seed: Seed = 0,
+    resume: Resume = False,
+    overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
     """Rank likely label issues and write the flagged ones to a CSV, most suspect first.
 
     Uses a cross-validated small model: out-of-fold loss/margin and training dynamics.
-    --noise-rate defaults to 0.2 with --label-noise symmetric/asymmetric."""
+    --noise-rate defaults to 0.2 with --label-noise symmetric/asymmetric.
+
+    While it trains, the fold models checkpoint every epoch in OUT.checkpoints/ (removed
+    when done); after a crash, the same command with --resume continues from there."""
     from .. import data as data_mod
     from ..experiments.label_noise import rank_label_issues
     from ..label_issues import METHODS
     from ..progress import progress_scope
     from ..report import write_report
-    from ..rundir import atomic_path
+    from ..rundir import JobCheckpoints, RunDir, atomic_path, checkpointing, fingerprint
 
     if method not in METHODS:  # before loading data
         raise UsageError(f"unknown method '{method}': use one of {', '.join(METHODS)}")
@@ -45,9 +52,21 @@ def issues(
         raise UsageError(f"--out {out} must name a .csv file (the report goes beside it, with .html)")
     train_data, _ = data_mod.load(dataset, seed=seed, label_column=label_column, encoding=encoding)
     train_data = data_mod.corrupt(train_data, label_noise, noise_rate, seed=seed)
-    with progress_scope(show_progress(quiet)):
-        result = rank_label_issues(train_data, method=method, folds=folds, epochs=epochs, width=width,
-                                   num_issues=num_issues, seed=seed)
+    work = RunDir(out.with_name(out.stem + ".checkpoints"))
+    work.start({"command": "issues", "dataset": dataset, "data": fingerprint(train_data), "label_noise": label_noise,
+                "noise_rate": noise_rate, "folds": folds, "epochs": epochs, "width": width, "seed": seed},
+               resume=resume, overwrite=overwrite, job=True, may_differ=())
+    try:
+        with progress_scope(show_progress(quiet)), checkpointing(work):
+            result = rank_label_issues(train_data, method=method, folds=folds, epochs=epochs, width=width,
+                                       num_issues=num_issues, seed=seed)
+    except BaseException:
+        work.unlock()
+        if not JobCheckpoints(work).exist():  # nothing to resume: leave no trace
+            shutil.rmtree(work.path, ignore_errors=True)
+        raise
+    work.unlock()
+    shutil.rmtree(work.path, ignore_errors=True)
     with atomic_path(out) as tmp:
         result.table.to_csv(tmp, index=False)
     if len(result.table):

@@ -21,7 +21,8 @@ from ..models import mlp
 from ..plotting import plot_memorization
 from ..progress import progress_bar
 from ..recorders import CoherenceRecorder
-from ..rundir import write_json
+from ..errors import GradsiftError
+from ..rundir import RunDir, fingerprint, write_json
 from ..train import fit
 
 
@@ -48,29 +49,53 @@ class MemorizationConfig:
     labels: tuple[str, ...] = ("real", "random")
     probe_size: int = 100
     seed: int = 0
-    n_train: int | None = 400  # training subset size (None: the whole training split)
+    n_train: int | None = 400  # training subset size (None: the whole training split; the default is capped at
+    # the data's size, a larger explicit value is refused; summary.json records the size used)
 
     def aggregator_spec(self, name: str) -> str:
         return {"winsorize": f"winsorize:c={self.winsorize_c}"}.get(name, name)
 
 
-def run_memorization(config: MemorizationConfig, out_dir: str | Path, *, progress: bool | None = None) -> dict:
+DEFAULT_N_TRAIN = MemorizationConfig.n_train
+
+
+def run_memorization(config: MemorizationConfig, out_dir: str | Path, *, progress: bool | None = None,
+                     resume: bool = False, overwrite: bool = False) -> dict:
     """Run every (labels, aggregator) pair; write ``summary.json`` and ``memorization.png``.
 
     Returns the summary: ``{"config", "runs": [{labels, aggregator, aggregator_spec,
     train_acc, test_acc, coherence, train_acc_curve, test_acc_curve, run_dir}], "findings"}``
     where ``coherence`` is the probe m-coherence at the start of each epoch (index 0 is at
     initialization).
+
+    ``out_dir`` is a run directory (:meth:`gradsift.rundir.RunDir.start`): one holding
+    another run is refused unless ``overwrite``. Each pair's run checkpoints every epoch
+    (``OUT/runs/<labels>-<aggregator>/``); ``resume`` continues an interrupted experiment
+    with the same config from there, losing at most the epoch in flight.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     train, test = data_mod.load(config.dataset, seed=config.seed)
+    if config.n_train is not None and config.n_train > len(train) and config.n_train != DEFAULT_N_TRAIN:
+        raise GradsiftError(f"n_train (--n-train) is {config.n_train}, but {config.dataset} has {len(train)} training "
+                            f"examples; pass at most {len(train)}, or leave it out to use them all")
     if config.n_train is not None and config.n_train < len(train):
         train = train.subset(torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed))[: config.n_train].numpy())
-    summary: dict = {"config": asdict(config), "runs": []}
     for labels in config.labels:
         if labels not in ("real", "random"):
-            raise ValueError(f"labels must be 'real' or 'random', got '{labels}'")
+            raise GradsiftError(f"labels must be 'real' or 'random', got '{labels}'")
+    run = RunDir(out)
+    run.start({"command": "memorization", **asdict(config), "data": fingerprint(train)}, resume=resume, may_differ=(),
+              overwrite=overwrite, job=True, seed=config.seed, n_train=len(train))
+    try:
+        summary = _memorization(config, out, train, test, progress, resume)
+        run.update_manifest(status="finished")
+    finally:
+        run.unlock()
+    return summary
+
+
+def _memorization(config: MemorizationConfig, out: Path, train, test, progress, resume: bool) -> dict:
+    summary: dict = {"config": {**asdict(config), "n_train": len(train)}, "runs": []}
     enabled = sys.stderr.isatty() if progress is None else progress
     with progress_bar(enabled) as bar:
         overall = bar.add_task("memorization runs", total=len(config.labels) * len(config.aggregators))
@@ -79,7 +104,8 @@ def run_memorization(config: MemorizationConfig, out_dir: str | Path, *, progres
             for name in config.aggregators:
                 spec = config.aggregator_spec(name)
                 bar.update(overall, description=f"memorization: {labels} labels, {spec}")
-                summary["runs"].append(_one_run(config, tr, test, labels, name, spec, out, bar if enabled else False))
+                summary["runs"].append(_one_run(config, tr, test, labels, name, spec, out, bar if enabled else False,
+                                                resume))
                 write_json(out / "summary.json", summary)  # partial results survive interruption
                 bar.update(overall, advance=1)
     summary["findings"] = findings(summary)
@@ -88,11 +114,14 @@ def run_memorization(config: MemorizationConfig, out_dir: str | Path, *, progres
     return summary
 
 
-def _one_run(config: MemorizationConfig, tr, test, labels: str, name: str, spec: str, out: Path, progress) -> dict:
-    """Train one (labels, aggregator) pair; its entry of ``summary["runs"]``."""
+def _one_run(config: MemorizationConfig, tr, test, labels: str, name: str, spec: str, out: Path, progress,
+             resume: bool = False) -> dict:
+    """Train one (labels, aggregator) pair; its entry of ``summary["runs"]`` (continued
+    from its checkpoint with ``resume``)."""
     torch.manual_seed(config.seed)
     model = mlp(int(tr.x[0].size), tr.num_classes, width=config.width, depth=config.depth)
     run_dir = out / "runs" / f"{labels}-{name}"
+    resume = resume and (run_dir / "checkpoint.pt").exists()
     result = fit(
         model, tr, test, aggregator=spec,
         optimizer=f"sgd:lr={config.lr},momentum={config.momentum}",
@@ -100,7 +129,7 @@ def _one_run(config: MemorizationConfig, tr, test, labels: str, name: str, spec:
                      if config.lr_decay_epoch and config.lr_decay_epoch <= config.epochs else None),
         epochs=config.epochs, batch_size=config.batch_size, seed=config.seed,
         recorders=[CoherenceRecorder(config.probe_size, seed=config.seed)],
-        run_dir=run_dir, overwrite=True, progress=progress,  # the experiment owns its runs: a rerun replaces them
+        run_dir=run_dir, resume=resume, overwrite=not resume, progress=progress,  # the experiment owns its runs
         config={"experiment": "memorization", "labels": labels, **asdict(config)},
     )
     h = result.history

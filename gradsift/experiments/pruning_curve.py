@@ -201,7 +201,7 @@ def run_pruning_curve(config: PruningCurveConfig, out_dir: str | Path, *, backen
     if unknown:  # before touching the run directory
         raise GradsiftError(f"unknown score(s) {unknown}. Known: {', '.join(known())}")
     run.start({"command": "pruning-curve", **asdict(config), "data": fingerprint(train)}, resume=resume,
-              overwrite=overwrite, job=True, seed=config.seed)
+              overwrite=overwrite, job=True, may_differ=(), seed=config.seed)
     try:
         with checkpointing(run):
             summary = _pruning_curve(config, run, train, test, backend)
