@@ -54,6 +54,8 @@ class Capture:
         outputs: per call, the output during recording (emptied after the backward pass).
         extra_grads: per call, the gradients of a multi-output layer's other outputs
             (:attr:`LayerRule.multi_output`; e.g. an LSTM's ``h_n``, ``c_n``), batch first.
+        replays: per call, what a rule's own recording forward (``record_forward``) kept
+            for it (``None`` when the layer ran its own forward).
     """
 
     module: nn.Module
@@ -64,6 +66,7 @@ class Capture:
     kwargs: list[dict[str, Any]] = field(default_factory=list)
     extra_grads: list[tuple[Tensor, ...]] = field(default_factory=list)
     extra_outputs: list[tuple[Tensor, ...]] = field(default_factory=list)
+    replays: list[Any] = field(default_factory=list)
 
     @property
     def batch_size(self) -> int:

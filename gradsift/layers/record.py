@@ -160,6 +160,7 @@ def record(
 
     def multi_hook(name, module, a, args, kwargs, output):
         rule = rule_for(module)
+        holder = pending.pop(name, None)
         if a is None and args and isinstance(args[0], PackedSequence):
             a = args[0]
         if isinstance(a, PackedSequence):
@@ -189,6 +190,7 @@ def record(
         cap.kwargs.append(_detach(dict(kwargs)))
         cap.outputs.append(outs[0])
         cap.extra_outputs.append(tuple(outs[1:]))
+        cap.replays.append(holder)
         out_tags[name].append(tags[0])
         extra_tags[name].append(tuple(tags[1:]))
         for o in outs:
@@ -206,11 +208,29 @@ def record(
                     "enforce_sorted=False instead of sorting the batch by hand)")
         return PackedLayout(p.batch_sizes, p.sorted_indices, p.unsorted_indices)
 
+    pending: dict[str, Any] = {}
+    patched: list[tuple[nn.Module, Any]] = []
+
+    def own_forward(name: str, m: nn.Module, rule):
+        def forward(*args, **kwargs):
+            got = rule.record_forward(m, args, kwargs)
+            if got is None:
+                return type(m).forward(m, *args, **kwargs)
+            pending[name] = got[1]
+            return got[0]
+
+        return forward
+
     handles = []
     try:
         for name, m in layers.items():
             handles.append(m.register_forward_pre_hook(pre_hook))
             handles.append(m.register_forward_hook(make_hook(name), with_kwargs=True))
+            rule = rule_for(m)
+            if hasattr(rule, "record_forward") and "forward" not in m.__dict__:
+                # the rule runs the layer itself, keeping what it needs (no second pass)
+                patched.append((m, None))
+                m.forward = own_forward(name, m, rule)
         with torch.enable_grad(), trace:
             outputs = call_model(model, inputs)
             losses = loss_fn(outputs, targets)
@@ -218,6 +238,8 @@ def record(
     finally:
         for h in handles:
             h.remove()
+        for m, _ in patched:
+            del m.forward
     if not isinstance(losses, Tensor) or losses.shape != (batch,):
         got = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
         raise ValueError(
@@ -276,6 +298,7 @@ def record(
         cap.inputs = [a for a, k in zip(cap.inputs, keep) if k]
         cap.args = [a for a, k in zip(cap.args, keep) if k]
         cap.kwargs = [a for a, k in zip(cap.kwargs, keep) if k]
+        cap.replays = [a for a, k in zip(cap.replays, keep) if k] if cap.replays else []
         cap.outputs = []
         cap.extra_outputs = []
     return Recording(losses.detach(), _detach(outputs), captures)

@@ -45,28 +45,26 @@ def _cell(mode: str, gi: Tensor, gh: Tensor, h: Tensor, c: Tensor | None) -> tup
     return torch.sigmoid(o) * torch.tanh(c), c
 
 
-def _lstm_bptt(
-    module: nn.LSTM, x: Tensor, h0: Tensor, c0: Tensor, d_out: Tensor, d_states: tuple[Tensor, ...],
-    masks: Tensor | None,
-) -> dict[str, tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]]:
-    """An LSTM's forward and backward through time, by hand (no autograd graph).
+def _lstm_forward(
+    module: nn.LSTM, x: Tensor, h0: Tensor, c0: Tensor, masks: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, list[dict]]:
+    """An LSTM's forward pass by hand, keeping what :func:`_lstm_backward` needs.
 
     Args:
         x: ``[B, T, in]``; h0 ``[B, L*D, P]`` (``P`` = ``proj_size`` or ``H``); c0 ``[B, L*D, H]``.
-        d_out: ``[B, T, D*P]``; d_states: ``dh_n [B, L*D, P]``, ``dc_n [B, L*D, H]``.
-        masks: ``[B, T, 1]`` (1 where step ``t`` is within example ``i``'s length) or ``None``.
+        masks: ``[B, T, 1]`` (true where step ``t`` is within example ``i``'s length) or ``None``.
 
     Returns:
-        as :meth:`RecurrentRule._replay`; ``dgh`` is ``dgi`` (the gates are ``gi + gh``).
+        the output ``[B, T, D*P]``, ``h_n [B, L*D, P]``, ``c_n [B, L*D, H]`` and the saved steps.
     """
     b, t = x.shape[:2]
     dirs = 2 if module.bidirectional else 1
     hsz = module.hidden_size
     psz = getattr(module, "proj_size", 0) or hsz
     w = {n: p.detach() for n, p in module.named_parameters()}
-    dh_n, dc_n = d_states
     layer_in = x
     saved: list[dict] = []
+    h_last, c_last = [], []
     for layer in range(module.num_layers):
         outs = []
         for r in range(dirs):
@@ -105,9 +103,32 @@ def _lstm_bptt(
                     h, c = torch.where(m, h_new, h), torch.where(m, c_new, c)
                     torch.mul(h_new, m, out=out[s])
             outs.append(out)
+            h_last.append(h)
+            c_last.append(c)
             saved.append({"sfx": sfx, "k": k, "r": r, "in": layer_in, "act": act, "tc": tcs, "ph": prev_h,
                           "pc": prev_c, "u": units, "w_ih": w_ih, "w_hh": w_hh, "w_hr": w_hr})
         layer_in = (outs[0] if dirs == 1 else torch.cat(outs, 2)).transpose(0, 1)
+    return layer_in, torch.stack(h_last, 1), torch.stack(c_last, 1), saved
+
+
+def _lstm_backward(
+    module: nn.LSTM, saved: list[dict], d_out: Tensor, dh_n: Tensor, dc_n: Tensor, masks: Tensor | None,
+    need_dx: bool = False,
+) -> tuple[dict, Tensor | None, Tensor, Tensor]:
+    """Back-propagation through time by hand (no autograd graph) from :func:`_lstm_forward`.
+
+    Args:
+        d_out: ``[B, T, D*P]``; dh_n ``[B, L*D, P]``; dc_n ``[B, L*D, H]``.
+
+    Returns:
+        per direction, as :meth:`RecurrentRule._replay` (``dgh`` is ``dgi``: the gates are
+        ``gi + gh``); the input gradient ``[B, T, in]`` (with ``need_dx``); ``dh0``, ``dc0``.
+    """
+    b, t = d_out.shape[:2]
+    dirs = 2 if module.bidirectional else 1
+    hsz = module.hidden_size
+    psz = getattr(module, "proj_size", 0) or hsz
+    dh0, dc0 = torch.empty_like(dh_n), torch.empty_like(dc_n)
     result = {}
     d_layer = d_out
     for layer in range(module.num_layers - 1, -1, -1):
@@ -142,13 +163,44 @@ def _lstm_bptt(
                     dh, dc = dh_prev, dc_prev
                 else:
                     dh, dc = dh_prev + (1 - m) * dh, dc_prev + (1 - m) * dc
-            if layer > 0:
+            dh0[:, k], dc0[:, k] = dh, dc
+            if layer > 0 or need_dx:
                 dx = dg_all @ sv["w_ih"]
                 d_below = dx if d_below is None else d_below + dx
             units = sv["u"].transpose(0, 1) if sv["u"] is not None else None
             result[sv["sfx"]] = (sv["in"], dg_all, sv["ph"].transpose(0, 1), dg_all, units, dhp)
         d_layer = d_below
-    return result
+    return result, d_layer, dh0, dc0
+
+
+def _lstm_bptt(
+    module: nn.LSTM, x: Tensor, h0: Tensor, c0: Tensor, d_out: Tensor, d_states: tuple[Tensor, ...],
+    masks: Tensor | None,
+) -> dict[str, tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]]:
+    """An LSTM's forward and backward through time, by hand: :func:`_lstm_forward` then
+    :func:`_lstm_backward` (arguments as there; ``d_states`` is ``(dh_n, dc_n)``)."""
+    saved = _lstm_forward(module, x, h0, c0, masks)[3]
+    return _lstm_backward(module, saved, d_out, d_states[0], d_states[1], masks)[0]
+
+
+class _RecordedLSTM(torch.autograd.Function):
+    """The LSTM of a recording pass: :func:`_lstm_forward`, and a backward that keeps the
+    per-step gate gradients for the rule (so the layer is not run again)."""
+
+    @staticmethod
+    def forward(ctx, holder: dict, module: nn.LSTM, x: Tensor, h0: Tensor, c0: Tensor, *params: Tensor):
+        with torch._C.DisableTorchFunction():
+            out, h_n, c_n, saved = _lstm_forward(module, x.detach(), h0.detach(), c0.detach(), None)
+        ctx.holder, ctx.module, ctx.saved = holder, module, saved
+        ctx.n_params = len(params)
+        return out, h_n, c_n
+
+    @staticmethod
+    def backward(ctx, d_out: Tensor, dh_n: Tensor, dc_n: Tensor):
+        result, dx, dh0, dc0 = _lstm_backward(ctx.module, ctx.saved, d_out, dh_n, dc_n, None, need_dx=True)
+        ctx.holder["result"] = result
+        ctx.saved = None
+        return (None, None, dx, dh0, dc0) + (None,) * ctx.n_params
 
 
 @register_layer_rule(nn.RNN, nn.GRU, nn.LSTM)
@@ -170,6 +222,32 @@ class RecurrentRule(LayerRule):
             if isinstance(h, Tensor) and not shared_or_batch(h, tag(h), 1, batch):
                 return "its initial state is not [layers * directions, B, H] traced to the inputs"
         return None
+
+    def record_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[Any, dict] | None:
+        """The forward pass of a recording, for an LSTM on a padded (not packed) input: by hand,
+        so that its backward pass keeps the gate gradients the rule needs (see
+        :class:`_RecordedLSTM`); ``None`` for the layer's own forward.
+
+        Returns:
+            the layer's output, as ``nn.LSTM`` gives it, and a holder that the backward pass
+            fills (``holder["result"]``, read by :meth:`grads`).
+        """
+        x = args[0] if args else kwargs.get("input")
+        if module.mode != "LSTM" or not isinstance(x, Tensor) or x.ndim != 3:
+            return None
+        hx = args[1] if len(args) > 1 else kwargs.get("hx")
+        xb = x if module.batch_first else x.transpose(0, 1)
+        b, ld = xb.shape[0], module.num_layers * (2 if module.bidirectional else 1)
+        if hx is None:
+            h0 = xb.new_zeros(b, ld, getattr(module, "proj_size", 0) or module.hidden_size)
+            c0 = xb.new_zeros(b, ld, module.hidden_size)
+        else:
+            h0, c0 = hx[0].transpose(0, 1), hx[1].transpose(0, 1)
+        holder: dict = {}
+        params = [p for p in module.parameters() if p.requires_grad]
+        out, h_n, c_n = _RecordedLSTM.apply(holder, module, xb, h0, c0, *params)
+        out = out if module.batch_first else out.transpose(0, 1)
+        return (out, (h_n.transpose(0, 1), c_n.transpose(0, 1))), holder
 
     def output_tensors(self, output: Any) -> list[Tensor]:
         out, state = output
@@ -294,11 +372,14 @@ class RecurrentRule(LayerRule):
             )
         return result
 
-    def grads(self, cap: Capture) -> Grads:
+    def _calls(self, cap: Capture):
+        """Per call: per direction suffix, ``(a, dgi, prev, dgh, unit, dhp)`` (see :meth:`_replay`)."""
         m = cap.module
-        own = own_trainable(m)
-        total: Grads = {}
         for k, (x, d_out) in enumerate(zip(cap.inputs, cap.grad_outputs)):
+            holder = cap.replays[k] if k < len(cap.replays) else None
+            if holder and "result" in holder:  # the recording's backward pass kept them
+                yield holder["result"]
+                continue
             args, kwargs = cap.args[k], cap.kwargs[k]
             hx = args[1] if len(args) > 1 else kwargs.get("hx")
             if hx is not None:  # [layers * directions, B, H] by construction
@@ -307,7 +388,32 @@ class RecurrentRule(LayerRule):
             lengths = None
             if isinstance(packed, PackedSequence):
                 lengths = PackedLayout(packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices).lengths()
-            replayed = self._replay(m, x, hx, d_out, cap.extra_grads[k], lengths)
+            yield self._replay(m, x, hx, d_out, cap.extra_grads[k], lengths)
+
+    def grads_into(self, cap: Capture, out: Grads, accumulate: bool = False) -> set[str]:
+        """Writes each weight's ``sum_t dg_t a_t^T`` with ``bmm(..., out=)`` into ``out`` (one call,
+        not accumulating), else adds :meth:`grads`."""
+        if accumulate or len(cap.inputs) != 1 or not all(t.is_contiguous() for t in out.values()):
+            return super().grads_into(cap, out, accumulate)
+        own = own_trainable(cap.module)
+        written: set[str] = set()
+        for sfx, (a, dgi, prev, dgh, unit, dhp) in next(self._calls(cap)).items():
+            pairs = {"weight_ih": (dgi, a), "weight_hh": (dgh, prev), "weight_hr": (dhp, unit)}
+            for base, (d, x) in pairs.items():
+                n = base + sfx
+                if n in own:
+                    torch.bmm(d.transpose(1, 2), x, out=out[n])
+                    written.add(n)
+            for n, d in (("bias_ih" + sfx, dgi), ("bias_hh" + sfx, dgh)):
+                if n in own:
+                    torch.sum(d, 1, out=out[n])
+                    written.add(n)
+        return written
+
+    def grads(self, cap: Capture) -> Grads:
+        own = own_trainable(cap.module)
+        total: Grads = {}
+        for replayed in self._calls(cap):
             for sfx, (a, dgi, prev, dgh, unit, dhp) in replayed.items():
                 terms = {
                     "weight_ih" + sfx: lambda: torch.bmm(dgi.transpose(1, 2), a),

@@ -163,3 +163,32 @@ def test_dropout_between_layers_in_training_is_refused_with_a_reason():
     assert plan.method == "vmap" and "dropout" in plan.layers["rnn"] and "eval" in plan.layers["rnn"]
     model.eval()  # no dropout in eval mode: the rule applies
     check_per_example(model, torch.randn(2, 3, 3), methods=("hooks",))
+
+
+class Upstream(nn.Module):
+    """Linear -> LSTM (its initial state computed from the input too): the recording's own
+    LSTM backward pass feeds the Linear, and keeps the LSTM's gate gradients."""
+
+    def __init__(self, batch_first: bool, **kw):
+        super().__init__()
+        self.inp, self.init = nn.Linear(3, 3), nn.Linear(3, 4)
+        self.rnn = nn.LSTM(3, 4, batch_first=batch_first, **kw)
+
+    def forward(self, x):  # [B, T, 3]
+        seq = self.inp(x)
+        seq = seq if self.rnn.batch_first else seq.transpose(0, 1)
+        dirs = 2 if self.rnn.bidirectional else 1
+        c = self.init(x[:, 0]).unsqueeze(0).expand(self.rnn.num_layers * dirs, -1, -1)
+        h = c[..., : out_size(self.rnn)] * 0.5
+        out, (hn, cn) = self.rnn(seq, (h.contiguous(), c.contiguous()))
+        out = out if self.rnn.batch_first else out.transpose(0, 1)
+        return out.sum(1)[:, :2] * hn.sum(0)[:, :2] + cn.sum(0)[:, :2]
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("kw", [{}, {"num_layers": 2, "bidirectional": True}, {"proj_size": 2}], ids=["1", "2x2", "proj"])
+def test_lstm_after_a_layer_t_equal_b(batch_first, kw):
+    torch.manual_seed(0)
+    model, x = Upstream(batch_first, **kw), torch.randn(3, 3, 3)
+    assert check_path(model, x) == "hooks"
+    check_per_example(model, x, methods=("hooks",))
