@@ -34,10 +34,12 @@ import torch
 from torch import Tensor, nn
 
 from . import aggregate as agg_mod
-from .aggregate import Aggregator, aggregated_gradient, aggregator_from_spec
+from .aggregate import Aggregator, aggregator_from_spec
 from .data.sources import Examples, batch_size_of, examples, to_device
-from .engine import check_per_example_safe, per_example, trainable_parameters
-from .errors import GradsiftError, NonFiniteGradientError
+from .engine import check_per_example_safe, trainable_parameters
+from .errors import GradsiftError
+from .inputs import select
+from .losses import logits_of
 from .recorders import Recorder, StepInfo
 from .rundir import RunDir, fingerprint
 
@@ -390,74 +392,35 @@ class Sifter:
         return losses
 
     def _compute(self, x: Any, y: Tensor, b: int, positions: Tensor, ids: Tensor):
-        """-> (update, losses [b], outputs [b, ...], per-example grads or None)."""
-        params = trainable_parameters(self.model)
-        grads = None
-        if b == 0:  # an empty batch (Poisson sampling, or this rank's empty shard)
-            losses = outputs = torch.zeros(0, device=self.device)
-            if self.aggregator.input == "per_example" and not self.plain_mean:
-                grads = {n: p.new_zeros((0, *p.shape)) for n, p in params.items()}
-                update, self.agg_state = self.aggregate(grads, self.agg_state, losses=losses, outputs=outputs,
-                                                        targets=y, positions=positions, example_ids=ids)
-            else:
-                batch = {n: torch.zeros_like(p) for n, p in params.items()}
-                if self.plain_mean:
-                    update = self.mean_update(batch, 0)
-                else:
-                    update, self.agg_state = self.aggregate_batch(batch, 0, self.agg_state)
-            return update, losses, outputs, (grads if self.keep_grads else None)
-        if self.fused:
-            agg = aggregated_gradient(self.model, self.loss_fn, x, y, self.aggregator, self.agg_state,
-                                      chunk_size=self.chunk_size)
-            self.agg_state = agg.state
-            return agg.update, agg.losses, agg.outputs, None
-        extras = dict(targets=y, positions=positions, example_ids=ids)
-        if self.needs_per_example and self.plain_mean:  # a recorder needs them; the update is their mean
-            pe = per_example(self.model, self.loss_fn, x, y, chunk_size=self.chunk_size)
-            update = self.mean_update({n: agg_mod.mean_of(g) for n, g in pe.grads.items()}, b)
-            return update, pe.losses, pe.outputs, pe.grads
-        if self.needs_per_example:
-            pe = per_example(self.model, self.loss_fn, x, y, chunk_size=self.chunk_size)
-            losses, outputs, grads = pe.losses, pe.outputs, pe.grads
-            if self.aggregator.input == "per_example":
-                update, self.agg_state = self.aggregate(grads, self.agg_state, losses=losses, outputs=outputs, **extras)
-            else:
-                batch = {n: agg_mod.mean_of(g) for n, g in grads.items()}
-                update, self.agg_state = self.aggregate_batch(batch, b, self.agg_state, losses=losses,
-                                                              outputs=outputs, **extras)
-            return update, losses, outputs, grads
-        outputs = call_model(self.model, x)
-        loss_vec = self.loss_fn(outputs, y)
-        g = torch.autograd.grad(loss_vec.mean(), list(params.values()), allow_unused=True)
-        batch = {n: (gi if gi is not None else torch.zeros_like(p)) for (n, p), gi in zip(params.items(), g)}
-        losses, outputs = loss_vec.detach(), outputs.detach()
-        if self.plain_mean:
-            return self.mean_update(batch, b), losses, outputs, None
-        update, self.agg_state = self.aggregate_batch(batch, b, self.agg_state, losses=losses, outputs=outputs,
-                                                      **extras)
-        return update, losses, outputs, None
+        """-> (update, losses [b], outputs [b, ...], per-example grads or None), by the one
+        step path every loop takes, :func:`gradsift.aggregate.step_update`: a plain
+        backward for ``mean``, layer by layer with ``fuse=True`` where nothing needs the
+        per-example gradients whole, else materialized; exact across ranks with
+        :attr:`comm`."""
+        if x is None:  # an empty batch fetched without inputs (an empty Poisson batch or shard)
+            x, y = self._empty_batch()
+        r = agg_mod.step_update(
+            self.model, self.loss_fn, x, y, self.aggregator, self.agg_state, keep_grads=self.keep_grads,
+            comm=self.comm, mode=self.mode, chunk_size=self.chunk_size,
+            layerwise=self.fused or (self.plain_mean and not self.keep_grads),
+            positions=positions, example_ids=ids)
+        self.agg_state = r.state
+        outputs = r.outputs if isinstance(r.outputs, Tensor) else logits_of(r.outputs)
+        return r.update, r.losses, outputs, (r.grads if self.keep_grads else None)
 
-    # The hooks below are what a distributed Sifter (gradsift.distributed) overrides.
-    def mean_update(self, batch: dict[str, Tensor], n: int) -> dict[str, Tensor]:
-        """The plain mean gradient of the ``n`` examples whose mean gradient is ``batch``
-        (refused when it holds NaN or inf: ``on_nonfinite="drop"`` drops such examples)."""
-        for name, g in batch.items():
-            if not torch.isfinite(g).all():
-                raise NonFiniteGradientError(
-                    f"mean: the gradient of '{name}' holds NaN or inf; fix the data or model, or pass "
-                    "on_nonfinite='drop' to drop the examples whose gradient is not finite"
-                )
-        return batch
+    def _empty_batch(self) -> tuple[Any, Tensor]:
+        """Zero rows of the training set's inputs and targets (one example fetched for
+        their form), for a step on an empty batch given without inputs."""
+        data = self._need_data("a step on an empty batch given as inputs=None")
+        if len(data) == 0:
+            raise GradsiftError("a step on an empty batch needs inputs with 0 rows (the training set is empty)")
+        one = self.x[torch.arange(1)]
+        return select(one, slice(0, 0)), self.y[:0].to(self.device)
 
-    def aggregate(self, grads: dict[str, Tensor], state: Any, **extras: Tensor) -> tuple[dict[str, Tensor], Any]:
-        """Per-example gradients of this process's examples -> (update, new state).
-        ``extras``: the side inputs of :data:`gradsift.aggregate.SIDE_INPUTS` (``[b]`` each)."""
-        return agg_mod.apply(self.aggregator, grads, state, **extras)
-
-    def aggregate_batch(self, batch: dict[str, Tensor], n: int, state: Any, **extras: Tensor) -> tuple[dict[str, Tensor], Any]:
-        """Mean gradient of this process's ``n`` examples -> (update, new state), for
-        aggregators that take batch gradients."""
-        return agg_mod.apply(self.aggregator, batch, state, **extras)
+    #: the process group of a distributed Sifter (``None``: this process alone) and its
+    #: mode (see :func:`gradsift.aggregate.step_update`)
+    comm: Any = None
+    mode: str = "exact"
 
     def step_info(self, positions: Tensor, ids: Tensor, inputs: Any, targets: Tensor, losses: Tensor,
                   outputs: Tensor, grads: dict[str, Tensor] | None) -> StepInfo:

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from .aggregate import Aggregator
 from .data.sources import Examples, examples, to_device
 from .engine import trainable_parameters
+from .losses import logits_of
 from .optim import optimizer_from_spec, scheduler_from_spec
 from .recorders import Recorder, StepInfo
 from .sampling import Sampler, shuffled_batches
@@ -40,7 +41,8 @@ __all__ = ["fit", "FitResult", "Trainer", "evaluate", "evaluate_batches", "Recor
 def evaluate_batches(model: nn.Module, loss_fn, batches: Iterator[tuple[Any, Tensor]], *,
                      device: torch.device | None = None, precision: str | None = None) -> dict[str, float]:
     """Accuracy and mean loss of ``model`` over ``(inputs, targets [b])`` batches, in eval
-    mode. Accuracy counts ``argmax`` of ``[b, C]`` outputs equal to the target."""
+    mode. Accuracy counts ``argmax`` of ``[b, C]`` outputs (or their ``.logits``) equal to the
+    target."""
     was_training = model.training
     model.eval()
     dev = device or next(model.parameters()).device
@@ -52,8 +54,9 @@ def evaluate_batches(model: nn.Module, loss_fn, batches: Iterator[tuple[Any, Ten
                 out = call_model(model, x)
                 losses = loss_fn(out, y)
             total_loss += float(losses.float().sum())
-            if out.ndim == 2 and y.ndim == 1:
-                correct += int((out.argmax(1) == y).sum())
+            logits = out if isinstance(out, Tensor) else logits_of(out)
+            if logits.ndim == 2 and y.ndim == 1:
+                correct += int((logits.argmax(1) == y).sum())
             n += len(y)
     finally:
         model.train(was_training)

@@ -221,3 +221,53 @@ def test_sift_trainer_applies_the_aggregators_update(tmp_path, kind, spec):
     torch.testing.assert_close(torch.tensor(scores.loss.sort_index().to_numpy()),
                                torch.tensor([want_loss[i] for i in range(24)], dtype=torch.float64),
                                atol=1e-5, rtol=1e-5)
+
+
+class _DictItems(torch.utils.data.Dataset):
+    """A torch Dataset of ``({input_ids, attention_mask}, label)`` items."""
+
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        it = self.items[i]
+        return {"input_ids": it["input_ids"], "attention_mask": it["attention_mask"]}, it["labels"]
+
+
+def test_fit_on_a_tiny_hf_classifier_with_a_robust_aggregator(tmp_path):
+    """gs.fit end to end on a tiny BERT (config, random weights) from a torch Dataset of dict
+    inputs with winsorize: one step equals the numpy reference on float64 per-example
+    gradients (so an ignored aggregator fails), and a short run learns and writes scores."""
+    items = text_items(96)
+    train, test = _DictItems(items[:64]), _DictItems(items[64:])
+    spec, lr = "winsorize:c=2", 0.5
+    model = no_dropout_bert()
+    before = {n: v.clone() for n, v in model.state_dict().items()}
+    gs.fit(model, train, aggregator=spec, loss_fn=gs.losses.cross_entropy, optimizer=f"sgd:lr={lr}", epochs=1,
+           batch_size=64, progress=False)
+    ref = no_dropout_bert()
+    ref.load_state_dict(before)
+    ids = torch.stack([it["input_ids"] for it in items[:64]])
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    labels = torch.tensor([it["labels"] for it in items[:64]])
+    pe = loop_grads(ref, per_example_loss("classification"), inputs, labels)
+    # the one batch of 64 is a permutation of the set; winsorize does not depend on the order
+    want, mean = np_reference(spec, pe, 0), np_reference("mean", pe, 0)
+    gap = 0.0
+    for n, p in model.named_parameters():
+        step = (before[n] - p.detach()) / lr
+        torch.testing.assert_close(step, torch.from_numpy(want[n]).float(), atol=3e-5, rtol=1e-4, msg=n)
+        gap = max(gap, float(abs(mean[n] - want[n]).max()))
+    assert gap > 1e-3
+
+    res = gs.fit(no_dropout_bert(), train, test, aggregator=spec, loss_fn=gs.losses.cross_entropy,
+                 optimizer="adam:lr=0.01", epochs=4, batch_size=16, progress=False,
+                 recorders=[gs.DynamicsRecorder()], run_dir=tmp_path / "run")
+    h = res.history
+    assert h.train_loss.iloc[-1] < h.train_loss.iloc[0] and h.train_acc.iloc[-1] >= 0.8
+    scores = gs.open_run(tmp_path / "run").scores()
+    assert sorted(scores.index) == list(range(64))
+    assert list(scores.sort_index().label[:4]) == [0, 1, 0, 1]

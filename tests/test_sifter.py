@@ -1,5 +1,7 @@
 """gs.Sifter in the user's own loop, and gs.fit on torch Datasets, DataLoaders and dict inputs."""
 
+import copy
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -57,13 +59,13 @@ def test_sifter_loop_equals_fit(digits_small, agg):
 def test_mean_costs_one_plain_backward(monkeypatch, digits_small):
     tr, _ = digits_small
     x, y = tr.tensors()
-    import gradsift.sifter as sifter_mod
+    import gradsift.aggregate.layerwise as step_mod
 
     def boom(*a, **k):
         raise AssertionError("per-example gradients computed for plain mean")
 
-    monkeypatch.setattr(sifter_mod, "per_example", boom)
-    monkeypatch.setattr(sifter_mod, "aggregated_gradient", boom)
+    monkeypatch.setattr(step_mod, "per_example", boom)
+    monkeypatch.setattr(step_mod.layers, "record", boom)
     model, ref = make_model(), make_model()
     for agg in (None, "mean"):
         s = gs.Sifter(model, LOSS, aggregator=agg)
@@ -323,3 +325,58 @@ def test_recorders_learn_ids_without_data(digits_small, tmp_path):
     aum = recs[0]
     seen = dict(zip(aum.ids.tolist(), aum.count.tolist()))
     assert seen[1000] == 3 and seen[1000 + 7 * 119] == 2
+
+
+@pytest.mark.parametrize("mode", ["exact", "local"])
+def test_distributed_sifter_takes_step_update(digits_small, mode):
+    """Two thread-ranks, each with its contiguous half of a batch of 11: the exact mode
+    gives the one-process update, the local mode the size-weighted mean of each half's
+    own update (both by gs.aggregate.step_update, the one step path)."""
+    from gradsift.distributed.trainer import DistributedSifter
+
+    from ._dist import run_threads
+
+    tr, _ = digits_small
+    x, y = tr.tensors()
+    x, y = x[:11], y[:11]
+    agg = "winsorize:c=1"
+    bounds = [(0, 6), (6, 11)]
+    init = make_model(4)  # built here: threads would race on torch's global seed
+
+    def rank(comm):
+        model = copy.deepcopy(init)
+        s = DistributedSifter(model, comm=comm, mode=mode, loss_fn=LOSS, aggregator=agg)
+        lo, hi = bounds[comm.rank]
+        s.backward(x[lo:hi], y[lo:hi], ids=torch.arange(lo, hi))
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    got = run_threads(2, rank)
+    for g in got:
+        assert not isinstance(g, BaseException), g
+    model = copy.deepcopy(init)
+    if mode == "exact":
+        want = gs.aggregate.step_update(model, LOSS, x, y, agg, layerwise=False).update
+    else:
+        parts = [gs.aggregate.step_update(model, LOSS, x[lo:hi], y[lo:hi], agg).update for lo, hi in bounds]
+        want = {n: (parts[0][n] * 6 + parts[1][n] * 5) / 11 for n in parts[0]}
+    for g in got:
+        for n in want:
+            torch.testing.assert_close(g[n], want[n], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("agg,fuse", [("m3", True), ("clip:max_norm=0.5+mean", False)])
+def test_sifter_loop_equals_fit_fused_and_chained(digits_small, agg, fuse):
+    tr, _ = digits_small
+    fitted = gs.fit(make_model(), tr, aggregator=agg, optimizer="sgd:lr=0.2", epochs=1, batch_size=40, seed=2,
+                    fuse=fuse, progress=False)
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    x, y = tr.tensors()
+    with gs.Sifter(model, LOSS, aggregator=agg, fuse=fuse) as sifter:
+        for pos in shuffled_batches(len(tr), 40, 2)(1):
+            sifter.backward(x[pos], y[pos], ids=torch.as_tensor(pos))
+            opt.step()
+            opt.zero_grad()
+        sifter.end_epoch()
+    assert sifter.fused == fuse and fitted.trainer.fused == fuse
+    assert_same_params(model, fitted.model)

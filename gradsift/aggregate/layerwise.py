@@ -33,12 +33,13 @@ import torch
 from torch import Tensor, nn
 
 from .. import layers
+from ..errors import NonFiniteGradientError
 from ..inputs import Inputs, batch_size
 from ..engine import (LossFn, Method, batch_gradient, check_per_example_safe, per_example,
                       resolve_method, trainable_parameters)
 from .base import (Aggregator, Comm, Grads, Shard, State, aggregator_from_spec, apply,
                    row_view)
-from .sharded import GlobalAggregation
+from .sharded import GlobalAggregation, Mode
 
 
 # ---------------------------------------------------------------- the layer-wise plan
@@ -351,6 +352,7 @@ def step_update(
     chunk_size: int | None = None,
     method: Method = "auto",
     layerwise: bool = True,
+    mode: Mode = "exact",
     **side_inputs: Tensor,
 ) -> StepUpdate:
     """One step's update through ``aggregator``, by the cheapest exact path.
@@ -367,6 +369,10 @@ def step_update(
         chunk_size: for the materialized path, as in :func:`~gradsift.engine.per_example`.
         method: ``"auto"``, ``"hooks"`` or ``"vmap"`` (``"vmap"`` never runs layer-wise).
         layerwise: ``False`` forbids the layer-wise path (checks and benchmarks).
+        mode: with ``comm``, ``"exact"`` (the one-process update on the global batch) or
+            ``"local"``: each rank aggregates its own examples by this function, then the
+            results are averaged weighted by their counts (one all-reduce of ``P``; not the
+            one-process update). Batch-input aggregators are exact in either mode.
         **side_inputs: ``positions``, ``example_ids``, ... (``[b]`` each) for aggregators
             that declare them in ``needs``; ``losses``, ``outputs``, ``targets`` are supplied.
 
@@ -375,6 +381,17 @@ def step_update(
     """
     aggregator = _resolve(aggregator)
     b = batch_size(inputs, targets)
+    if comm is not None and mode == "local" and aggregator.input == "per_example":
+        try:
+            r, failed = step_update(model, loss_fn, inputs, targets, aggregator, state, keep_grads=keep_grads,
+                                    chunk_size=chunk_size, method=method, layerwise=layerwise, **side_inputs), None
+        except NonFiniteGradientError as e:  # every rank raises, none waits in the all-reduce
+            r, failed = None, e
+        if not _agree_comm(comm, failed is None):
+            raise failed or NonFiniteGradientError(
+                f"{aggregator.name}: per-example gradients on another rank hold NaN or inf; lower the "
+                "learning rate or check the data (fit: on_nonfinite='drop' drops such examples)")
+        return r._replace(update=GlobalAggregation(aggregator, comm, mode).global_mean(r.update, b))
     empty = targets.new_zeros((0,), dtype=torch.get_default_dtype())
     if state is None:
         state = aggregator.init({n: p.detach() for n, p in trainable_parameters(model).items()})

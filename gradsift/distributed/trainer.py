@@ -23,46 +23,32 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from ..aggregate import Aggregator
 from ..data import Dataset
 from ..recorders import StepInfo
 from ..rundir import RunDirError
 from ..sifter import Sifter
 from ..train import FitResult, Trainer, evaluate_batches
 from .comm import Comm, DistributedError, TorchComm, gather_rows, init_from_env, shard_bounds
-from .reduce import GlobalAggregation, Mode
-
-
-#: the identity on batch gradients: with GlobalAggregation.update_batch, the global mean
-_IDENTITY = Aggregator("identity", lambda params: (), lambda grads, state: (grads, state), "batch", "batch")
+from .reduce import MODES, Mode
 
 
 class DistributedSifter(Sifter):
     """A :class:`~gradsift.sifter.Sifter` whose update is reduced across the ranks of
-    ``comm`` (:class:`~gradsift.distributed.reduce.GlobalAggregation`) and whose recorders
-    see the whole global batch on every rank."""
+    ``comm`` (:func:`gradsift.aggregate.step_update` with ``comm`` and ``mode``) and whose
+    recorders see the whole global batch on every rank."""
 
     exact_locally = False
 
     def __init__(self, model: nn.Module, *, comm: Comm, mode: Mode = "exact", **kwargs: Any):
-        self.comm = comm
+        if mode not in MODES:
+            raise DistributedError(f"distributed mode must be one of {', '.join(MODES)}, got '{mode}'")
+        self.comm, self.mode = comm, mode
         super().__init__(model, **kwargs)
         if self.plugin is not None or self.aggregator.needs:
             what = "DP-SGD (privacy=)" if self.plugin is not None else (
                 f"aggregator {self.aggregator.name}, which needs per-example {', '.join(self.aggregator.needs)}")
             raise DistributedError(f"{what} is not supported under torch.distributed yet; train in one process")
-        self.global_aggregation = GlobalAggregation(self.aggregator, comm, mode)
-        self._global_mean = GlobalAggregation(_IDENTITY, comm, "exact")
         self._out_shape: tuple[int, ...] | None = None
-
-    def aggregate(self, grads: dict[str, Tensor], state: Any, **extras: Tensor) -> tuple[dict[str, Tensor], Any]:
-        return self.global_aggregation.update(grads, state)
-
-    def mean_update(self, batch: dict[str, Tensor], n: int) -> dict[str, Tensor]:
-        return super().mean_update(self._global_mean.update_batch(batch, n, ())[0], n)
-
-    def aggregate_batch(self, batch: dict[str, Tensor], n: int, state: Any, **extras: Tensor) -> tuple[dict[str, Tensor], Any]:
-        return self.global_aggregation.update_batch(batch, n, state)
 
     def backward(self, inputs: Any, targets: Tensor, **kwargs: Any) -> Tensor:
         if hasattr(self.comm, "where"):
