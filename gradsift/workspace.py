@@ -42,7 +42,7 @@ from torch import Tensor
 MAX_BUFFERS = 2
 
 _lock = threading.Lock()
-_pool: dict[tuple[torch.device, torch.dtype], list["_Entry"]] = {}
+_pool: dict[tuple[torch.device, torch.dtype, str], list["_Entry"]] = {}
 _use_count = getattr(torch._C, "_storage_Use_Count", None)
 
 
@@ -65,17 +65,19 @@ class _Entry:
         return self.alone >= 0 and _holders(self.buf) == self.alone
 
 
-def acquire(numel: int, *, dtype: torch.dtype, device: torch.device | str) -> Tensor:
+def acquire(numel: int, *, dtype: torch.dtype, device: torch.device | str, kind: str = "results") -> Tensor:
     """A flat, contiguous ``[numel]`` tensor (uninitialized) from a pooled buffer that no
     caller holds, else newly allocated (and pooled).
 
     The returned tensor is a view of the pooled buffer, so the buffer counts as held for as
-    long as the returned tensor or any view of it is alive.
+    long as the returned tensor or any view of it is alive. ``kind`` keeps separate pools
+    (``"results"`` handed to callers, ``"scratch"`` for a kernel's temporary blocks), so
+    that scratch blocks never push a results buffer out.
     """
     device = torch.device(device)
     if MAX_BUFFERS <= 0 or _use_count is None:
         return torch.empty(numel, dtype=dtype, device=device)
-    key = (device, dtype)
+    key = (device, dtype, kind)
     with _lock:
         entries = _pool.setdefault(key, [])
         for k, e in enumerate(entries):

@@ -154,3 +154,49 @@ def test_grouped_conv_path_equals_the_loop(monkeypatch, layer, shape):
     shared = nn.Sequential(m, nn.ReLU(), m) if m.in_channels == m.out_channels else None
     if shared is not None:  # one layer called twice: the calls add up
         check_per_example(shared, x, methods=("hooks",))
+
+
+# ---------------------------------------------------------------- per-coordinate rows forms
+
+def test_sort_rows_numpy_and_torch_paths_agree():
+    from gradsift.aggregate.base import sort_rows_
+
+    t = torch.randn(37, 13, dtype=torch.float64)
+    ref = torch.sort(t, dim=1).values
+    assert torch.equal(sort_rows_(t.clone()), ref)  # NumPy, in place
+    half = t.to(torch.bfloat16)
+    assert torch.equal(sort_rows_(half.clone()), torch.sort(half, dim=1).values)  # torch fallback
+
+
+@pytest.mark.parametrize("b", [1, 2, 5, 8, 13])
+def test_rows_forms_equal_numpy(b):
+    """Each per-coordinate reducer's rows form ([n, B] -> [n]) and batch-first form equal numpy."""
+    import numpy as np
+
+    from gradsift import aggregate as A
+
+    x = torch.randn(b, 4, 6, dtype=torch.float64)
+    xs = np.sort(x.numpy(), axis=0)
+    for agg, ref in [
+        (A.winsorize(1), lambda: _np_winsor(xs, 1)),
+        (A.winsorize(3), lambda: _np_winsor(xs, 3)),
+        (A.winsorize(5), lambda: _np_winsor(xs, 5)),
+        (A.trimmed_mean(0.25), lambda: xs[int(0.25 * b): b - int(0.25 * b)].mean(0) if int(0.25 * b) <= (b - 1) // 2
+         else None),
+        (A.coordinate_median(), lambda: np.median(x.numpy(), axis=0)),
+    ]:
+        expect = ref()
+        if expect is None:
+            continue
+        rows = agg.per_coordinate.rows(x.reshape(b, -1).T.contiguous()).view(4, 6)
+        np.testing.assert_allclose(rows.numpy(), expect, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(agg.per_coordinate(x).numpy(), expect, rtol=1e-12, atol=1e-12)
+
+
+def _np_winsor(xs, c):
+    b = xs.shape[0]
+    c = min(c, (b - 1) // 2)
+    w = xs.copy()
+    w[:c] = xs[c]
+    w[b - c:] = xs[b - c - 1]
+    return w.mean(0)

@@ -15,16 +15,28 @@ import math
 import torch
 from torch import Tensor
 
-from .base import (Aggregator, Grads, Shard, State, by_column_blocks, empty_guard, reducer,
-                   register_aggregator)
+from .base import (Aggregator, Grads, PerCoordinate, Shard, State, by_column_blocks, empty_guard,
+                   reducer, register_aggregator, sort_rows_)
 from .winsorize import global_bounds
+
+
+def trimmed_rows(t: Tensor, fraction: float) -> Tensor:
+    """Trimmed mean of each row of ``t`` ``[n, B] -> [n]`` (each row one coordinate's B
+    values; ``t`` is scratch: its rows are sorted in place, short contiguous rows)."""
+    b = t.shape[1]
+    k = min(int(math.floor(fraction * b)), (b - 1) // 2)
+    if k == 0:
+        return t.mean(1)
+    sort_rows_(t)
+    return t[:, k : b - k].sum(1) / (b - 2 * k)
 
 
 def trimmed_mean_of(x: Tensor, fraction: float) -> Tensor:
     """Trimmed mean over the batch axis: ``[B, ...] -> [...]`` (see the module doc).
 
-    By selection: ``(sum - k largest - k smallest) / (B - 2k)``, with ``topk`` over
-    contiguous, cache-sized blocks of coordinates (never a sort along the batch axis)."""
+    ``(sum of the middle B - 2k values) / (B - 2k)``, over contiguous, cache-sized
+    blocks of coordinates, each coordinate's B values sorted as one short contiguous row
+    (never a sort along the strided batch axis)."""
     if not 0.0 <= fraction < 0.5:
         raise ValueError(f"fraction must be in [0, 0.5), got {fraction}")
     empty = empty_guard(x)
@@ -34,13 +46,7 @@ def trimmed_mean_of(x: Tensor, fraction: float) -> Tensor:
     k = min(int(math.floor(fraction * b)), (b - 1) // 2)
     if k == 0:
         return x.mean(0)
-
-    def trimmed(t: Tensor) -> Tensor:  # [n, B]: drop the k largest and k smallest
-        top = torch.topk(t, k, dim=1, largest=True, sorted=False).values.sum(1)
-        bottom = torch.topk(t, k, dim=1, largest=False, sorted=False).values.sum(1)
-        return (t.sum(1) - top - bottom) / (b - 2 * k)
-
-    return by_column_blocks(x, trimmed)
+    return by_column_blocks(x, lambda t: trimmed_rows(t, fraction))
 
 
 @register_aggregator("trimmed_mean")
@@ -78,5 +84,6 @@ def trimmed_mean(fraction: float = 0.1) -> Aggregator:
             out[n] = torch.where(lower == upper, lower, kept / (b - 2 * k))
         return out, state
 
-    return reducer(name, "trimmed_mean", per_coordinate=lambda x: trimmed_mean_of(x, fraction),
+    form = PerCoordinate(lambda t: trimmed_rows(t, fraction), lambda x: trimmed_mean_of(x, fraction))
+    return reducer(name, "trimmed_mean", per_coordinate=form,
                    sharded=sharded, fraction=fraction)

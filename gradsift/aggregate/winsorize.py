@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import (Aggregator, Grads, Shard, State, empty_guard, reducer, register_aggregator)
+from .base import (Aggregator, Grads, PerCoordinate, Shard, State, by_column_blocks, empty_guard,
+                   reducer, register_aggregator, sort_rows_)
 
 #: Largest ``c`` winsorized by the tournament (its cost grows like c^2); above, topk.
 TOURNAMENT_MAX_C = 3
@@ -31,7 +32,7 @@ def winsorized_mean(x: Tensor, c: int) -> Tensor:
     ``(sum - top_c - bottom_c + c * u + c * l) / B`` with ``u``/``l`` the ``(c+1)``-th
     largest/smallest values. For ``c <= 3`` these come from a pairwise tournament of
     element-wise max/min over cache-sized column blocks (:func:`batch_extremes`); larger
-    ``c`` uses ``topk``.
+    ``c`` sorts each coordinate's values as a short contiguous row (:func:`winsorized_rows`).
     """
     if c < 0:
         raise ValueError(f"c must be >= 0, got {c}")
@@ -44,10 +45,7 @@ def winsorized_mean(x: Tensor, c: int) -> Tensor:
         return x.mean(0)
     flat = x.reshape(b, -1)
     if c > TOURNAMENT_MAX_C:
-        top = torch.topk(flat, c + 1, dim=0, largest=True, sorted=True).values
-        bottom = torch.topk(flat, c + 1, dim=0, largest=False, sorted=True).values
-        out = flat.sum(0) - top[:c].sum(0) - bottom[:c].sum(0) + c * (top[c] + bottom[c])
-        return (out / b).view(x.shape[1:])
+        return by_column_blocks(x, lambda t: winsorized_rows(t, c))
     out = flat.new_empty(flat.shape[1])
     block = max(1, BLOCK_ELEMENTS // b)
     for start in range(0, flat.shape[1], block):
@@ -61,6 +59,17 @@ def winsorized_mean(x: Tensor, c: int) -> Tensor:
         acc += c * (top[c] + bottom[c])
         out[start : start + block] = acc / b
     return out.view(x.shape[1:])
+
+
+def winsorized_rows(t: Tensor, c: int) -> Tensor:
+    """Winsorized mean of each row of ``t`` ``[n, B] -> [n]`` (each row one coordinate's
+    B values; ``t`` is scratch: its rows are sorted in place)."""
+    b = t.shape[1]
+    c = min(c, (b - 1) // 2)
+    if c == 0:
+        return t.mean(1)
+    sort_rows_(t)
+    return (t[:, c : b - c].sum(1) + c * (t[:, c] + t[:, b - c - 1])) / b
 
 
 def merge_sorted(a: list[Tensor], b: list[Tensor], k: int, largest: bool) -> list[Tensor]:
@@ -167,5 +176,6 @@ def winsorize(c: int = 1) -> Aggregator:
             sums[n] = torch.minimum(torch.maximum(g, lower), upper).sum(0)
         return {n: v / b for n, v in shard.all_reduce(sums).items()}, state
 
-    return reducer(name, "winsorize", per_coordinate=lambda x: winsorized_mean(x, c),
+    form = PerCoordinate(lambda t: winsorized_rows(t, c), lambda x: winsorized_mean(x, c))
+    return reducer(name, "winsorize", per_coordinate=form,
                    sharded=sharded, c=c)

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from ..workspace import acquire
 from .base import Capture, Grads, LayerRule, own_trainable, register_layer_rule
 
 #: Elements of one per-example gradient block in :meth:`MatmulRule.reduced` (4 MB of float32).
@@ -161,19 +162,25 @@ class MatmulRule(LayerRule):
         b, g, t, k = A.shape
         o = D.shape[3]
         out: Grads = {}
+        d_gram = None  # [G, B*T, B*T] output-gradient Gram, shared by weight and bias
         if "weight" in own:
             if t * t * b < k * o:
                 # [G, B*T, K] x [G, K, B*T] -> elementwise product of the two Grams
                 Af = A.transpose(0, 1).reshape(g, b * t, k)
                 Df = D.transpose(0, 1).reshape(g, b * t, o)
-                prod = (Af @ Af.transpose(1, 2)) * (Df @ Df.transpose(1, 2))
+                d_gram = Df @ Df.transpose(1, 2)
+                prod = (Af @ Af.transpose(1, 2)) * d_gram
                 out["weight"] = prod.view(g, b, t, b, t).sum((0, 2, 4))
             else:
                 flat = torch.matmul(D.transpose(2, 3), A).reshape(b, -1)
                 out["weight"] = flat @ flat.T
         if "bias" in own:
-            s = D.sum(2).reshape(b, -1)
-            out["bias"] = s @ s.T
+            if d_gram is not None:
+                # sum_t sum_s d_it . d_js: the blocks of the Gram already formed
+                out["bias"] = d_gram.view(g, b, t, b, t).sum((0, 2, 4))
+            else:
+                s = D.sum(2).reshape(b, -1)
+                out["bias"] = s @ s.T
         return out
 
     def reduced(
@@ -184,26 +191,31 @@ class MatmulRule(LayerRule):
     ) -> Grads | None:
         """Forms the weight's per-example gradients a block of output channels at a time.
 
-        About :data:`BLOCK_ELEMENTS` values per block, so the block stays in cache and no
-        ``B x layer`` tensor is ever allocated.
+        About :data:`BLOCK_ELEMENTS` values per block, written into one reused scratch
+        buffer (:mod:`gradsift.workspace`), so the block stays in cache, its pages are not
+        fresh each time, and no ``B x layer`` tensor is ever allocated. When the reducer
+        has a ``rows`` form (``[n, B] -> [n]``, see
+        :class:`gradsift.aggregate.base.PerCoordinate`) and each example has one position,
+        the block is formed coordinate-major (``[r, K, B]``: every coordinate's B values
+        contiguous), so the reducer needs no transpose.
         """
         own = own_trainable(cap.module)
         if not cap.inputs:
             return {}
         A, D = self.stacked(cap)
-        b, groups, _, k = A.shape
+        b, groups, t, k = A.shape
         o = D.shape[3]
         out: Grads = {}
         if "weight" in own:
             f = factors("weight")
             Dw = D if f is None else D * f.view(-1, 1, 1, 1).to(D.dtype)
-            w = D.new_empty(groups, o, k)
-            rows = max(1, BLOCK_ELEMENTS // max(1, b * groups * k))
-            for start in range(0, o, rows):
-                g = torch.matmul(Dw[..., start : start + rows].transpose(2, 3), A)  # [B, G, r, K]
-                if not bool(torch.isfinite(g.sum())):
-                    return None
-                w[:, start : start + rows] = reducer(g)
+            rows = getattr(reducer, "rows", None)
+            if rows is not None and groups == 1 and t == 1:
+                w = self._reduced_rows(A, Dw, rows)
+            else:
+                w = self._reduced_blocks(A, Dw, reducer)
+            if w is None:
+                return None
             out["weight"] = self.to_param(w, own["weight"])
         if "bias" in own:
             f = factors("bias")
@@ -214,6 +226,61 @@ class MatmulRule(LayerRule):
                 return None
             out["bias"] = reducer(g)
         return out
+
+    def _reduced_blocks(self, A: Tensor, Dw: Tensor, reducer: Callable[[Tensor], Tensor]) -> Tensor | None:
+        """``[G, O/G, K]`` from batch-first blocks ``[B, G, r, K]`` of per-example gradients."""
+        b, groups, t, k = A.shape
+        o = Dw.shape[3]
+        w = Dw.new_empty(groups, o, k)
+        rows = max(1, min(o, BLOCK_ELEMENTS // max(1, b * groups * k)))
+        scratch = acquire(b * groups * rows * k, dtype=Dw.dtype, device=Dw.device, kind="scratch")
+        same = A.dtype == Dw.dtype
+        for start in range(0, o, rows):
+            r = min(rows, o - start)
+            Dt = Dw[..., start : start + r].transpose(2, 3)  # [B, G, r, T]
+            if not same:
+                g = torch.matmul(Dt, A)
+            else:
+                g = scratch[: b * groups * r * k].view(b, groups, r, k)
+                if t == 1:
+                    torch.mul(Dt, A, out=g)
+                else:
+                    torch.matmul(Dt, A, out=g)
+            if not bool(torch.isfinite(g.sum())):
+                return None
+            w[:, start : start + r] = reducer(g)
+        return w
+
+    def _reduced_rows(self, A: Tensor, Dw: Tensor, rows_fn: Callable[[Tensor], Tensor]) -> Tensor | None:
+        """``[1, O, K]`` from coordinate-major blocks ``[r, K, B]`` (one group, one position):
+        ``block[o, k, i] = d_io a_ik``, an elementwise outer product over contiguous rows."""
+        b, k, o = A.shape[0], A.shape[3], Dw.shape[3]
+        Dt = Dw.reshape(b, o).T.contiguous()  # [O, B]
+        At = A.reshape(b, k).T.to(Dw.dtype).contiguous()  # [K, B]
+        # Products of finite factors are finite unless they overflow: check once, not per block.
+        check_blocks = not _products_finite(Dt, At)
+        w = Dw.new_empty(1, o, k)
+        rows = max(1, min(o, BLOCK_ELEMENTS // max(1, k * b)))
+        scratch = acquire(rows * k * b, dtype=Dw.dtype, device=Dw.device, kind="scratch")
+        for start in range(0, o, rows):
+            r = min(rows, o - start)
+            block = scratch[: r * k * b].view(r, k, b)
+            torch.mul(Dt[start : start + r, None, :], At[None], out=block)
+            if check_blocks and not bool(torch.isfinite(block.sum())):
+                return None
+            w[0, start : start + r] = rows_fn(block.view(r * k, b)).view(r, k)
+        return w
+
+
+def _products_finite(x: Tensor, y: Tensor) -> bool:
+    """Whether every product ``x_i * y_j`` is finite: both finite, and ``max|x| max|y|``
+    below the dtype's largest value (one pass over each, no ``B x P`` check)."""
+    if x.numel() == 0 or y.numel() == 0:
+        return True
+    mx, my = x.abs().max(), y.abs().max()
+    if not bool(torch.isfinite(mx) & torch.isfinite(my)):
+        return False
+    return float(mx) * float(my) < torch.finfo(x.dtype).max
 
 
 @register_layer_rule(nn.Linear)
