@@ -55,7 +55,12 @@ edit the text there, not here.
    defaults, run from this checkout and from a checkout of the original main
    (`git worktree add /work/wt/baseline 0dd17d4`), one after the other: wall-time ratio and
    the results table compared (accuracies within 0.01, m-coherence within 2%).
-6. **Ensemble** (`ensemble.py`, full mode only): 32 small MLPs trained as one vmapped
+6. **Gradient coherence** (`coherence.py`), MLP at B = 128 and 256, CNN at B = 128:
+   m-coherence, per-class coherence and alignment from the exact B x B Gram of per-example
+   gradients (`gradient_gram` + `gram_coherence`, never forming the gradients) against a
+   plain backward of the mean loss and against the materialized route
+   (`per_example_gradients` + `coherence`).
+7. **Ensemble** (`ensemble.py`, full mode only): 32 small MLPs trained as one vmapped
    ensemble vs one after another.
 
 **Method.** Times are medians over repeats taken in one process, with the compared methods

@@ -7,8 +7,8 @@
 
 Sections: 1 per-example gradients (``grads``), 2 per-example norms (``norms``), 3 training
 steps (``steps``), 4 real models vs Opacus (``real``), 5 the memorization job vs the
-original main (``memorization``, full mode only), and the vmapped ensemble (``ensemble``,
-full mode only). ``--sections grads,steps`` runs a subset. Every run writes its tables and
+original main (``memorization``, full mode only), 6 ghost coherence (``coherence``), and
+the vmapped ensemble (``ensemble``, full mode only). ``--sections grads,steps`` runs a subset. Every run writes its tables and
 targets to ``--json`` (default ``benchmarks/last_run.json``).
 """
 
@@ -27,7 +27,7 @@ import torch
 
 from . import common as C
 
-THREADED = ("grads", "norms", "steps", "real")
+THREADED = ("grads", "norms", "steps", "real", "coherence")
 ALL = (*THREADED, "memorization", "ensemble")
 FULL_ONLY = ("memorization", "ensemble")
 
@@ -51,6 +51,9 @@ def _section(name: str, threads: int, s: C.Settings, args) -> C.Section:
         return run(threads, s)
     if name == "real":
         from .real_models import run
+        return run(threads, s)
+    if name == "coherence":
+        from .coherence import run
         return run(threads, s)
     if name == "memorization":
         from .memorization import run

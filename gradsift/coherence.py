@@ -116,11 +116,13 @@ def gram_coherence(gram: Tensor, labels: Tensor | None = None) -> dict:
         denom = (diag.clamp_min(0) * rest).sqrt()
         out["alignment"] = torch.where(denom > 0, (row - diag) / denom, torch.full_like(denom, float("nan")))
     if labels is not None:
-        per = {}
-        for c in torch.unique(labels).tolist():
-            idx = (labels == c).nonzero().flatten()
-            sub = k[idx][:, idx]
-            n = len(idx)
-            per[int(c)] = _stats(sub.sum() / n**2, sub.diagonal().mean(), n)
-        out["per_class"] = per
+        # one pass for every class: with the one-hot [B, C] matrix Y, (Y^T K Y)_cc is the
+        # sum of class c's block of K and Y^T diag(K) its diagonal's sum
+        classes, index = torch.unique(labels.flatten().cpu(), return_inverse=True)
+        onehot = torch.nn.functional.one_hot(index, len(classes)).to(k.dtype).to(k.device)
+        block_sums = ((onehot.T @ k) * onehot.T).sum(1)
+        diag_sums = onehot.T @ diag
+        counts = onehot.sum(0)
+        out["per_class"] = {int(c): _stats(block_sums[j] / counts[j] ** 2, diag_sums[j] / counts[j], int(counts[j]))
+                            for j, c in enumerate(classes.tolist())}
     return out

@@ -162,19 +162,25 @@ class MatmulRule(LayerRule):
         b, g, t, k = A.shape
         o = D.shape[3]
         out: Grads = {}
+        d_gram = None  # [G, B*T, B*T] output-gradient Gram, shared by weight and bias
         if "weight" in own:
             if t * t * b < k * o:
                 # [G, B*T, K] x [G, K, B*T] -> elementwise product of the two Grams
                 Af = A.transpose(0, 1).reshape(g, b * t, k)
                 Df = D.transpose(0, 1).reshape(g, b * t, o)
-                prod = (Af @ Af.transpose(1, 2)) * (Df @ Df.transpose(1, 2))
+                d_gram = Df @ Df.transpose(1, 2)
+                prod = (Af @ Af.transpose(1, 2)) * d_gram
                 out["weight"] = prod.view(g, b, t, b, t).sum((0, 2, 4))
             else:
                 flat = torch.matmul(D.transpose(2, 3), A).reshape(b, -1)
                 out["weight"] = flat @ flat.T
         if "bias" in own:
-            s = D.sum(2).reshape(b, -1)
-            out["bias"] = s @ s.T
+            if d_gram is not None:
+                # sum_t sum_s d_it . d_js: the blocks of the Gram already formed
+                out["bias"] = d_gram.view(g, b, t, b, t).sum((0, 2, 4))
+            else:
+                s = D.sum(2).reshape(b, -1)
+                out["bias"] = s @ s.T
         return out
 
     def reduced(
