@@ -171,11 +171,13 @@ def resolve_method(model: nn.Module, method: str) -> str:
     return method
 
 
-def _fallback(err: Exception, method: str) -> None:
-    """The hooks path refused a batch: re-raise for ``method="hooks"``, else log why."""
+def _fallback(err: Exception, method: str) -> str:
+    """The hooks path refused a batch: re-raise for ``method="hooks"``, else log why (and
+    return it, for the error torch.func may raise next)."""
     if method == "hooks":
         raise err
     log.debug("gradsift: torch.func path: the hooks path refused this batch: %s", err)
+    return str(err)
 
 
 def _chunks(batch_size: int, chunk_size: int) -> list[slice]:
@@ -233,6 +235,7 @@ def per_example(
     check_per_example_safe(model)
     batch = _check_batch(inputs, targets)
     resolved = resolve_method(model, method)
+    refused: str | None = None
     if resolved == "hooks" and batch > 0:
         # The hook path holds no per-example intermediates beyond its result, so it runs
         # the batch whole unless asked to chunk; each chunk writes its rows of the result.
@@ -246,14 +249,15 @@ def per_example(
             ]
         except layers.NotHookable as err:
             del grads
-            _fallback(err, method)
+            refused = _fallback(err, method)
         else:
             return PerExample(
                 losses=_cat([p[0] for p in parts]),
                 grads=grads,
                 outputs=_cat([p[2] for p in parts]),
             )
-    return _vmap_per_example(model, loss_fn, inputs, targets, chunk_size=chunk_size)
+    return _vmap_per_example(model, loss_fn, inputs, targets, chunk_size=chunk_size,
+                             refused=refused)
 
 
 def result_buffers(model: nn.Module, batch: int, workspace: Workspace | None = None) -> Grads:
@@ -284,8 +288,10 @@ def _vmap_per_example(
     targets: Tensor,
     *,
     chunk_size: int | None = None,
+    refused: str | None = None,
 ) -> PerExample:
-    """torch.func path of :func:`per_example`."""
+    """torch.func path of :func:`per_example` (``refused``: why the hooks path refused the
+    batch, for the error if torch.func fails too)."""
     batch = _check_batch(inputs, targets)
     params = {n: p.detach() for n, p in trainable_parameters(model).items()}
     frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
@@ -311,7 +317,7 @@ def _vmap_per_example(
         try:
             g, (loss, out) = mapped(params, *xs, y)
         except (RuntimeError, NotImplementedError) as err:
-            raise _torch_func_error(model, err) from err
+            raise _torch_func_error(model, err, refused) from err
         losses.append(loss.detach())
         outputs.append(_rebuild_outputs(spec, [o.detach() for o in out]))
         for n in params:
@@ -323,14 +329,16 @@ def _vmap_per_example(
     )
 
 
-def _torch_func_error(model: nn.Module, err: Exception) -> UnsupportedModelError:
-    """A gradsift error for a model torch.func cannot map over, naming what to do."""
+def _torch_func_error(model: nn.Module, err: Exception, refused: str | None = None) -> UnsupportedModelError:
+    """A gradsift error for a model torch.func cannot map over, naming what to do (and,
+    when the hooks path refused the batch first, the layer and why)."""
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     bad = layers.unsupported_layers(model)
     hint = (
         f"The fast hooks path has no layer rule for {bad}: register one with "
         "gradsift.layers.register_layer_rule (see gradsift.layers), or replace those layers."
         if bad else
+        f"The hooks path refused this batch: {refused}." if refused else
         "Run gradsift.layers.explain(model, loss_fn, inputs, targets) to see why the hooks "
         "path refused this model."
     )
@@ -424,11 +432,12 @@ def per_example_norms(
     check_per_example_safe(model)
     batch = _check_batch(inputs, targets)
     resolved = resolve_method(model, method)
+    refused: str | None = None
     if resolved == "hooks" and batch > 0:
         try:
             _, sq, _ = layers.hook_norms_sq(model, loss_fn, inputs, targets)
         except layers.NotHookable as err:
-            _fallback(err, method)
+            refused = _fallback(err, method)
         else:
             return _norms_from_squares(sq, per_layer=per_layer)
     if chunk_size is None:
@@ -438,7 +447,8 @@ def per_example_norms(
     parts: list[dict[str, Tensor]] = []
     for start in range(0, max(batch, 1), chunk_size):
         s = slice(start, start + chunk_size)
-        g = _vmap_per_example(model, loss_fn, select(inputs, s), targets[s], chunk_size=chunk_size).grads
+        g = _vmap_per_example(model, loss_fn, select(inputs, s), targets[s], chunk_size=chunk_size,
+                              refused=refused).grads
         parts.append(_squared_norms(g))
     sq = {n: torch.cat([p[n] for p in parts]) for n in parts[0]}
     return _norms_from_squares(sq, per_layer=per_layer)

@@ -42,7 +42,9 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterable, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, Sequence
+
+import numpy as np
 
 import torch
 from torch import Tensor, nn
@@ -66,7 +68,7 @@ Batches = Callable[[int, int], Sequence[Tensor]]
 __all__ = [
     "Ensemble", "can_vmap", "member_batches", "member_seed", "mlp_factory", "predict_members",
     "run_members", "schedule", "seeded_factory", "subset_masks", "train_ensemble", "train_members", "train_model",
-    "train_members_tracked",
+    "train_members_tracked", "training_arrays", "as_model_fn", "take", "map_chunks",
 ]
 
 
@@ -107,6 +109,76 @@ def subset_masks(n: int, members: int, fraction: float, seed: int = 0) -> Tensor
     for k in range(members):
         masks[k, torch.randperm(n, generator=g)[:keep]] = True
     return masks
+
+
+# ---------------------------------------------------------------- data and model factories
+
+def training_arrays(data: Any) -> tuple[Any, Tensor, np.ndarray]:
+    """``(x, y [N], example_ids [N])`` of ``data`` for the K-model trainer: a
+    :class:`gradsift.data.Dataset` gives its tensors; a torch ``Dataset`` of ``(inputs,
+    target)`` (or ``(example_id, inputs, target)``) items, or a ``DataLoader`` over one,
+    gives inputs that are fetched and collated per batch (``x[positions]``; nothing holds
+    the data set in memory), its targets, and ids (the positions unless items carry ids)."""
+    from .data import Dataset
+    from .data.sources import examples
+
+    if isinstance(data, Dataset):
+        x, y = data.tensors()
+        return x, y, np.asarray(data.example_ids)
+    ex = examples(data)
+    y = torch.as_tensor(ex.y)
+    if y.ndim != 1 or y.dtype.is_floating_point:
+        from .errors import DataError
+
+        raise DataError(f"the targets of {type(data).__name__} must be one integer class per example, got "
+                        f"{y.dtype} of shape {tuple(y.shape)}")
+    return ex.x, y.long(), ex.ids.numpy()
+
+
+def as_model_fn(model: "nn.Module | Callable[..., nn.Module]", seed: int = 0) -> ModelFn:
+    """``k -> nn.Module`` from what a user gives: a factory of fresh models (``() ->
+    nn.Module``, called under :func:`member_seed` ``(seed, k)``), a ``k -> nn.Module``
+    factory (used as is), or a module (copied, and re-initialized under the member seed)."""
+    import inspect
+
+    if isinstance(model, nn.Module):
+        def reinit(k: int) -> nn.Module:
+            m = copy.deepcopy(model)
+            torch.manual_seed(member_seed(seed, k))
+            for layer in m.modules():
+                if layer is not m and hasattr(layer, "reset_parameters"):
+                    layer.reset_parameters()
+            return m
+        return reinit
+    if not callable(model):
+        from .errors import GradsiftError
+
+        raise GradsiftError(f"model must be an nn.Module or a factory returning one, got {type(model).__name__}")
+    try:
+        params = inspect.signature(model).parameters.values()
+        takes_k = any(p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                      for p in params)
+    except (TypeError, ValueError):
+        takes_k = True
+    return model if takes_k else seeded_factory(model, seed)
+
+
+def take(x: Any, idx: Tensor) -> Any:
+    """``x[idx]`` for inputs held as a tensor or fetched per batch (:func:`training_arrays`);
+    ``idx`` may be ``[B]`` or ``[K, B]``."""
+    if isinstance(x, Tensor) or idx.ndim == 1:
+        return x[idx]
+    flat = x[idx.flatten()]
+    return flat.view(*idx.shape, *flat.shape[1:])
+
+
+def map_chunks(fn: Callable[[Any], Tensor], x: Any, chunk: int = 1024, dim: int = 0) -> Tensor:
+    """``fn(x)`` for inputs held as a tensor; for inputs fetched per batch, ``fn`` over
+    chunks of ``chunk`` positions, concatenated along ``dim``."""
+    if isinstance(x, Tensor):
+        return fn(x)
+    n = len(x)
+    return torch.cat([fn(x[torch.arange(s, min(n, s + chunk))]) for s in range(0, n, chunk)], dim=dim)
 
 
 # ---------------------------------------------------------------- batch schedules
@@ -189,13 +261,13 @@ def fit_members(models: Sequence[nn.Module], x: Tensor, y: Tensor, batches: Batc
             for epoch in range(start, epochs + 1):
                 for idx in batches(i, epoch):
                     opt.zero_grad(set_to_none=True)
-                    loss_fn(model(x[idx]), y[idx]).mean().backward()
+                    loss_fn(model(take(x, idx)), y[idx]).mean().backward()
                     opt.step()
                 advance()
                 if on_epoch is not None:
                     model.eval()
                     with torch.no_grad():
-                        out = model(track)
+                        out = map_chunks(model, track)
                     on_epoch(ids[i], epoch, out)
                     outs.append(out)
                     model.train()
@@ -233,7 +305,7 @@ def fit_members(models: Sequence[nn.Module], x: Tensor, y: Tensor, batches: Batc
             raise ValueError("vmap needs the same number of batches for every member")
         for step in range(len(orders[0])):
             idx = torch.stack([orders[i][step] for i in range(k)])  # [K, B]
-            out = batched(params, buffers, x[idx])  # [K, B, C]
+            out = batched(params, buffers, take(x, idx))  # [K, B, C]
             losses = loss_fn(out.flatten(0, 1), y[idx].flatten()).view(idx.shape)
             opt.zero_grad(set_to_none=True)
             losses.mean(1).sum().backward()
@@ -241,7 +313,8 @@ def fit_members(models: Sequence[nn.Module], x: Tensor, y: Tensor, batches: Batc
         advance(k)
         if on_epoch is not None:
             with torch.no_grad():
-                out = vmap(forward, in_dims=(0, 0, None))(params, buffers, track)  # [K, M, C]
+                out = map_chunks(lambda t: vmap(forward, in_dims=(0, 0, None))(params, buffers, t), track,
+                                 dim=1)  # [K, M, C]
             for i in range(k):
                 on_epoch(ids[i], epoch, out[i])
             outs.append(out)
@@ -305,7 +378,7 @@ def _piece(ids: Sequence[int], x: Tensor, y: Tensor, masks: Tensor, kwargs: dict
         return None
     settings = {k: v for k, v in kwargs.items() if isinstance(v, (int, float, str, bool, type(None)))}
     return Piece(jobs, jobs.next_key("members"),
-                 {"ids": list(ids), "x": tuple(x.shape), "y": fingerprint(y), "masks": fingerprint(masks), **settings})
+                 {"ids": list(ids), "x": tuple(x.shape) if isinstance(x, Tensor) else len(x), "y": fingerprint(y), "masks": fingerprint(masks), **settings})
 
 
 def _sgd(lr: float, momentum: float, weight_decay: float) -> OptimizerFactory:
@@ -477,11 +550,15 @@ def _run_members_resumable(backend: "Backend", model_fn: ModelFn, x: Tensor, y: 
 
 @torch.no_grad()
 def predict_members(models: Sequence[nn.Module], x: Tensor, batch_size: int = 4096) -> Tensor:
-    """Logits of every member on ``x``: ``[K, N, C]`` (models in eval mode)."""
+    """Logits of every member on ``x``: ``[K, N, C]`` (models in eval mode; ``x`` a tensor or
+    inputs fetched per batch, :func:`training_arrays`)."""
     outs = []
     for m in models:
         m.eval()
-        outs.append(torch.cat([m(x[s : s + batch_size]) for s in range(0, len(x), batch_size)]))
+        if isinstance(x, Tensor):
+            outs.append(torch.cat([m(x[s : s + batch_size]) for s in range(0, len(x), batch_size)]))
+        else:
+            outs.append(map_chunks(m, x, batch_size))
     return torch.stack(outs)
 
 

@@ -13,15 +13,20 @@ import numpy as np
 import pandas as pd
 import torch
 
+from typing import Any, Callable
+
+from torch import nn
+
 from ..data import Dataset
-from ..ensemble import ModelFn, mlp_factory, predict_members, train_members
+from ..ensemble import ModelFn, as_model_fn, mlp_factory, predict_members, train_members, training_arrays
+from ..errors import DataError
 from .basic import el2n, grand
 from .registry import ScoreSettings, register_score
 
 
 def data_diet_scores(
-    data: Dataset,
-    model_fn: ModelFn,
+    data: Any,
+    model_fn: ModelFn | Callable[[], nn.Module],
     *,
     n_inits: int = 4,
     epochs: int = 2,
@@ -36,8 +41,12 @@ def data_diet_scores(
     """Data Diet scores.
 
     Args:
-        data: training set (``N`` examples).
-        model_fn: ``k -> nn.Module``, the model for initialization ``k``.
+        data: training set (``N`` examples): a :class:`gradsift.data.Dataset`, or a torch
+            ``Dataset`` of ``(inputs, target)`` items (ids = positions) or a ``DataLoader``
+            over one, read in batches (:func:`gradsift.ensemble.training_arrays`).
+        model_fn: the model for initialization ``k``: ``k -> nn.Module``, or a factory of
+            fresh models ``() -> nn.Module`` (called under the member's seed, derived from
+            ``seed``; :func:`gradsift.ensemble.as_model_fn`).
         n_inits: number of initializations averaged.
         epochs: training epochs before scoring ("early in training"; 0 scores at init).
         scores: which of ``el2n``, ``grand`` to compute (GraNd needs per-example gradients).
@@ -46,9 +55,13 @@ def data_diet_scores(
     Returns:
         DataFrame indexed by ``example_id`` with the requested columns (means over inits).
     """
-    x, y = data.tensors()
+    unknown = set(scores) - {"el2n", "grand"}
+    if unknown:
+        raise DataError(f"unknown Data Diet score(s): {sorted(unknown)}; use el2n and/or grand")
+    x, y, example_ids = training_arrays(data)
+    model_fn = as_model_fn(model_fn, seed)
     if epochs > 0:
-        masks = torch.ones(n_inits, len(data), dtype=torch.bool)
+        masks = torch.ones(n_inits, len(y), dtype=torch.bool)
         models = train_members(model_fn, x, y, masks, epochs=epochs, batch_size=batch_size, lr=lr,
                                momentum=momentum, seed=seed, vectorize=vectorize, backend=backend)
     else:
@@ -57,11 +70,13 @@ def data_diet_scores(
     if "el2n" in scores:
         cols["el2n"] = torch.stack([el2n(o, y) for o in predict_members(models, x)]).mean(0).numpy()
     if "grand" in scores:
-        cols["grand"] = torch.stack([grand(m, x, y) for m in models]).mean(0).numpy()
-    unknown = set(scores) - {"el2n", "grand"}
-    if unknown:
-        raise ValueError(f"unknown Data Diet score(s): {sorted(unknown)}")
-    return pd.DataFrame(cols, index=pd.Index(data.example_ids, name="example_id"))
+        if isinstance(x, torch.Tensor):
+            cols["grand"] = torch.stack([grand(m, x, y) for m in models]).mean(0).numpy()
+        else:  # streamed: one chunk of fetched inputs at a time
+            pos = torch.arange(len(y))
+            cols["grand"] = torch.stack([torch.cat([grand(m, x[c], y[c]) for c in pos.split(256)])
+                                         for m in models]).mean(0).numpy()
+    return pd.DataFrame(cols, index=pd.Index(example_ids, name="example_id"))
 
 
 def data_diet(data: Dataset, settings: ScoreSettings, wanted: tuple[str, ...], backend=None) -> pd.DataFrame:

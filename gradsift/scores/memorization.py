@@ -14,8 +14,13 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from typing import Any, Callable
+
+from torch import nn
+
 from ..data import Dataset
-from ..ensemble import ModelFn, mlp_factory, predict_members, subset_masks, train_members
+from ..ensemble import ModelFn, as_model_fn, mlp_factory, predict_members, subset_masks, train_members, training_arrays
+from ..errors import DataError
 from .registry import ScoreSettings, register_score
 
 
@@ -44,8 +49,8 @@ def memorization_estimate(in_mask: np.ndarray, correct: np.ndarray) -> pd.DataFr
 
 
 def memorization_scores(
-    data: Dataset,
-    model_fn: ModelFn,
+    data: Any,
+    model_fn: ModelFn | Callable[[], nn.Module],
     *,
     n_models: int = 32,
     fraction: float = 0.7,
@@ -65,19 +70,27 @@ def memorization_scores(
     ``backend`` (:mod:`gradsift.backends`, e.g. Ray) trains the models in
     parallel tasks; the scores are the same as in this process for the same seeds.
 
+    ``data``: a :class:`gradsift.data.Dataset`, or a torch ``Dataset`` of ``(inputs,
+    target)`` items (ids = positions) or a ``DataLoader`` over one, read in batches.
+    ``model_fn``: ``k -> nn.Module``, or a factory of fresh models ``() -> nn.Module``
+    (called under each member's seed; :func:`gradsift.ensemble.as_model_fn`).
+
     Returns:
         DataFrame indexed by ``example_id``: ``mem, mem_se, p_in, p_out, n_in, n_out``.
     """
     if not 0 < fraction < 1:
-        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
-    x, y = data.tensors()
-    masks = subset_masks(len(data), n_models, fraction, seed)
+        raise DataError(f"fraction must be in (0, 1), got {fraction}")
+    if n_models < 2:
+        raise DataError(f"n_models must be >= 2 (an example needs models with and without it), got {n_models}")
+    x, y, example_ids = training_arrays(data)
+    model_fn = as_model_fn(model_fn, seed)
+    masks = subset_masks(len(y), n_models, fraction, seed)
     models = train_members(model_fn, x, y, masks, epochs=epochs, batch_size=batch_size, lr=lr,
                            momentum=momentum, weight_decay=weight_decay, seed=seed, vectorize=vectorize,
                            backend=backend)
     correct = (predict_members(models, x).argmax(-1) == y).numpy()
     out = memorization_estimate(masks.numpy(), correct)
-    out.index = pd.Index(data.example_ids, name="example_id")
+    out.index = pd.Index(example_ids, name="example_id")
     return out
 
 
