@@ -42,8 +42,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from . import layers
 from .errors import UnsupportedModelError
 from .inputs import Inputs, batch_size, call_model, select, split_tensors
-from .workspace import Workspace
-from .workspace import take as take_buffer
+from .workspace import Workspace, acquire_set
 
 log = logging.getLogger(__name__)
 
@@ -171,11 +170,13 @@ def resolve_method(model: nn.Module, method: str) -> str:
     return method
 
 
-def _fallback(err: Exception, method: str) -> None:
-    """The hooks path refused a batch: re-raise for ``method="hooks"``, else log why."""
+def _fallback(err: Exception, method: str) -> str:
+    """The hooks path refused a batch: re-raise for ``method="hooks"``, else log why (and
+    return it, for the error torch.func may raise next)."""
     if method == "hooks":
         raise err
     log.debug("gradsift: torch.func path: the hooks path refused this batch: %s", err)
+    return str(err)
 
 
 def _chunks(batch_size: int, chunk_size: int) -> list[slice]:
@@ -233,6 +234,7 @@ def per_example(
     check_per_example_safe(model)
     batch = _check_batch(inputs, targets)
     resolved = resolve_method(model, method)
+    refused: str | None = None
     if resolved == "hooks" and batch > 0:
         # The hook path holds no per-example intermediates beyond its result, so it runs
         # the batch whole unless asked to chunk; each chunk writes its rows of the result.
@@ -246,35 +248,26 @@ def per_example(
             ]
         except layers.NotHookable as err:
             del grads
-            _fallback(err, method)
+            refused = _fallback(err, method)
         else:
             return PerExample(
                 losses=_cat([p[0] for p in parts]),
                 grads=grads,
                 outputs=_cat([p[2] for p in parts]),
             )
-    return _vmap_per_example(model, loss_fn, inputs, targets, chunk_size=chunk_size)
+    return _vmap_per_example(model, loss_fn, inputs, targets, chunk_size=chunk_size,
+                             refused=refused)
 
 
 def result_buffers(model: nn.Module, batch: int, workspace: Workspace | None = None) -> Grads:
-    """Uninitialized per-example gradient tensors name -> ``[B, *param.shape]`` (contiguous),
-    views of one flat buffer per dtype and device: from ``workspace`` when given (previous
-    results in it are overwritten), else from the :mod:`gradsift.workspace` pool (a buffer
-    no caller holds any more, so results a caller keeps are never overwritten)."""
-    params = trainable_parameters(model)
-    groups: dict[tuple[torch.device, torch.dtype], list[str]] = {}
-    for n, p in params.items():
-        groups.setdefault((p.device, p.dtype), []).append(n)
-    out: Grads = {}
-    for (device, dtype), names in groups.items():
-        total = sum(batch * params[n].numel() for n in names)
-        flat = take_buffer(total, dtype=dtype, device=device, workspace=workspace)
-        offset = 0
-        for n in names:
-            size = batch * params[n].numel()
-            out[n] = flat[offset : offset + size].view(batch, *params[n].shape)
-            offset += size
-    return {n: out[n] for n in params}
+    """Uninitialized per-example gradient tensors name -> ``[B, *param.shape]`` (contiguous,
+    one storage each): from ``workspace`` when given (previous results in it are
+    overwritten), else from the :mod:`gradsift.workspace` pool (a set no caller holds any
+    more, so results a caller keeps are never overwritten)."""
+    specs = {n: ((batch, *p.shape), p.dtype, p.device) for n, p in trainable_parameters(model).items()}
+    if workspace is not None:
+        return workspace.take_set(specs)
+    return acquire_set(specs)
 
 
 def _vmap_per_example(
@@ -284,8 +277,10 @@ def _vmap_per_example(
     targets: Tensor,
     *,
     chunk_size: int | None = None,
+    refused: str | None = None,
 ) -> PerExample:
-    """torch.func path of :func:`per_example`."""
+    """torch.func path of :func:`per_example` (``refused``: why the hooks path refused the
+    batch, for the error if torch.func fails too)."""
     batch = _check_batch(inputs, targets)
     params = {n: p.detach() for n, p in trainable_parameters(model).items()}
     frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
@@ -311,7 +306,7 @@ def _vmap_per_example(
         try:
             g, (loss, out) = mapped(params, *xs, y)
         except (RuntimeError, NotImplementedError) as err:
-            raise _torch_func_error(model, err) from err
+            raise _torch_func_error(model, err, refused) from err
         losses.append(loss.detach())
         outputs.append(_rebuild_outputs(spec, [o.detach() for o in out]))
         for n in params:
@@ -323,14 +318,16 @@ def _vmap_per_example(
     )
 
 
-def _torch_func_error(model: nn.Module, err: Exception) -> UnsupportedModelError:
-    """A gradsift error for a model torch.func cannot map over, naming what to do."""
+def _torch_func_error(model: nn.Module, err: Exception, refused: str | None = None) -> UnsupportedModelError:
+    """A gradsift error for a model torch.func cannot map over, naming what to do (and,
+    when the hooks path refused the batch first, the layer and why)."""
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     bad = layers.unsupported_layers(model)
     hint = (
         f"The fast hooks path has no layer rule for {bad}: register one with "
         "gradsift.layers.register_layer_rule (see gradsift.layers), or replace those layers."
         if bad else
+        f"The hooks path refused this batch: {refused}." if refused else
         "Run gradsift.layers.explain(model, loss_fn, inputs, targets) to see why the hooks "
         "path refused this model."
     )
@@ -424,11 +421,12 @@ def per_example_norms(
     check_per_example_safe(model)
     batch = _check_batch(inputs, targets)
     resolved = resolve_method(model, method)
+    refused: str | None = None
     if resolved == "hooks" and batch > 0:
         try:
             _, sq, _ = layers.hook_norms_sq(model, loss_fn, inputs, targets)
         except layers.NotHookable as err:
-            _fallback(err, method)
+            refused = _fallback(err, method)
         else:
             return _norms_from_squares(sq, per_layer=per_layer)
     if chunk_size is None:
@@ -438,7 +436,8 @@ def per_example_norms(
     parts: list[dict[str, Tensor]] = []
     for start in range(0, max(batch, 1), chunk_size):
         s = slice(start, start + chunk_size)
-        g = _vmap_per_example(model, loss_fn, select(inputs, s), targets[s], chunk_size=chunk_size).grads
+        g = _vmap_per_example(model, loss_fn, select(inputs, s), targets[s], chunk_size=chunk_size,
+                              refused=refused).grads
         parts.append(_squared_norms(g))
     sq = {n: torch.cat([p[n] for p in parts]) for n in parts[0]}
     return _norms_from_squares(sq, per_layer=per_layer)

@@ -63,15 +63,34 @@ def cnn(example_shape: tuple[int, ...], num_classes: int, *, channels: int = 16)
     raise SpecError(f"cnn: examples of shape {example_shape} are not supported (use (C, H, W), (H, W) or (L,))")
 
 
-def model_from_spec(spec: str, example_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """Build ``mlp[:width=..,depth=..]`` or ``cnn[:channels=..]`` for the given data."""
+def bag(vocab_size: int, num_classes: int, *, dim: int = 32, width: int = 64) -> nn.Sequential:
+    """A model of token ids ``[B, L]``: ``EmbeddingBag(vocab_size, dim, mean) -> Linear(width)
+    -> ReLU -> Linear(num_classes)`` (the bag of words; token order is not used)."""
+    for name, value in (("dim", dim), ("width", width), ("vocab_size", vocab_size)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return nn.Sequential(nn.EmbeddingBag(vocab_size, dim, mode="mean"), nn.Linear(dim, width), nn.ReLU(),
+                         nn.Linear(width, num_classes))
+
+
+def model_from_spec(spec: str, example_shape: tuple[int, ...], num_classes: int, *,
+                    vocab_size: int | None = None) -> nn.Module:
+    """Build ``mlp[:width=..,depth=..]`` or ``cnn[:channels=..]`` for the given data, or
+    ``bag[:dim=..,width=..]`` for token ids (``vocab_size``: the data holds token ids)."""
     name, kwargs = parse_spec(spec)
     in_features = math.prod(example_shape)
+    if (vocab_size is not None) != (name == "bag") and name in ("mlp", "cnn", "bag"):
+        if vocab_size is not None:
+            raise SpecError(f"the data set holds token ids, which model '{name}' cannot take; use --model bag "
+                            "(an embedding bag of the tokens; options dim=, width=)")
+        raise SpecError("model 'bag' takes token ids, and this data set holds features; use mlp or cnn")
     try:
+        if name == "bag":
+            return bag(vocab_size, num_classes, **kwargs)
         if name == "mlp":
             return mlp(in_features, num_classes, **kwargs)
         if name == "cnn":
             return cnn(example_shape, num_classes, **kwargs)
     except (TypeError, ValueError, RuntimeError) as e:
         raise SpecError(f"bad options for model '{name}' in '{spec}': {e}") from None
-    raise SpecError(f"unknown model '{name}': use mlp or cnn")
+    raise SpecError(f"unknown model '{name}': use mlp or cnn (bag for token ids)")

@@ -28,7 +28,7 @@ def invoke(*args: str):
     (["train", "--optimizer", "sgdd:lr=1", "--epochs", "1"], "error: unknown optimizer 'sgdd'. Known: "),
     (["train", "--model", "mlp:width=-3", "--epochs", "1"], "error: bad options for model 'mlp' in 'mlp:width=-3'"),
     (["train", "--model", "resnet", "--epochs", "1"], "error: unknown model 'resnet': use mlp or cnn"),
-    (["train", "--dataset", "imagenet"], "error: unknown data set 'imagenet': use one of digits, mnist1d, a path to a .npz, .csv or .parquet file, or an image folder"),
+    (["train", "--dataset", "imagenet"], "error: unknown data set 'imagenet': use one of digits, mnist1d, a path to a .npz, .csv, .parquet or .json/.jsonl file, an image folder, or a directory written by datasets' save_to_disk"),
     (["train", "--epochs", "0"], "Invalid value for '--epochs'"),
     (["train", "--batch-size", "-5"], "Invalid value for '--batch-size'"),
     (["train", "--noise-rate", "1.5"], "Invalid value for '--noise-rate'"),

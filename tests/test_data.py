@@ -96,3 +96,124 @@ def test_file_errors(tmp_path):
         D.load("imagenet")
     with pytest.raises(gs.DataError, match="unknown label noise"):
         D.corrupt(D.load_digits()[0], "weird", 0.1)
+
+
+# ---------------------------------------------------------------- HuggingFace datasets from local files
+
+def _hf_tokens(n=40, length=6, seed=0):
+    """Token ids whose class is the keyword at position 1 (3 -> 'pos', 4 -> 'neg')."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(5, 30, (n, length))
+    label = np.arange(n) % 2
+    ids[:, 1] = np.where(label == 1, 3, 4)
+    return ids, label
+
+
+class _BagModel(__import__("torch").nn.Module):
+    """model(input_ids=, attention_mask=) -> logits [B, 2]: mean of masked token embeddings."""
+
+    def __init__(self):
+        import torch
+
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(30, 8)
+        self.out = torch.nn.Linear(8, 2)
+
+    def forward(self, input_ids, attention_mask):
+        m = attention_mask.unsqueeze(-1).float()
+        return self.out((self.emb(input_ids) * m).sum(1) / m.sum(1))
+
+
+def test_hf_save_to_disk_dir_with_fit_sifter_and_cli(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    import torch
+    from typer.testing import CliRunner
+
+    from gradsift.cli import app
+
+    ids, label = _hf_tokens(40)
+    features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int64")),
+                                  "attention_mask": datasets.Sequence(datasets.Value("int64")),
+                                  "text": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["pos", "neg"])})
+
+    def split(lo, hi):
+        return datasets.Dataset.from_dict({"input_ids": ids[lo:hi].tolist(),
+                                           "attention_mask": np.ones_like(ids[lo:hi]).tolist(),
+                                           "text": ["t"] * (hi - lo), "label": (1 - label[lo:hi]).tolist()},
+                                          features=features)
+
+    root = tmp_path / "tok"
+    datasets.DatasetDict({"train": split(0, 30), "test": split(30, 40)}).save_to_disk(str(root))
+
+    train = D.load_hf(root)                    # split "train"; the text column is left out
+    assert len(train) == 30 and train.input_columns == ["input_ids", "attention_mask"]
+    assert train.classes == ("pos", "neg") and train.num_classes == 2
+    x0, y0 = train[0]
+    assert torch.equal(x0["input_ids"], torch.as_tensor(ids[0])) and y0 == 1 - label[0]
+    test = D.load_hf(root, split="test")
+    res = gs.fit(_BagModel(), train, test, aggregator="m3", optimizer="adam:lr=0.05", epochs=3, batch_size=10,
+                 recorders=[gs.DynamicsRecorder()], run_dir=tmp_path / "run", progress=False)
+    assert res.history.train_acc.iloc[-1] >= 0.9 and res.history.train_loss.iloc[-1] < res.history.train_loss.iloc[0]
+    assert sorted(gs.open_run(tmp_path / "run").scores().index) == list(range(30))
+    # the user's own loop
+    model = _BagModel()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    loader = torch.utils.data.DataLoader(D.indexed(train), batch_size=10, shuffle=True)
+    with gs.Sifter(model, gs.losses.cross_entropy, aggregator="winsorize:c=1",
+                   recorders=[gs.AUMRecorder()]) as sifter:
+        for batch_ids, xb, yb in loader:
+            sifter.backward(xb, yb, ids=batch_ids)
+            opt.step()
+            opt.zero_grad()
+        sifter.end_epoch()
+    assert sorted(sifter.recorders[0].scores().index) == list(range(30))
+
+    # in memory for the CLI: its own train/test splits, ClassLabel order and names kept
+    tr, te = D.load(str(root))
+    assert (len(tr), len(te)) == (30, 10) and tr.token_ids and tr.classes == ("pos", "neg")
+    np.testing.assert_array_equal(tr.y, 1 - label[:30])
+    np.testing.assert_array_equal(tr.x, ids[:30])
+    r = CliRunner().invoke(app, ["train", "--dataset", str(root), "--epochs", "1", "--quiet",
+                                 "--run-dir", str(tmp_path / "cli0")])
+    assert r.exit_code == 2 and "token ids" in r.output and "--model bag" in r.output
+    r = CliRunner().invoke(app, ["train", "--dataset", str(root), "--model", "bag", "--epochs", "2",
+                                 "--aggregator", "winsorize:c=1", "--batch-size", "10", "--quiet",
+                                 "--run-dir", str(tmp_path / "cli")])
+    assert r.exit_code == 0, r.output
+
+
+def test_hf_json_with_class_names_and_clear_errors(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    import json
+
+    ids, label = _hf_tokens(12)
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps({"input_ids": r.tolist(), "label": ["cat", "dog"][k]})
+                              for r, k in zip(ids, label)))
+    ex = D.load_hf(path)
+    assert ex.classes == ("cat", "dog") and ex.targets.tolist() == label.tolist()
+    tr, te = D.load(str(path), seed=1)
+    assert len(tr) + len(te) == 12 and tr.classes == ("cat", "dog") and tr.token_ids
+
+    def bad(p, text, match, **kw):
+        p.write_text(text)
+        with pytest.raises(gs.DataError, match=match):
+            D.load_hf(p, **kw)
+
+    bad(tmp_path / "broken.json", '{"input_ids": [1, 2], "label": 0}\n{"input_ids": [1', "broken.json")
+    bad(tmp_path / "nolabel.jsonl", '{"input_ids": [1, 2], "y": 0}', "no column 'label'.*label_column")
+    bad(tmp_path / "text.jsonl", '{"text": "hi", "label": 0}', "tokenize")
+    bad(tmp_path / "ragged.jsonl", '{"input_ids": [1, 2], "label": 0}\n{"input_ids": [1], "label": 1}',
+        "different lengths.*padding")
+    bad(tmp_path / "mixed.jsonl", '{"input_ids": [1], "label": "cat"}\n{"input_ids": [2], "label": 3}', "label")
+    with pytest.raises(gs.DataError, match="no such file"):
+        D.load_hf(tmp_path / "missing.json")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(gs.DataError, match="save_to_disk"):
+        D.load_hf(tmp_path / "plain")
+    with pytest.raises(gs.DataError, match="no split 'valid'"):
+        D.load_hf(path, split="valid")
+    with pytest.raises(gs.DataError, match="input column 'mask'"):
+        D.load_hf(path, input_columns=["mask"])

@@ -28,7 +28,7 @@ def choice(*allowed: str) -> Callable[[str], str]:
 
 NOISE_KINDS = ("none", "symmetric", "asymmetric", "random")
 
-Dataset = Annotated[str, typer.Option(help="digits, mnist1d, a .npz/.csv/.parquet file or an image folder")]
+Dataset = Annotated[str, typer.Option(help="digits, mnist1d, a .npz/.csv/.parquet/.json file, an image folder or a HuggingFace save_to_disk directory")]
 LabelColumn = Annotated[str, typer.Option("--label-column", help="CSV/Parquet: the label column (integers or class names)")]
 Encoding = Annotated[str, typer.Option("--encoding", help="CSV: the text encoding of the file, e.g. latin-1")]
 Seed = Annotated[int, typer.Option(help="random seed")]

@@ -74,7 +74,8 @@ def train(
     train_data, test_data = data_mod.load(dataset, seed=seed, label_column=label_column, encoding=encoding)
     train_data = data_mod.corrupt(train_data, label_noise, noise_rate, seed=seed)
     torch.manual_seed(seed)
-    net = model_from_spec(model, train_data.shape or train_data.x.shape[1:], train_data.num_classes)
+    vocab = int(max(train_data.x.max(), test_data.x.max())) + 1 if train_data.token_ids else None
+    net = model_from_spec(model, train_data.shape or train_data.x.shape[1:], train_data.num_classes, vocab_size=vocab)
     config = dict(dataset=dataset, model=model, aggregator_spec=aggregator, optimizer_spec=optimizer,
                   label_noise=label_noise, noise_rate=noise_rate, corrupted=len(train_data.corrupted))
     kwargs = dict(

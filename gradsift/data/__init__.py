@@ -9,7 +9,9 @@ be joined back to the data.
 
 from .builtin import BUILTIN, load_digits, load_mnist1d
 from .dataset import MAX_CLASSES, Dataset, holdout, validate
-from .files import encode_labels, load, load_csv, load_npz, load_parquet
+from .by_name import load
+from .files import encode_labels, load_csv, load_npz, load_parquet
+from .hf import HFExamples, hf_examples, load_hf, load_hf_table
 from .images import ImageFolder, image_folder, load_image_folder
 from .noise import asymmetric_noise, corrupt, random_labels, symmetric_noise
 from .sources import Examples, IndexedDataset, examples, indexed, to_device
@@ -17,6 +19,6 @@ from .sources import Examples, IndexedDataset, examples, indexed, to_device
 __all__ = [
     "BUILTIN", "MAX_CLASSES", "Dataset", "holdout", "validate", "load_digits", "load_mnist1d",
     "encode_labels", "load", "load_csv", "load_npz", "load_parquet", "ImageFolder", "image_folder",
-    "load_image_folder", "asymmetric_noise", "corrupt", "random_labels", "symmetric_noise", "Examples",
+    "load_image_folder", "HFExamples", "hf_examples", "load_hf", "load_hf_table", "asymmetric_noise", "corrupt", "random_labels", "symmetric_noise", "Examples",
     "IndexedDataset", "examples", "indexed", "to_device",
 ]

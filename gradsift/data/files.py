@@ -1,6 +1,6 @@
 """Data from user files: ``.npz``, CSV and Parquet tables, token sequences in Parquet, and
-:func:`load` by name or path (image folders and HuggingFace datasets: :mod:`.images`,
-:mod:`.hf`).
+(:func:`gradsift.data.load` by name or path is in :mod:`.by_name`; image folders and
+HuggingFace datasets are in :mod:`.images`, :mod:`.hf`).
 
 Every loader checks its input before anything trains and raises
 :class:`~gradsift.errors.DataError` naming the file, the place and the fix:
@@ -24,7 +24,6 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import DataError
-from .builtin import BUILTIN, load_digits, load_mnist1d
 from .dataset import MAX_CLASSES, Dataset, holdout
 
 
@@ -311,6 +310,19 @@ def load_parquet(
         frame = pd.read_parquet(path)
     except Exception as e:  # pyarrow raises many types for a corrupt file
         raise DataError(f"{path} is not a readable Parquet file ({type(e).__name__}: {e})") from None
+    data = table_dataset(frame, str(path), label_column=label_column, num_classes=num_classes, pad_id=pad_id,
+                         name=path.stem)
+    return holdout(data, test_fraction, seed)
+
+
+def table_dataset(frame: Any, where: str, *, label_column: str = "label", num_classes: int | None = None,
+                  pad_id: int = 0, name: str = "data") -> Dataset:
+    """A :class:`Dataset` from a table (a pandas ``DataFrame``, e.g. a Parquet file's): numeric
+    feature columns and the label column; or token-id sequences (lists of ints) in one
+    column, or in ``input_ids`` beside other list columns (``attention_mask``,
+    ``token_type_ids``: the padding is the mask), giving ``x`` ``[N, L]`` int64 padded with
+    ``pad_id``. ``where`` names the source in errors."""
+    path = where
     cols = [str(c) for c in frame.columns]
     if len(set(cols)) != len(cols):
         raise DataError(f"{path}: duplicate column names")
@@ -324,22 +336,22 @@ def load_parquet(
         raise DataError(f"{path} has no rows")
     y, classes = encode_labels(frame[label_column].to_numpy(), where=f"{path} column '{label_column}'")
     token_ids = False
-    first = frame[features[0]].iloc[0]
-    if len(features) == 1 and isinstance(first, (list, tuple, np.ndarray)):
-        x = _pad_tokens(frame[features[0]].tolist(), pad_id, f"{path} column '{features[0]}'")
+    lists = [c for c in features if isinstance(frame[c].iloc[0], (list, tuple, np.ndarray))]
+    if lists and (len(features) == 1 or "input_ids" in lists):
+        col = features[0] if len(features) == 1 else "input_ids"
+        x = _pad_tokens(frame[col].tolist(), pad_id, f"{path} column '{col}'")
         token_ids = True
     else:
         bad = [str(c) for c in features if frame[c].dtype.kind not in "biuf"]
         if bad:
             raise DataError(f"{path}: column(s) {', '.join(bad)} are not numeric; features must be numbers "
-                            "(or one column of token-id lists)")
+                            "(or token-id lists: one column, or 'input_ids')")
         x = frame[features].to_numpy(dtype=np.float64)
         if not np.all(np.isfinite(x)):
             raise DataError(f"{path}: features hold NaN or inf")
         x = x.astype(np.float32)
     k = _resolve_num_classes(num_classes, classes, y, where=str(path))
-    data = Dataset(x, y, k, name=path.stem, shape=(x.shape[1],), classes=classes, token_ids=token_ids)
-    return holdout(data, test_fraction, seed)
+    return Dataset(x, y, k, name=name, shape=(x.shape[1],), classes=classes, token_ids=token_ids)
 
 
 def _pad_tokens(seqs: list[Any], pad_id: int, where: str) -> np.ndarray:
@@ -361,38 +373,4 @@ def _pad_tokens(seqs: list[Any], pad_id: int, where: str) -> np.ndarray:
     return out
 
 
-# ---------------------------------------------------------------- by name
-
-def load(name_or_path: str, *, seed: int = 0, label_column: str = "label", encoding: str = "utf-8",
-         **kwargs) -> tuple[Dataset, Dataset]:
-    """Load a built-in data set by name (``digits``, ``mnist1d``), a ``.npz``, ``.csv`` or
-    ``.parquet`` file, or an image folder (one sub-folder per class).
-
-    ``label_column`` names the label column of a CSV or Parquet table and ``encoding`` the
-    text encoding of a CSV; giving them for other sources is an error."""
-    path = Path(name_or_path)
-    if label_column != "label" and path.suffix not in (".csv", ".parquet"):
-        raise DataError(f"label_column (--label-column) applies to CSV and Parquet tables, not '{name_or_path}'")
-    if encoding.lower() not in ("utf-8", "utf8") and path.suffix != ".csv":
-        raise DataError(f"encoding (--encoding) applies to CSV files, not '{name_or_path}'")
-    if name_or_path == "digits":
-        return load_digits(seed=seed, **kwargs)
-    if name_or_path == "mnist1d":
-        return load_mnist1d(**kwargs)
-    if path.suffix == ".npz":
-        return load_npz(path, seed=seed, **kwargs)
-    if path.suffix == ".csv":
-        return load_csv(path, seed=seed, label_column=label_column, encoding=encoding, **kwargs)
-    if path.suffix == ".parquet":
-        return load_parquet(path, seed=seed, label_column=label_column, **kwargs)
-    if path.is_dir():
-        from .images import load_image_folder
-
-        return load_image_folder(path, seed=seed, **kwargs)
-    raise DataError(
-        f"unknown data set '{name_or_path}': use one of {', '.join(BUILTIN)}, a path to a "
-        ".npz, .csv or .parquet file, or an image folder"
-    )
-
-
-__all__ = ["MAX_CLASSES", "encode_labels", "load", "load_csv", "load_npz", "load_parquet"]
+__all__ = ["MAX_CLASSES", "encode_labels", "load_csv", "load_npz", "load_parquet", "table_dataset"]

@@ -192,3 +192,10 @@ def test_lstm_after_a_layer_t_equal_b(batch_first, kw):
     model, x = Upstream(batch_first, **kw), torch.randn(3, 3, 3)
     assert check_path(model, x) == "hooks"
     check_per_example(model, x, methods=("hooks",))
+
+
+def test_untraced_packing_error_names_the_layer_and_the_fix():
+    import gradsift as gs
+
+    with pytest.raises(gs.UnsupportedModelError, match=r"layer 'rnn'.*lengths"):
+        gs.per_example_gradients(HandSorted(), probe_loss, torch.randn(2, 3, 3), torch.randn(2, 4))
