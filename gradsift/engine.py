@@ -42,8 +42,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from . import layers
 from .errors import UnsupportedModelError
 from .inputs import Inputs, batch_size, call_model, select, split_tensors
-from .workspace import Workspace
-from .workspace import take as take_buffer
+from .workspace import Workspace, acquire_set
 
 log = logging.getLogger(__name__)
 
@@ -261,24 +260,14 @@ def per_example(
 
 
 def result_buffers(model: nn.Module, batch: int, workspace: Workspace | None = None) -> Grads:
-    """Uninitialized per-example gradient tensors name -> ``[B, *param.shape]`` (contiguous),
-    views of one flat buffer per dtype and device: from ``workspace`` when given (previous
-    results in it are overwritten), else from the :mod:`gradsift.workspace` pool (a buffer
-    no caller holds any more, so results a caller keeps are never overwritten)."""
-    params = trainable_parameters(model)
-    groups: dict[tuple[torch.device, torch.dtype], list[str]] = {}
-    for n, p in params.items():
-        groups.setdefault((p.device, p.dtype), []).append(n)
-    out: Grads = {}
-    for (device, dtype), names in groups.items():
-        total = sum(batch * params[n].numel() for n in names)
-        flat = take_buffer(total, dtype=dtype, device=device, workspace=workspace)
-        offset = 0
-        for n in names:
-            size = batch * params[n].numel()
-            out[n] = flat[offset : offset + size].view(batch, *params[n].shape)
-            offset += size
-    return {n: out[n] for n in params}
+    """Uninitialized per-example gradient tensors name -> ``[B, *param.shape]`` (contiguous,
+    one storage each): from ``workspace`` when given (previous results in it are
+    overwritten), else from the :mod:`gradsift.workspace` pool (a set no caller holds any
+    more, so results a caller keeps are never overwritten)."""
+    specs = {n: ((batch, *p.shape), p.dtype, p.device) for n, p in trainable_parameters(model).items()}
+    if workspace is not None:
+        return workspace.take_set(specs)
+    return acquire_set(specs)
 
 
 def _vmap_per_example(

@@ -10,14 +10,16 @@ for scratch blocks of the block-wise reductions (``aggregate``).
 Two ways to reuse memory, both device-agnostic (on CUDA the caching allocator already
 avoids the faults; the pool then only saves allocator calls):
 
-* **The pool** (default, safe). :func:`acquire` returns a flat buffer that nobody holds
-  any more, or a new one. Per-example results handed to a caller are views of such a
-  buffer, so they are *never overwritten while the caller holds any of them* (or any view
-  of them, a NumPy array made from one, ...): a buffer is reused only when its storage
-  is referenced by the pool alone (the storage's use count). Once the caller drops the
-  results, the next call writes into the same, already-touched memory. The pool keeps at
-  most :data:`MAX_BUFFERS` buffers per device and dtype (the most recently used); free
-  them with :func:`release`.
+* **The pool** (default, safe). :func:`acquire_set` returns per-example result tensors
+  (one storage per parameter, so keeping or saving one never drags the others along) from
+  a pooled set that nobody holds any more, or new ones. Results handed to a caller are
+  views of such a set, so they are *never overwritten while the caller holds any of them*
+  (or any view of them, a NumPy array made from one, ...): a set is reused only when its
+  storages are referenced by the pool alone (the storages' use counts). Once the caller
+  drops the results, the next call writes into the same, already-touched memory.
+  :func:`acquire` does the same for one flat buffer (kernels' scratch blocks). The pool
+  keeps at most :data:`MAX_BUFFERS` sets, and as many buffers per device, dtype and kind
+  (the most recently used); free them with :func:`release`.
 * **A caller-owned** :class:`Workspace`, passed as ``workspace=`` (e.g. to
   :func:`gradsift.per_example_gradients`): results are written into it at every call,
   *overwriting the previous call's results* -- an explicit opt-in for loops that hold the
@@ -27,7 +29,7 @@ Example::
 
     ws = gs.Workspace()
     for x, y in batches:
-        grads = gs.per_example_gradients(model, loss_fn, x, y, workspace=ws)  # views of ws
+        grads = gs.per_example_gradients(model, loss_fn, x, y, workspace=ws)  # ws's tensors
         ...  # grads of the previous batch are overwritten
 """
 
@@ -38,7 +40,7 @@ import threading
 import torch
 from torch import Tensor
 
-#: Most buffers the pool keeps per (device, dtype); ``0`` disables pooling.
+#: Most result sets, and most buffers per (device, dtype, kind), the pool keeps; ``0`` disables pooling.
 MAX_BUFFERS = 2
 
 _lock = threading.Lock()
@@ -92,47 +94,85 @@ def acquire(numel: int, *, dtype: torch.dtype, device: torch.device | str, kind:
         return buf[:numel]
 
 
+class _SetEntry:
+    """A pooled set of tensors (one storage each) and their use counts when the pool alone holds them."""
+
+    def __init__(self, key: tuple, tensors: dict[str, Tensor]) -> None:
+        self.key = key
+        self.tensors = tensors
+        self.alone = {n: _holders(t) for n, t in tensors.items()}
+
+    def free(self) -> bool:
+        return all(self.alone[n] >= 0 and _holders(t) == self.alone[n] for n, t in self.tensors.items())
+
+
+_sets: list[_SetEntry] = []
+
+
+def acquire_set(specs: dict[str, tuple[tuple[int, ...], torch.dtype, torch.device]]) -> dict[str, Tensor]:
+    """Uninitialized contiguous tensors ``name -> [*shape]``, each with its own storage (so
+    saving or keeping one never drags the others along), from a pooled set of exactly these
+    shapes of which no caller holds any tensor (or view), else newly allocated (and pooled).
+
+    Args:
+        specs: name -> ``(shape, dtype, device)``.
+
+    Returns:
+        name -> a view of the pooled tensor (the set counts as held while any view lives).
+    """
+    key = tuple((n, tuple(shape), dt, torch.device(dv)) for n, (shape, dt, dv) in specs.items())
+    if MAX_BUFFERS <= 0 or _use_count is None:
+        return {n: torch.empty(shape, dtype=dt, device=dv) for n, shape, dt, dv in key}
+    with _lock:
+        for k, e in enumerate(_sets):
+            if e.key == key and e.free():
+                _sets.append(_sets.pop(k))  # most recently used last
+                return {n: t.view(t.shape) for n, t in e.tensors.items()}
+        # A miss: give back the free sets (other shapes) before allocating.
+        _sets[:] = [e for e in _sets if not e.free()]
+        tensors = {n: torch.empty(shape, dtype=dt, device=dv) for n, shape, dt, dv in key}
+        _sets.append(_SetEntry(key, tensors))
+        del _sets[: max(0, len(_sets) - MAX_BUFFERS)]
+        return {n: t.view(t.shape) for n, t in tensors.items()}
+
+
 def release() -> None:
     """Drop every pooled buffer (memory held by callers stays theirs)."""
     with _lock:
         _pool.clear()
+        _sets.clear()
 
 
 def pooled_bytes() -> int:
     """Bytes of all buffers the pool holds (held by callers or free)."""
     with _lock:
-        return sum(e.buf.numel() * e.buf.element_size() for es in _pool.values() for e in es)
+        flat = sum(e.buf.numel() * e.buf.element_size() for es in _pool.values() for e in es)
+        return flat + sum(t.numel() * t.element_size() for e in _sets for t in e.tensors.values())
 
 
 class Workspace:
-    """A buffer owned by the caller; every call that writes into it overwrites it.
+    """Buffers owned by the caller; every call that writes into them overwrites them.
 
-    Pass it as ``workspace=`` to opt in to results that are views of this buffer (see the
-    module docs). It grows when a call needs more room (it never shrinks), and follows the
-    dtype and device the call asks for.
+    Pass it as ``workspace=`` to opt in to results that are these buffers (see the module
+    docs). A buffer is reallocated when a call needs another shape, dtype or device.
     """
 
     def __init__(self) -> None:
-        self._bufs: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+        self._set: dict[str, Tensor] = {}
 
-    def take(self, numel: int, *, dtype: torch.dtype, device: torch.device | str) -> Tensor:
-        """A flat ``[numel]`` view of its buffer for this dtype and device (uninitialized;
-        previous results in it are overwritten)."""
-        key = (torch.device(device), dtype)
-        buf = self._bufs.get(key)
-        if buf is None or buf.numel() < numel:
-            self._bufs.pop(key, None)  # let the old buffer go before allocating the new one
-            buf = self._bufs[key] = torch.empty(numel, dtype=dtype, device=key[0])
-        return buf[:numel]
+    def take_set(self, specs: dict[str, tuple[tuple[int, ...], torch.dtype, torch.device]]) -> dict[str, Tensor]:
+        """Tensors ``name -> [*shape]`` (uninitialized; the previous call's results in them
+        are overwritten), reallocated when a name's shape, dtype or device changes."""
+        out = {}
+        for n, (shape, dt, dv) in specs.items():
+            t = self._set.get(n)
+            if t is None or tuple(t.shape) != tuple(shape) or t.dtype != dt or t.device != torch.device(dv):
+                self._set.pop(n, None)
+                t = self._set[n] = torch.empty(shape, dtype=dt, device=dv)
+            out[n] = t
+        return out
 
     @property
     def nbytes(self) -> int:
         """Bytes held (0 before the first use)."""
-        return sum(b.numel() * b.element_size() for b in self._bufs.values())
-
-
-def take(numel: int, *, dtype: torch.dtype, device: torch.device | str, workspace: Workspace | None = None) -> Tensor:
-    """``workspace.take(...)`` when a workspace is given, else :func:`acquire` from the pool."""
-    if workspace is not None:
-        return workspace.take(numel, dtype=dtype, device=device)
-    return acquire(numel, dtype=dtype, device=device)
+        return sum(t.numel() * t.element_size() for t in self._set.values())

@@ -24,8 +24,8 @@ def _batch(seed: int, b: int = 5):
     return torch.randn(b, 6, generator=g), torch.randint(0, 3, (b,), generator=g)
 
 
-def _ptr(grads: dict) -> int:
-    return min(g.data_ptr() for g in grads.values())
+def _ptr(grads: dict) -> tuple:
+    return tuple(g.data_ptr() for g in grads.values())
 
 
 @pytest.fixture(autouse=True)
@@ -89,6 +89,14 @@ def test_workspace_opt_in_overwrites_and_is_exact():
     for n in g1:  # the opt-in: g1 now holds the second batch's gradients
         torch.testing.assert_close(g1[n], g2[n], rtol=0, atol=0)
     assert ws.nbytes == 4 * 5 * sum(p.numel() for p in model.parameters())
+
+
+def test_each_parameter_has_its_own_storage():
+    """Saving or keeping one parameter's results never drags the whole B x P buffer along."""
+    model = _model()
+    g = gs.per_example_gradients(model, CE, *_batch(1))
+    for n, t in g.items():
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), n
 
 
 def test_chunks_write_their_rows_of_one_buffer():

@@ -45,6 +45,73 @@ def _cell(mode: str, gi: Tensor, gh: Tensor, h: Tensor, c: Tensor | None) -> tup
     return torch.sigmoid(o) * torch.tanh(c), c
 
 
+def _lstm_forward_steps(
+    gi: Tensor, h: Tensor, c: Tensor, w_hh_t: Tensor, act: Tensor, tcs: Tensor, prev_h: Tensor, prev_c: Tensor,
+    out: Tensor, reverse: bool,
+) -> tuple[Tensor, Tensor]:
+    """One direction's steps without masks or projection, writing into preallocated
+    ``act [T, B, 4H]``, ``tcs``, ``prev_h``, ``prev_c`` and ``out`` (time-major); 7 ops a step.
+
+    Returns:
+        the last ``h`` and ``c`` ``[B, H]``.
+    """
+    t, hsz = act.shape[0], act.shape[2] // 4
+    gis, acts, tcl, outl = gi.unbind(1), act.unbind(0), tcs.unbind(0), out.unbind(0)
+    cs = torch.empty_like(tcs)
+    csl = cs.unbind(0)
+    a_i, a_f, a_g, a_o = (act[..., j * hsz : (j + 1) * hsz].unbind(0) for j in range(4))
+    gates = gi.new_empty(gi.shape[0], 4 * hsz)
+    gates_g = gates[:, 2 * hsz : 3 * hsz]
+    order = range(t - 1, -1, -1) if reverse else range(t)
+    h0, c0 = h, c
+    for s in order:
+        torch.addmm(gis[s], h, w_hh_t, out=gates)
+        torch.sigmoid(gates, out=acts[s])
+        torch.tanh(gates_g, out=a_g[s])
+        c = torch.addcmul(a_f[s] * c, a_i[s], a_g[s], out=csl[s])
+        h = torch.mul(a_o[s], torch.tanh(c, out=tcl[s]), out=outl[s])
+    if reverse:
+        prev_h[:-1], prev_h[-1] = out[1:], h0
+        prev_c[:-1], prev_c[-1] = cs[1:], c0
+    else:
+        prev_h[0], prev_h[1:] = h0, out[:-1]
+        prev_c[0], prev_c[1:] = c0, cs[:-1]
+    return h, c
+
+
+def _lstm_backward_steps(
+    dy: Tensor, dh: Tensor, dc: Tensor, k_c: Tensor, k_ifg: Tensor, k_o: Tensor, f: Tensor, w_hh: Tensor,
+    dg_all: Tensor, reverse: bool,
+) -> tuple[Tensor, Tensor]:
+    """One direction's backward steps without masks or projection, writing the gate
+    gradients into ``dg_all [B, T, 4H]``; 6 ops a step.
+
+    Args:
+        dy: ``[B, T, H]`` output gradients; dh, dc: ``[B, H]`` gradients of the last state;
+        k_c, k_o, f: ``[T, B, H]``; k_ifg: ``[T, B, 3, H]`` (see :func:`_lstm_backward`).
+
+    Returns:
+        the gradients of the initial ``h`` and ``c``.
+    """
+    b, t, g4 = dg_all.shape
+    hsz = g4 // 4
+    if t == 0:
+        return dh, dc
+    dyl, kc, kifg, ko, fl = dy.unbind(1), k_c.unbind(0), k_ifg.unbind(0), k_o.unbind(0), f.unbind(0)
+    dgl = dg_all.unbind(1)
+    dg_ifg = dg_all[:, :, : 3 * hsz].unflatten(2, (3, hsz)).unbind(1)
+    dg_o = dg_all[:, :, 3 * hsz :].unbind(1)
+    order = list(range(t)) if reverse else list(range(t - 1, -1, -1))
+    dh_new = dh + dyl[order[0]]
+    for j, s in enumerate(order):
+        dc_tot = torch.addcmul(dc, dh_new, kc[s])
+        torch.mul(dc_tot.unsqueeze(1), kifg[s], out=dg_ifg[s])
+        torch.mul(dh_new, ko[s], out=dg_o[s])
+        dh_new = torch.addmm(dyl[order[j + 1]], dgl[s], w_hh) if j + 1 < t else dgl[s] @ w_hh
+        dc = dc_tot * fl[s]
+    return dh_new, dc
+
+
 def _lstm_forward(
     module: nn.LSTM, x: Tensor, h0: Tensor, c0: Tensor, masks: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor, list[dict]]:
@@ -82,6 +149,14 @@ def _lstm_forward(
             units = gi.new_empty(t, b, hsz) if w_hr is not None else None
             out = gi.new_zeros(t, b, psz)
             w_hh_t = w_hh.T
+            if masks is None and w_hr is None:  # the common case: fewer, preallocated ops a step
+                h, c = _lstm_forward_steps(gi, h, c, w_hh_t, act, tcs, prev_h, prev_c, out, r == 1)
+                outs.append(out)
+                h_last.append(h)
+                c_last.append(c)
+                saved.append({"sfx": sfx, "k": k, "r": r, "in": layer_in, "act": act, "tc": tcs, "ph": prev_h,
+                              "pc": prev_c, "u": units, "w_ih": w_ih, "w_hh": w_hh, "w_hr": w_hr})
+                continue
             for s in (range(t - 1, -1, -1) if r else range(t)):
                 prev_h[s], prev_c[s] = h, c
                 gates = torch.addmm(gi[:, s], h, w_hh_t)
@@ -145,7 +220,9 @@ def _lstm_backward(
             dg_all = act.new_empty(b, t, 4 * hsz)
             dhp = act.new_empty(b, t, psz) if sv["w_hr"] is not None else None
             w_hh, w_hr = sv["w_hh"], sv["w_hr"]
-            for s in (range(t) if r else range(t - 1, -1, -1)):
+            if masks is None and w_hr is None:
+                dh, dc = _lstm_backward_steps(dy, dh, dc, k_c, k_ifg, k_o, f, w_hh, dg_all, r == 1)
+            for s in (range(t) if r else range(t - 1, -1, -1)) if not (masks is None and w_hr is None) else ():
                 if masks is None:
                     dh_new, dc_new = dh + dy[:, s], dc
                 else:

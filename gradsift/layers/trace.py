@@ -306,6 +306,9 @@ class BatchTrace(TorchFunctionMode):
             return self._embedding_bag(args, kwargs, result)
         if name in ("index_select", "__getitem__") and isinstance(args[0], Tensor):
             src = args[0]
+            if name == "__getitem__" and not any(isinstance(v, Tensor) for v in (
+                    args[1] if isinstance(args[1], tuple) else (args[1],))):
+                return False  # basic indexing: the ordinary rules
             order = self._batch_order(src)
             if order is None or order[0] != "padded":
                 return False
