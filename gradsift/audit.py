@@ -66,7 +66,7 @@ training (the two AUM runs took 4x the audit's time on MNIST-1D) and works with 
 distance to the nearest neighbour in input space (Euclidean; exact copies score highest).
 Every example is tested, so the cut-off controls the family-wise error: the Bonferroni
 z for ``duplicate_alpha`` (default 0.05) over ``N`` examples, ``Phi^-1(1 - alpha / N)``
-(3.9 for 1800 examples). ``near_duplicate_of`` is the neighbour's ``example_id`` for flagged
+(4.0 for 1500 examples). ``near_duplicate_of`` is the neighbour's ``example_id`` for flagged
 rows, -1 otherwise.
 """
 

@@ -390,6 +390,15 @@ class RunDir:
             raise
         return checkpoint
 
+    def _refuse_differences(self, old: dict, config: dict, may_differ: set, elsewhere: str) -> None:
+        """``--resume``: refuse ``config`` where it differs from the manifest's ``old`` one
+        (beyond ``may_differ``), listing the differences; ``elsewhere`` names where a new run goes."""
+        diffs = config_differences(old.get("config") or {}, config, may_differ=may_differ)
+        if diffs:
+            raise RunDirError(f"--resume: the run in {self.path} was made with a different config: "
+                              + "; ".join(diffs) + ". Resume with the same options, or start a new run "
+                              f"({elsewhere}, or --overwrite)")
+
     def _check(self, config: dict, *, resume: bool, overwrite: bool, merge: bool, may_differ: set,
                job: bool = False) -> dict | None:
         old = self.read_manifest()
@@ -398,11 +407,7 @@ class RunDir:
                 held = ", ".join(self.contents()) or "nothing"
                 raise RunDirError(f"--resume: {self.path} holds no run to continue (it holds {held}); "
                                   "drop --resume to start a new run")
-            diffs = config_differences(old.get("config") or {}, config, may_differ=may_differ)
-            if diffs:
-                raise RunDirError(f"--resume: the run in {self.path} was made with a different config: "
-                                  + "; ".join(diffs) + ". Resume with the same options, or start a new run "
-                                  "(another directory, or --overwrite)")
+            self._refuse_differences(old, config, may_differ, "another directory")
             return None
         if job and not overwrite and JobCheckpoints(self).exist():
             raise RunDirError(f"{self.path} holds an interrupted run ({JOB_DIR}/ has its finished pieces); "
@@ -412,11 +417,7 @@ class RunDir:
                 held = ", ".join(self.contents()) or "nothing"
                 raise RunDirError(f"--resume: {self.path} has no checkpoint.pt to continue from (it holds {held}); "
                                   "drop --resume to start a new run (with --overwrite to replace what is there)")
-            diffs = config_differences(old.get("config") or {}, config, may_differ=may_differ)
-            if diffs:
-                raise RunDirError(f"--resume: the run in {self.path} was made with a different config: "
-                                  + "; ".join(diffs) + ". Resume with the same options, or start a new run "
-                                  "(another --run-dir, or --overwrite)")
+            self._refuse_differences(old, config, may_differ, "another --run-dir")
             checkpoint = self.load_checkpoint()
             done, target = checkpoint.get("epoch"), config.get("epochs")
             if isinstance(done, int) and isinstance(target, int) and target < done:

@@ -305,6 +305,20 @@ ISSUE_16 = [
     ("csv, only a label column", file_case("d.csv", b"label\n1\n0\n1\n0\n"), "feature", None),
     ("csv, duplicate label header", file_case("e.csv", b"f1,label,label\n0.5,1,0\n0.2,0,1\n0.1,0,1\n0.3,1,0\n"),
      "label", None),
+    ("scores --resume, nothing to resume", lambda t, p: ["scores", "--resume", "--run-dir", str(p / "none")],
+     "holds no run to continue", None),
+    ("scores --resume --overwrite", lambda t, p: ["scores", "--resume", "--overwrite", "--run-dir", str(p / "s")],
+     "choose one", None),
+    ("scores --resume into a training run", lambda t, p: ["scores", "--resume", "--run-dir", str(_copy(t, p))],
+     "different config", None),
+    ("pruning-curve into a training run", lambda t, p: ["pruning-curve", "--dataset", "digits", "--out", str(_copy(t, p))],
+     "already holds a run", None),
+    ("pruning-curve --resume, nothing to resume", lambda t, p: ["pruning-curve", "--dataset", "digits", "--resume",
+                                                                "--out", str(p / "none")], "holds no run to continue", None),
+    ("memorization into a training run", lambda t, p: ["memorization", "--epochs", "1", "--out", str(_copy(t, p))],
+     "already holds a run", None),
+    ("issues --resume, nothing to resume", lambda t, p: ["issues", "--resume", "--out", str(p / "i.csv")],
+     "holds no run to continue", None),
     ("memorization --n-train 100000", lambda t, p: ["memorization", "--n-train", "100000", "--epochs", "1",
                                                     "--out", str(p / "m")], "n_train (--n-train) is 100000, but digits has", None),
 ]
@@ -343,3 +357,9 @@ def test_npz_string_labels_are_class_names(tmp_path):
     bad = _npz(tmp_path, "m.npz", x=X, y=np_.array(["cat", "1", "emu"] * 10))
     code, text = invoke("train", "--dataset", bad, "--epochs", "1", "-q", "--run-dir", str(tmp_path / "r2"))
     assert code == 2 and "error: " in text, text
+
+
+def test_issues_resume_with_nothing_leaves_no_folder(tmp_path):
+    code, text = invoke("issues", "--resume", "--out", str(tmp_path / "i.csv"))
+    assert code == 2 and "holds no run to continue" in text
+    assert list(tmp_path.iterdir()) == []

@@ -380,3 +380,24 @@ def test_sifter_loop_equals_fit_fused_and_chained(digits_small, agg, fuse):
         sifter.end_epoch()
     assert sifter.fused == fuse and fitted.trainer.fused == fuse
     assert_same_params(model, fitted.model)
+
+
+@pytest.mark.parametrize("agg", ["mean", "winsorize:c=2"])
+def test_bf16_autocast_on_cpu_is_used_and_close_to_fp32(digits_small, agg):
+    """precision='bf16' runs the forward under CPU bfloat16 autocast: the losses differ
+    from fp32 (so autocast is on) by bfloat16's rounding, the update stays close and
+    lands in the float32 .grad."""
+    tr, _ = digits_small
+    x, y = tr.tensors()
+    out = {}
+    for precision in ("fp32", "bf16"):
+        model = make_model(1)
+        losses = gs.Sifter(model, LOSS, aggregator=agg, precision=precision).backward(x[:40], y[:40])
+        out[precision] = losses, {n: p.grad for n, p in model.named_parameters()}
+    (l32, g32), (l16, g16) = out["fp32"], out["bf16"]
+    assert not torch.equal(l32, l16)
+    torch.testing.assert_close(l16.float(), l32, atol=0.05, rtol=0.02)
+    for n in g32:
+        assert g16[n].dtype == torch.float32
+        rel = float((g16[n] - g32[n]).norm() / g32[n].norm())
+        assert rel < 0.05, (n, rel)

@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from ..errors import GradsiftError
 from .common import UsageError, out_console, show_progress
 from .options import (Dataset, Encoding, LabelColumn, LabelNoise, NoiseRate, Overwrite, Quiet, Resume, Seed, Width,
                       noise_rate_for)
@@ -53,9 +54,14 @@ def issues(
     train_data, _ = data_mod.load(dataset, seed=seed, label_column=label_column, encoding=encoding)
     train_data = data_mod.corrupt(train_data, label_noise, noise_rate, seed=seed)
     work = RunDir(out.with_name(out.stem + ".checkpoints"))
-    work.start({"command": "issues", "dataset": dataset, "data": fingerprint(train_data), "label_noise": label_noise,
-                "noise_rate": noise_rate, "folds": folds, "epochs": epochs, "width": width, "seed": seed},
-               resume=resume, overwrite=overwrite, job=True, may_differ=())
+    try:
+        work.start({"command": "issues", "dataset": dataset, "data": fingerprint(train_data),
+                    "label_noise": label_noise, "noise_rate": noise_rate, "folds": folds, "epochs": epochs,
+                    "width": width, "seed": seed}, resume=resume, overwrite=overwrite, job=True, may_differ=())
+    except GradsiftError:
+        if not work.contents():  # refused before anything was there: leave no empty folder behind
+            shutil.rmtree(work.path, ignore_errors=True)
+        raise
     try:
         with progress_scope(show_progress(quiet)), checkpointing(work):
             result = rank_label_issues(train_data, method=method, folds=folds, epochs=epochs, width=width,
