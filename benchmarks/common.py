@@ -231,6 +231,13 @@ class Target:
         ok = self.value <= self.threshold if self.op == "<=" else self.value >= self.threshold
         return "MET" if ok else "MISSED"
 
+    @classmethod
+    def of_ratio(cls, issue: str, name: str, top: "Timing", bottom: "Timing", op: str, threshold: float,
+                 threads: int | None, *, digits: int = 1, note: str = "") -> "Target":
+        """The target ``top / bottom  op  threshold``, with both times in its detail."""
+        return cls(issue, name, ratio(top, bottom), op, threshold, threads,
+                   f"{ms(top):.{digits}f} vs {ms(bottom):.{digits}f} ms{note}")
+
     def render(self) -> str:
         thr = f"{self.threads} thr" if self.threads else "-"
         val = "n/a" if self.value is None or not math.isfinite(self.value) else f"{self.value:.3g}"

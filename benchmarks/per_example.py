@@ -154,18 +154,18 @@ def run_grads(threads: int, s: C.Settings) -> C.Section:
                              C.ratio(t["torch.func"], t[k]), peaks.get(k, float("nan"))])
         g, tf = t["gradsift"], t["torch.func"]
         if name == "mlp":
-            sec.targets.append(C.Target("14", f"per-example grads MLP B={b}: gradsift / floor", C.ratio(g, t["floor"]),
-                                        "<=", 1.3, threads, f"{C.ms(g):.1f} vs {C.ms(t['floor']):.1f} ms"))
-            sec.targets.append(C.Target("14", f"per-example grads MLP B={b}: torch.func / gradsift", C.ratio(tf, g),
-                                        ">=", 3, threads, f"{C.ms(tf):.1f} vs {C.ms(g):.1f} ms"))
+            sec.targets.append(C.Target.of_ratio("14", f"per-example grads MLP B={b}: gradsift / floor", g, t["floor"],
+                                                 "<=", 1.3, threads))
+            sec.targets.append(C.Target.of_ratio("14", f"per-example grads MLP B={b}: torch.func / gradsift", tf, g,
+                                                 ">=", 3, threads))
             if peaks:
                 budget = b * p * 4 / 2**20 + peaks["plain fwd+bwd"]
                 sec.targets.append(C.Target("14", f"per-example grads MLP B={b}: peak MB / (one BxP workspace + plain fwd/bwd)",
                                             peaks["gradsift"] / budget, "<=", 1.0, threads,
                                             f"{peaks['gradsift']:.0f} MB vs {budget:.0f} MB"))
         else:
-            sec.targets.append(C.Target("14", f"per-example grads {name.upper()} B={b}: torch.func / gradsift",
-                                        C.ratio(tf, g), ">=", 2, threads, f"{C.ms(tf):.1f} vs {C.ms(g):.1f} ms"))
+            sec.targets.append(C.Target.of_ratio("14", f"per-example grads {name.upper()} B={b}: torch.func / gradsift",
+                                                 tf, g, ">=", 2, threads))
     sec.tables.append(tab)
     return sec
 
@@ -181,9 +181,8 @@ def run_norms(threads: int, s: C.Settings) -> C.Section:
         t = C.compare({k: (lambda f=f: f(x, y)) for k, f in methods.items()}, s)
         for k in methods:
             tab.rows.append([name, b, C.method_cell(k, t[k], tab, f"{name} B={b}"), C.ms(t[k]), C.ratio(t[k], t["plain backward"])])
-        sec.targets.append(C.Target("14", f"per-example norms {name} B={b}: gradsift / plain backward",
-                                    C.ratio(t["gradsift norms"], t["plain backward"]), "<=", 1.5, threads,
-                                    f"{C.ms(t['gradsift norms']):.1f} vs {C.ms(t['plain backward']):.1f} ms"))
+        sec.targets.append(C.Target.of_ratio("14", f"per-example norms {name} B={b}: gradsift / plain backward",
+                                             t["gradsift norms"], t["plain backward"], "<=", 1.5, threads))
     sec.tables.append(tab)
     return sec
 

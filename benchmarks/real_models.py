@@ -190,16 +190,15 @@ def run(threads: int, s: C.Settings, models: tuple[str, ...] = MODELS) -> C.Sect
             grads_tab.rows.append([name, p, C.method_cell(k, t[k], grads_tab, name), C.ms(t[k]), C.ratio(t[k], g)])
         opk = next(k for k in grads if k.startswith("opacus"))
         if name == "lstm":
-            sec.targets.append(C.Target("12", "real models: LSTM per-example grads, loop / gradsift", C.ratio(t["loop"], g),
-                                        ">=", 3, threads, f"{C.ms(t['loop']):.0f} vs {C.ms(g):.0f} ms"))
+            sec.targets.append(C.Target.of_ratio("12", "real models: LSTM per-example grads, loop / gradsift", t["loop"], g,
+                                                 ">=", 3, threads, digits=0))
         else:
             why = f"; opacus {t[opk].error}" if t[opk].error else ""
-            sec.targets.append(C.Target("12", f"real models: {name} per-example grads, opacus / gradsift", C.ratio(t[opk], g),
-                                        ">=", 2, threads, f"{C.ms(t[opk]):.0f} vs {C.ms(g):.0f} ms{why}"))
+            sec.targets.append(C.Target.of_ratio("12", f"real models: {name} per-example grads, opacus / gradsift", t[opk], g,
+                                                 ">=", 2, threads, digits=0, note=why))
         if name == "resnet18-gn":
-            sec.targets.append(C.Target("14", f"per-example grads RESNET18-GN B={B}: torch.func / gradsift",
-                                        C.ratio(t["torch.func"], g), ">=", 2, threads,
-                                        f"{C.ms(t['torch.func']):.0f} vs {C.ms(g):.0f} ms"))
+            sec.targets.append(C.Target.of_ratio("14", f"per-example grads RESNET18-GN B={B}: torch.func / gradsift",
+                                                 t["torch.func"], g, ">=", 2, threads, digits=0))
         paths: dict[str, str] = {}
         steps = {
             "plain step": plain_step(m[4], loss_fn),

@@ -127,8 +127,7 @@ def run(threads: int, s: C.Settings) -> C.Section:
                              pk / peaks["plain step"] if peaks else float("nan")])
 
         def tgt(k: str, thr: float) -> None:
-            sec.targets.append(C.Target("14", f"step B={b}: {k} / plain step", C.ratio(t[k], plain), "<=", thr,
-                                        threads, f"{C.ms(t[k]):.1f} vs {C.ms(plain):.1f} ms"))
+            sec.targets.append(C.Target.of_ratio("14", f"step B={b}: {k} / plain step", t[k], plain, "<=", thr, threads))
 
         tgt("clip 1 > mean", 1.3)
         tgt("dp_sgd (C=1, sigma=1)", 1.3)

@@ -92,6 +92,22 @@ def record(
     def pre_hook(module, args):
         trace.depth += 1
 
+    def keep(name: str, a_first: Tensor, args: tuple, kwargs: dict, output: Tensor, tag: Tag, replaced):
+        """Capture one call of a single-output layer; returns what the forward hook hands
+        on (a copy of the output with ``clone_outputs``, else ``replaced`` or ``None``)."""
+        cap = captures[name]
+        cap.inputs.append(a_first.detach())
+        cap.args.append(args)
+        cap.kwargs.append(kwargs)
+        cap.outputs.append(output)
+        out_tags[name].append(tag)
+        versions.append((output, output._version))
+        if clone_outputs and output.requires_grad:
+            copy = output.clone()
+            trace.set(copy, tag)
+            return copy
+        return replaced
+
     def make_hook(name: str):
         rule = rule_for(layers[name])
 
@@ -107,18 +123,7 @@ def record(
             replaced = None
             if getattr(rule, "flat_input", False) and a.ndim == 1 and to == (0, 1):
                 # EmbeddingBag(flat, offsets): the trace checked that bag j holds example j's rows
-                cap = captures[name]
-                cap.inputs.append(a.detach())
-                cap.args.append(_detach(tuple(args)))
-                cap.kwargs.append(_detach(dict(kwargs)))
-                cap.outputs.append(output)
-                out_tags[name].append(to)
-                versions.append((output, output._version))
-                if clone_outputs and output.requires_grad:
-                    copy = output.clone()
-                    trace.set(copy, to)
-                    return copy
-                return None
+                return keep(name, a, _detach(tuple(args)), _detach(dict(kwargs)), output, to, None)
             if ta is None and to is None:
                 # An input shared by all examples (e.g. position_ids [1, T]): the output is
                 # broadcast against the batch downstream, and the trace checks that use.
@@ -143,18 +148,8 @@ def record(
                 return None
             else:
                 a_first = to_batch_first(a, ta, batch)
-            cap = captures[name]
-            cap.inputs.append(a_first.detach())
-            cap.args.append(tuple(_batch_first(trace, v, batch) for v in args))
-            cap.kwargs.append({k: _batch_first(trace, v, batch) for k, v in kwargs.items()})
-            cap.outputs.append(output)
-            out_tags[name].append(to)
-            versions.append((output, output._version))
-            if clone_outputs and output.requires_grad:
-                copy = output.clone()
-                trace.set(copy, to)
-                return copy
-            return replaced
+            return keep(name, a_first, tuple(_batch_first(trace, v, batch) for v in args),
+                        {k: _batch_first(trace, v, batch) for k, v in kwargs.items()}, output, to, replaced)
 
         return hook
 
