@@ -31,6 +31,11 @@ def _cli(*args):
     return [sys.executable, "-m", "gradsift", *map(str, args)]
 
 
+def _run(*args) -> subprocess.CompletedProcess:
+    """``gradsift ARGS`` in a subprocess, to completion (10 min at most)."""
+    return subprocess.run(_cli(*args), env=_env(), capture_output=True, text=True, timeout=600)
+
+
 def _data(tmp_path: Path) -> str:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(240, 6)).astype(np.float32)
@@ -55,8 +60,7 @@ def test_scores_killed_then_resumed_equals_uninterrupted(tmp_path):
     data = _data(tmp_path)
     args = ["scores", "--dataset", data, "--scores", "el2n,memorization,forgetting", "--epochs", "12",
             "--mem-models", "3", "--width", "8", "-q"]
-    full = subprocess.run(_cli(*args, "--run-dir", tmp_path / "full"), env=_env(), capture_output=True, text=True,
-                          timeout=600)
+    full = _run(*args, "--run-dir", tmp_path / "full")
     assert full.returncode == 0, full.stderr[-3000:]
     part = tmp_path / "part"
     # memorization's models are the second K-model training: kill after its 2nd epoch's checkpoint
@@ -66,17 +70,15 @@ def test_scores_killed_then_resumed_equals_uninterrupted(tmp_path):
     assert (part / "checkpoints" / "members-000.pt").exists()  # the Data Diet models, finished
     done = torch.load(part / "checkpoints" / "members-001.pt", weights_only=True)["epoch"]
     assert 1 <= done < 12
-    again = subprocess.run(_cli(*args, "--run-dir", part), env=_env(), capture_output=True, text=True, timeout=600)
+    again = _run(*args, "--run-dir", part)
     assert again.returncode == 2 and "pass --resume to continue it" in again.stderr, again.stderr[-3000:]
-    resumed = subprocess.run(_cli(*args, "--run-dir", part, "--resume"), env=_env(), capture_output=True,
-                             text=True, timeout=600)
+    resumed = _run(*args, "--run-dir", part, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a = pd.read_parquet(tmp_path / "full" / "scores.parquet")
     b = pd.read_parquet(part / "scores.parquet")
     pd.testing.assert_frame_equal(a, b)
     assert not (part / "checkpoints").exists()  # removed once finished
-    other = subprocess.run(_cli(*args[:-1], "--seed", "3", "--run-dir", part, "--resume"), env=_env(),
-                           capture_output=True, text=True, timeout=600)
+    other = _run(*args[:-1], "--seed", "3", "--run-dir", part, "--resume")
     assert other.returncode == 2 and "seed: 0 -> 3" in other.stderr, other.stderr[-3000:]
     assert "Traceback" not in other.stderr
 
@@ -126,19 +128,17 @@ def test_pruning_curve_killed_then_resumed_and_reruns_checked(tmp_path):
     data = _data(tmp_path)
     args = ["pruning-curve", "--dataset", data, "--scores", "el2n,random", "--fractions", "0.5,1.0", "--seeds", "2",
             "--epochs", "12", "--width", "8", "-q"]
-    full = subprocess.run(_cli(*args, "--out", tmp_path / "full"), env=_env(), capture_output=True, text=True,
-                          timeout=600)
+    full = _run(*args, "--out", tmp_path / "full")
     assert full.returncode == 0, full.stderr[-3000:]
     part = tmp_path / "part"
     killed = _kill_when(_cli(*args, "--out", part), part / "checkpoints" / "members-001.pt")  # retraining at 0.5
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    resumed = subprocess.run(_cli(*args, "--out", part, "--resume"), env=_env(), capture_output=True, text=True,
-                             timeout=600)
+    resumed = _run(*args, "--out", part, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a = json.loads((tmp_path / "full" / "summary.json").read_text())
     b = json.loads((part / "summary.json").read_text())
     assert a["results"] == b["results"]
-    again = subprocess.run(_cli(*args, "--out", part), env=_env(), capture_output=True, text=True, timeout=600)
+    again = _run(*args, "--out", part)
     assert again.returncode == 2 and "already holds a run" in again.stderr and "--overwrite" in again.stderr
     assert "Traceback" not in again.stderr
 
@@ -146,20 +146,17 @@ def test_pruning_curve_killed_then_resumed_and_reruns_checked(tmp_path):
 @pytest.mark.slow  # four CLI runs of six trainings each (about 1 min of CPU); the quick check is below
 def test_memorization_killed_then_resumed(tmp_path):
     args = ["memorization", "--epochs", "3", "--width", "8", "--n-train", "60", "-q"]
-    full = subprocess.run(_cli(*args, "--out", tmp_path / "full"), env=_env(), capture_output=True, text=True,
-                          timeout=600)
+    full = _run(*args, "--out", tmp_path / "full")
     assert full.returncode == 0, full.stderr[-3000:]
     part = tmp_path / "part"
     killed = _kill_when(_cli(*args, "--out", part), part / "runs" / "real-winsorize" / "checkpoint.pt")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    resumed = subprocess.run(_cli(*args, "--out", part, "--resume"), env=_env(), capture_output=True, text=True,
-                             timeout=600)
+    resumed = _run(*args, "--out", part, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a = json.loads((tmp_path / "full" / "summary.json").read_text())
     b = json.loads((part / "summary.json").read_text())
     assert a["runs"] == b["runs"] and a["config"]["n_train"] == 60
-    other = subprocess.run(_cli(*args[:-1], "--epochs", "4", "--out", part, "--resume"), env=_env(),
-                           capture_output=True, text=True, timeout=600)
+    other = _run(*args[:-1], "--epochs", "4", "--out", part, "--resume")
     assert other.returncode == 2 and "different config" in other.stderr, other.stderr[-3000:]
 
 
@@ -180,17 +177,15 @@ def test_memorization_out_is_one_run(tmp_path):
 def test_issues_killed_then_resumed_equals_uninterrupted(tmp_path):
     data = _data(tmp_path)
     args = ["issues", "--dataset", data, "--folds", "3", "--epochs", "15", "--width", "8", "-q"]
-    full = subprocess.run(_cli(*args, "--out", tmp_path / "full.csv"), env=_env(), capture_output=True, text=True,
-                          timeout=600)
+    full = _run(*args, "--out", tmp_path / "full.csv")
     assert full.returncode == 0, full.stderr[-3000:]
     assert not (tmp_path / "full.checkpoints").exists()
     out = tmp_path / "part.csv"
     killed = _kill_when(_cli(*args, "--out", out), tmp_path / "part.checkpoints" / "checkpoints" / "members-000.pt")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    again = subprocess.run(_cli(*args, "--out", out), env=_env(), capture_output=True, text=True, timeout=600)
+    again = _run(*args, "--out", out)
     assert again.returncode == 2 and "pass --resume to continue it" in again.stderr, again.stderr[-3000:]
-    resumed = subprocess.run(_cli(*args, "--out", out, "--resume"), env=_env(), capture_output=True, text=True,
-                             timeout=600)
+    resumed = _run(*args, "--out", out, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "full.csv"), pd.read_csv(out))
     assert not (tmp_path / "part.checkpoints").exists()
