@@ -31,11 +31,14 @@ def test_robust_z_and_knn_by_hand():
     d, pos = knn_distances(np.array([[0.0], [1.0], [3.0], [3.0]]), 2)
     np.testing.assert_allclose(d, [[1, 3], [1, 2], [0, 2], [0, 2]])
     assert pos[2, 0] == 3 and pos[3, 0] == 2 and pos[0, 0] == 1
-    # one-sided: median 3, upper deviations [0, 1, 97] -> MAD of the upper half 1
-    np.testing.assert_allclose(upper_robust_z(np.array([1.0, 2.0, 3.0, 4.0, 100.0])),
-                               (np.array([1, 2, 3, 4, 100.0]) - 3) / 1.4826)
-    np.testing.assert_allclose(upper_robust_z(np.array([0.0, 2.9, 3.0, 5.0, 7.0])),
-                               (np.array([0.0, 2.9, 3.0, 5.0, 7.0]) - 3) / (1.4826 * 2))
+    # one-sided: median 3; numpy's 90th percentile of [1, 2, 3, 4, 100] is 4 + 0.6 * 96
+    v = np.array([1.0, 2.0, 3.0, 4.0, 100.0])
+    np.testing.assert_allclose(upper_robust_z(v), (v - 3) / ((4 + 0.6 * 96 - 3) / 1.2815515655446004))
+    # tail=0.5 is the median itself: zero scale, falls back to the standard deviation
+    np.testing.assert_allclose(upper_robust_z(v, tail=0.5), (v - 3) / v.std())
+    # the bulk of a large normal sample scores as a standard normal
+    z = upper_robust_z(np.random.default_rng(0).normal(5.0, 2.0, 200_000))
+    assert abs(np.quantile(z, 0.99) - 2.326) < 0.03
     # cosine: [1, 0] and [2, 0] are one direction (distance 0); [0, 1] is orthogonal (distance 1)
     assert feature_metric(np.zeros((3, 4))) == "cosine" and feature_metric(np.zeros((3, 2))) == "euclidean"
     d, _ = knn_distances(np.array([[1.0, 0], [2.0, 0], [0, 1.0]]), 1, metric="cosine")
