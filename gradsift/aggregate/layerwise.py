@@ -102,7 +102,8 @@ def _row_factors(p: LayerwisePlan, model: nn.Module, rec: layers.Recording,
     else:
         norms = {n: rec.losses.new_zeros(b) for n in trainable_parameters(model)}
     factors: dict[str, Tensor] = {}
-    for _, stage in p.scales:
+    last = len(p.scales) - 1
+    for i, (_, stage) in enumerate(p.scales):
         f = stage.row_scale.factors(norms, **{k: side[k] for k in stage.needs})  # type: ignore[union-attr]
         if f is None:
             return None
@@ -111,7 +112,8 @@ def _row_factors(p: LayerwisePlan, model: nn.Module, rec: layers.Recording,
         for n, v in f.items():
             v = v.to(rec.losses.device, rec.losses.dtype)
             factors[n] = factors[n] * v if n in factors else v
-            norms[n] = norms[n] * v.square()
+            if i < last:  # the norms as the next stage receives them
+                norms[n] = norms[n] * v.square()
     return factors
 
 
@@ -139,7 +141,7 @@ def layerwise_update(model: nn.Module, rec: layers.Recording, p: LayerwisePlan,
     names = layers.parameter_names(model, {n: c.module for n, c in rec.captures.items()})
     red = p.reducer[1]
     if red.weighted_sums is not None:
-        update = _weighted(model, rec, names, factors, red, b, shard)
+        update = _weighted(model, rec, names, factors, red, b, shard, norms_checked=p.needs_norms)
     else:
         update = _per_coordinate(model, rec, names, factors, red)
     if shard is not None and not _agree(shard, update is not None):
@@ -156,7 +158,11 @@ def _own(names: dict[tuple[str, str], str], lname: str) -> dict[str, str]:
     return {local: n for (l, local), n in names.items() if l == lname}
 
 
-def _weighted(model, rec, names, factors, red: Aggregator, b: int, shard: Shard | None) -> Grads | None:
+def _weighted(model, rec, names, factors, red: Aggregator, b: int, shard: Shard | None,
+              norms_checked: bool = False) -> Grads | None:
+    """The weighted sums, combined. ``norms_checked``: every per-example norm was seen to be
+    finite, so every per-example gradient is, and so are sums of them with finite weights
+    (a squared norm overflows long before such a sum): the final check is skipped."""
     form = red.weighted_sums
     dtype, device = rec.losses.dtype, rec.losses.device
     if shard is None:
@@ -164,7 +170,7 @@ def _weighted(model, rec, names, factors, red: Aggregator, b: int, shard: Shard 
     else:
         W = form.weights(shard.total, dtype, device)[:, shard.offset : shard.offset + b]
     k = W.shape[0]
-    spans = [_span(W[j]) for j in range(k)]
+    spans = [_span(W[j]) for j in range(k)] if k > 1 else [None]
     sums: dict[str, list[Tensor]] = {}
 
     def add(name: str, j: int, value: Tensor) -> None:
@@ -205,7 +211,7 @@ def _weighted(model, rec, names, factors, red: Aggregator, b: int, shard: Shard 
             stacked[n] = torch.stack([x if x is not None else par.new_zeros(par.shape) for x in parts])
     if shard is not None:
         stacked = shard.all_reduce(stacked)
-    if not _all_finite(stacked.values()):
+    if not norms_checked and not _all_finite(stacked.values()):
         return None
     return form.combine(stacked)
 
@@ -214,9 +220,12 @@ def _all_finite(tensors) -> bool:
     """Every value finite (a sum is non-finite when any term is: one pass, no bool mask;
     a finite sum that overflows only sends the batch to the materialized path). One
     host sync when the tensors share a device and dtype."""
-    sums = [t.sum() for t in tensors]
-    if not sums:
+    tensors = list(tensors)
+    if not tensors:
         return True
+    if sum(t.numel() for t in tensors) <= 1 << 16 and len({(t.device, t.dtype) for t in tensors}) == 1:
+        return bool(torch.isfinite(torch.cat([t.reshape(-1) for t in tensors]).sum()))  # few small ones
+    sums = [t.sum() for t in tensors]
     if all(s.device == sums[0].device and s.dtype == sums[0].dtype for s in sums):
         return bool(torch.isfinite(torch.stack(sums).sum()))
     return all(bool(torch.isfinite(s)) for s in sums)

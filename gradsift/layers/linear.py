@@ -139,11 +139,17 @@ class MatmulRule(LayerRule):
             return {}
         A, D = self.stacked(cap)
         out: Grads = {}
+        t = A.shape[2]
+        if t == 1:  # |g_i|^2 = |a_i|^2 |d_i|^2 per group; the bias's is |d_i|^2
+            d_sq = D.square().sum((2, 3))  # [B, G]
+            if "weight" in own:
+                out["weight"] = (A.square().sum((2, 3)) * d_sq).sum(1)
+            if "bias" in own:
+                out["bias"] = d_sq.sum(1)
+            return out
         if "weight" in own:
-            t, k, o = A.shape[2], A.shape[3], D.shape[3]
-            if t == 1:
-                out["weight"] = (A.square().sum((2, 3)) * D.square().sum((2, 3))).sum(1)
-            elif t * (k + o) < k * o:
+            k, o = A.shape[3], D.shape[3]
+            if t * (k + o) < k * o:
                 gram_a = A @ A.transpose(2, 3)  # [B, G, T, T]
                 gram_d = D @ D.transpose(2, 3)
                 out["weight"] = (gram_a * gram_d).sum((1, 2, 3))
