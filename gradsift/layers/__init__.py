@@ -34,6 +34,15 @@ activation is handled as such even when ``T == B``, and an operation that mixes 
 or that the trace cannot follow makes the engine fall back to :mod:`torch.func` for the
 whole model. :func:`explain` says which path a model takes and why.
 
+The trace costs about as much as the forward pass's own Python (0.6 ms of a 1.5 ms MLP
+forward), so it runs once per *signature*: the layers, the trainable parameters, every
+module's train/eval mode, the loss function and the shapes, dtypes and devices of the
+inputs. A recording with a signature already traced replays the verified calls without
+the trace: the same layers must be called the same number of times with the same shapes
+(else that pass is traced). Every :data:`RETRACE_EVERY`-th recording traces again, and
+:func:`forget_traces` drops a model's verdicts (a model whose forward branches on its
+data in ways that keep every layer's calls and shapes but change how examples mix).
+
 Your own layer
 --------------
 Register a :class:`LayerRule` for its type; only :meth:`LayerRule.grads` is required
@@ -86,10 +95,11 @@ from .model import (
     recording_norms_sq,
     unsupported_layers,
 )
-from .record import NotHookable, Recording, hooked_layers, record
+from .record import RETRACE_EVERY, NotHookable, Recording, forget_traces, hooked_layers, record
 from .trace import BatchTrace
 
 __all__ = [
+    "forget_traces", "RETRACE_EVERY",
     "BLOCK_ELEMENTS", "BatchTrace", "Capture", "Grads", "LayerRule", "MatmulRule", "NotHookable", "RULES",
     "Plan", "Recording", "check_hookable", "explain", "hook_norms_sq", "hook_per_example", "hooked_layers",
     "iter_layer_results", "layer_gram", "layer_grads", "layer_norms_sq", "layer_reduced",

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -42,6 +43,68 @@ class Recording:
     captures: dict[str, Capture]
 
 
+#: Every this-many-th recording of a verified signature runs the full batch trace again.
+RETRACE_EVERY = 100
+
+
+@dataclass
+class _Verified:
+    """What a traced recording of one signature found, for replaying it without the trace.
+
+    Attributes:
+        calls: layer name -> per call ``(input tag, output tag, input shape, output shape)``.
+        clone: outputs were handed on as copies (the model modifies one in place).
+        loss_fn: kept so its ``id`` in the signature stays unique while cached.
+        uses: recordings of this signature so far.
+    """
+
+    calls: dict[str, list[tuple[Tag, Tag, tuple[int, ...], tuple[int, ...]]]]
+    clone: bool
+    loss_fn: Any
+    uses: int = 0
+
+
+#: model -> signature -> what its traced recording found (see :func:`record`).
+_VERIFIED: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, _Verified]]" = weakref.WeakKeyDictionary()
+
+
+class _Mismatch(Exception):
+    """A replayed pass did not call the layers as the traced one did."""
+
+
+def _leaf_signature(v: Any) -> Any:
+    if isinstance(v, Tensor):
+        return (tuple(v.shape), v.dtype, v.device, v.requires_grad)
+    if isinstance(v, (tuple, list)):
+        return (type(v).__name__, *(_leaf_signature(x) for x in v))
+    if isinstance(v, dict):
+        return ("dict", *((k, _leaf_signature(x)) for k, x in v.items()))
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    raise _Mismatch  # something the signature cannot describe: always trace
+
+
+def _signature(model: nn.Module, layers: dict[str, nn.Module], loss_fn: LossFn, inputs: Inputs,
+               targets: Tensor) -> tuple | None:
+    """Everything a traced recording's verdict depends on, short of the values: the layers,
+    the trainable parameters, every module's train/eval mode, the loss function, autocast,
+    and the structure, shapes, dtypes and devices of the inputs and targets (``None``:
+    not describable, always trace)."""
+    try:
+        data = _leaf_signature((inputs, targets))
+    except _Mismatch:
+        return None
+    return (tuple((n, id(m)) for n, m in layers.items()),
+            tuple(id(p) for p in model.parameters() if p.requires_grad),
+            tuple(m.training for m in model.modules()),
+            id(loss_fn), torch.is_autocast_enabled(), data)
+
+
+def forget_traces(model: nn.Module) -> None:
+    """Drop what :func:`record` verified for ``model`` (its next recording traces again)."""
+    _VERIFIED.pop(model, None)
+
+
 def _detach(x: Any) -> Any:
     return tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, x)
 
@@ -79,6 +142,29 @@ def record(
     """
     layers = hooked_layers(model) if layers is None else layers
     batch = batch_size(inputs, targets)
+    key = _signature(model, layers, loss_fn, inputs, targets)
+    verified = _VERIFIED.get(model, {}).get(key) if key is not None else None
+    if verified is not None and (clone_outputs <= verified.clone):
+        verified.uses += 1
+        if verified.uses % RETRACE_EVERY:
+            rec = _replay(model, loss_fn, inputs, targets, layers, verified, batch)
+            if rec is not None:
+                return rec
+    rec = _record_traced(model, loss_fn, inputs, targets, layers, batch, clone_outputs=clone_outputs)
+    if key is not None and rec.verified is not None:
+        _VERIFIED.setdefault(model, {})[key] = rec.verified
+    return rec.recording
+
+
+@dataclass
+class _Traced:
+    recording: Recording
+    verified: _Verified | None  # None: some layer call cannot be replayed without the trace
+
+
+def _record_traced(model: nn.Module, loss_fn: LossFn, inputs: Inputs, targets: Tensor,
+                   layers: dict[str, nn.Module], batch: int, *, clone_outputs: bool) -> _Traced:
+    """:func:`record` under the batch trace."""
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     trace = BatchTrace(batch, trainable)
     trace.tag_inputs(inputs)
@@ -88,6 +174,9 @@ def record(
     extra_tags: dict[str, list[tuple[Tag, ...]]] = {name: [] for name in layers}
     problems: dict[str, str] = {}
     versions: list[tuple[Tensor, int]] = []
+    # per layer, per call: (input tag, output tag, shapes) of calls a replay can repeat
+    simple: dict[str, list[tuple[Tag, Tag, tuple[int, ...], tuple[int, ...]]]] = {name: [] for name in layers}
+    replayable = [True]
 
     def pre_hook(module, args):
         trace.depth += 1
@@ -115,13 +204,19 @@ def record(
             trace.depth -= 1
             a = args[0] if args else next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
             if rule.multi_output:
+                replayable[0] = False
                 return multi_hook(name, module, a, args, kwargs, output)
             if not isinstance(a, Tensor) or not isinstance(output, Tensor):
                 problems.setdefault(name, "its input or output is not a single tensor")
                 return None
             ta, to = trace.tag(a), trace.tag(output)
             replaced = None
+            if not (len(args) == 1 and not kwargs and ta is not None and ta == to and UNKNOWN != ta):
+                replayable[0] = False
+            else:
+                simple[name].append((ta, to, tuple(a.shape), tuple(output.shape)))
             if getattr(rule, "flat_input", False) and a.ndim == 1 and to == (0, 1):
+                replayable[0] = False
                 # EmbeddingBag(flat, offsets): the trace checked that bag j holds example j's rows
                 return keep(name, a, _detach(tuple(args)), _detach(dict(kwargs)), output, to, None)
             if ta is None and to is None:
@@ -223,6 +318,7 @@ def record(
             handles.append(m.register_forward_hook(make_hook(name), with_kwargs=True))
             rule = rule_for(m)
             if hasattr(rule, "record_forward") and "forward" not in m.__dict__:
+                replayable[0] = False
                 # the rule runs the layer itself, keeping what it needs (no second pass)
                 patched.append((m, None))
                 m.forward = own_forward(name, m, rule)
@@ -260,7 +356,15 @@ def record(
         raise NotHookable("a multi-output layer's output is modified in place")
     if not clone_outputs and any(t._version != v for t, v in versions):
         # A layer output was changed in place; its gradient must be taken before that.
-        return record(model, loss_fn, inputs, targets, layers, clone_outputs=True)
+        return _record_traced(model, loss_fn, inputs, targets, layers, batch, clone_outputs=True)
+    verified = _Verified(simple, clone_outputs, loss_fn) if replayable[0] else None
+    return _Traced(_finish(captures, out_tags, extra_tags, losses, outputs, batch), verified)
+
+
+def _finish(captures: dict[str, Capture], out_tags: dict[str, list[Tag]],
+            extra_tags: dict[str, list[tuple[Tag, ...]]], losses: Tensor, outputs: Any,
+            batch: int) -> Recording:
+    """The backward pass of a recording: each recorded output's gradient, batch first."""
     flat = [
         (cap, out, tag)
         for name, cap in captures.items()
@@ -297,6 +401,61 @@ def record(
         cap.outputs = []
         cap.extra_outputs = []
     return Recording(losses.detach(), _detach(outputs), captures)
+
+
+def _replay(model: nn.Module, loss_fn: LossFn, inputs: Inputs, targets: Tensor,
+            layers: dict[str, nn.Module], verified: _Verified, batch: int) -> Recording | None:
+    """:func:`record` without the batch trace, for a signature whose traced recording
+    verified every layer call: the same calls, with the same shapes, get the same batch
+    tags. ``None`` when this pass differs (other calls or shapes, a loss of the wrong
+    shape, an output modified in place without copies): the caller traces it."""
+    captures = {name: Capture(m) for name, m in layers.items()}
+    out_tags: dict[str, list[Tag]] = {name: [] for name in layers}
+    versions: list[tuple[Tensor, int]] = []
+
+    def make_hook(name: str):
+        expected = verified.calls[name]
+
+        def hook(module, args, kwargs, output):
+            i = len(out_tags[name])
+            if i >= len(expected) or len(args) != 1 or kwargs or not isinstance(output, Tensor):
+                raise _Mismatch
+            a = args[0]
+            ta, to, a_shape, o_shape = expected[i]
+            if not isinstance(a, Tensor) or a.shape != a_shape or output.shape != o_shape:
+                raise _Mismatch
+            a_first = to_batch_first(a, ta, batch).detach()
+            cap = captures[name]
+            cap.inputs.append(a_first)
+            cap.args.append((a_first,))
+            cap.kwargs.append({})
+            cap.outputs.append(output)
+            out_tags[name].append(to)
+            versions.append((output, output._version))
+            return output.clone() if verified.clone and output.requires_grad else None
+
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(name), with_kwargs=True) for name, m in layers.items()]
+    try:
+        with torch.enable_grad():
+            outputs = call_model(model, inputs)
+            losses = loss_fn(outputs, targets)
+    except _Mismatch:
+        return None
+    finally:
+        for h in handles:
+            h.remove()
+    if any(len(out_tags[name]) != len(calls) for name, calls in verified.calls.items()):
+        return None
+    if not isinstance(losses, Tensor) or losses.shape != (batch,):
+        return None
+    if any(t._version != v for t, v in versions):
+        return None
+    extra_tags: dict[str, list[tuple[Tag, ...]]] = {name: [()] * len(out_tags[name]) for name in layers}
+    for cap in captures.values():
+        cap.extra_outputs = [()] * len(cap.outputs)
+    return _finish(captures, out_tags, extra_tags, losses, outputs, batch)
 
 
 def _batch_first(trace: BatchTrace, v: Any, batch: int) -> Any:

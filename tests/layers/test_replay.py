@@ -1,0 +1,138 @@
+"""A recording whose signature was traced replays without the trace, and equals a traced one."""
+
+import copy
+import importlib
+
+import pytest
+import torch
+from torch import nn
+
+from gradsift import layers
+
+record_module = importlib.import_module("gradsift.layers.record")  # the module, not the function
+from .harness import check_per_example
+from .test_models import CE, TextModel
+
+
+class NoTrace:
+    """Stands in for BatchTrace where a test proves that no trace runs."""
+
+    def __init__(self, *a, **k):
+        raise AssertionError("the batch trace ran")
+
+
+def counting_trace(monkeypatch) -> list[int]:
+    runs = [0]
+    real = record_module.BatchTrace
+
+    class Counting(real):
+        def __init__(self, *a, **k):
+            runs[0] += 1
+            super().__init__(*a, **k)
+
+    monkeypatch.setattr(record_module, "BatchTrace", Counting)
+    return runs
+
+
+def assert_same(a: layers.Recording, b: layers.Recording) -> None:
+    torch.testing.assert_close(a.losses, b.losses, rtol=0, atol=0)
+    assert a.captures.keys() == b.captures.keys()
+    for name, ca in a.captures.items():
+        cb = b.captures[name]
+        assert len(ca.inputs) == len(cb.inputs) and len(ca.grad_outputs) == len(cb.grad_outputs), name
+        for u, v in zip([*ca.inputs, *ca.grad_outputs], [*cb.inputs, *cb.grad_outputs]):
+            torch.testing.assert_close(u, v, rtol=0, atol=0)
+
+
+def cnn():
+    return nn.Sequential(nn.Conv2d(1, 4, 3, stride=2), nn.ReLU(inplace=True), nn.Conv2d(4, 6, 3, groups=2),
+                         nn.GroupNorm(3, 6), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(24, 3))
+
+
+class SeqFirstLinear(nn.Module):
+    """A Linear on ``[T, B, d]`` (batch on axis 1) where T == B."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.lin(x.transpose(0, 1)).transpose(0, 1).sum(1)
+
+
+MODELS = {
+    "mlp": (lambda: nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)), lambda: torch.randn(5, 6)),
+    "text (shared layer, in-place relu)": (TextModel, lambda: torch.randint(0, 11, (6, 9))),
+    "cnn (in-place relu: outputs copied)": (cnn, lambda: torch.randn(5, 1, 9, 9)),
+    "sequence-first, T == B": (SeqFirstLinear, lambda: torch.randn(4, 4, 5)),
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_replay_equals_trace_and_skips_it(name, monkeypatch):
+    torch.manual_seed(0)
+    make, data = MODELS[name]
+    model, x = make(), data()
+    y = torch.randint(0, 3, (x.shape[0],))
+    traced = layers.record(model, CE, x, y)
+    monkeypatch.setattr(record_module, "BatchTrace", NoTrace)
+    assert_same(traced, layers.record(model, CE, x, y))
+    # and against the float64 loop (the harness records several times: trace, then replays)
+    monkeypatch.undo()
+    check_per_example(model, x, y, loss_fn=CE, methods=("hooks",))
+
+
+def test_new_signature_traces(monkeypatch):
+    model = nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.5), nn.Linear(8, 3))
+    runs = counting_trace(monkeypatch)
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+    layers.record(model, CE, x, y)
+    layers.record(model, CE, x, y)
+    assert runs[0] == 1
+    layers.record(model, CE, x[:4], y[:4])  # another batch size
+    model.eval()  # another mode
+    layers.record(model, CE, x, y)
+    layers.record(model, lambda o, t: CE(o, t) * 2, x, y)  # another loss function
+    model[0].weight.requires_grad_(False)  # other trainable parameters
+    layers.record(model, CE, x, y)
+    assert runs[0] == 5
+    layers.forget_traces(model)
+    layers.record(model, CE, x, y)
+    assert runs[0] == 6
+
+
+def test_retraces_every_so_often(monkeypatch):
+    monkeypatch.setattr(record_module, "RETRACE_EVERY", 3)
+    runs = counting_trace(monkeypatch)
+    model = nn.Linear(4, 2)
+    x, y = torch.randn(3, 4), torch.randint(0, 2, (3,))
+    for _ in range(7):
+        layers.record(model, CE, x, y)
+    assert runs[0] == 3  # calls 1, 4 (3rd use), 7 (6th use)
+
+
+class Branchy(nn.Module):
+    """Calls its layer once or twice, as an attribute (outside the signature) says."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+        self.twice = False
+
+    def forward(self, x):
+        h = self.lin(x)
+        if self.twice:
+            h = self.lin(torch.tanh(h))
+        return self.head(h)
+
+
+def test_other_calls_fall_back_to_the_trace(monkeypatch):
+    torch.manual_seed(0)
+    model, x, y = Branchy(), torch.randn(5, 4), torch.randint(0, 2, (5,))
+    layers.record(model, CE, x, y)
+    runs = counting_trace(monkeypatch)
+    model.twice = True
+    rec = layers.record(model, CE, x, y)
+    assert runs[0] == 1 and len(rec.captures["lin"].inputs) == 2
+    check_per_example(copy.deepcopy(model), x, y, loss_fn=CE, methods=("hooks",))
