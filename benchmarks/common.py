@@ -162,6 +162,9 @@ def peak_rss_mb(module: str, *args: str, threads: int = 1) -> float:
     """Run ``python -m <module> --peak <args>`` and read the MB it prints last (``nan`` if
     the subprocess failed)."""
     env = dict(os.environ, GRADSIFT_BENCH_THREADS=str(threads))
+    # glibc serves blocks of 64 KiB and more by mmap and returns them at free: the RSS
+    # high-water mark then measures live tensor memory, not what the heap kept from warm-up
+    env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     out = subprocess.run([sys.executable, "-m", module, "--peak", *args], capture_output=True,
                          text=True, cwd=ROOT, env=env)

@@ -69,8 +69,10 @@ calls made side by side under the same load. A method whose warm-up call exceeds
 budget is timed fewer times (`*`), or in quick mode reported by its warm-up call alone
 (`**`). Peak memory is the growth of the peak RSS during one call in a fresh subprocess,
 after a warm-up call (the high-water mark `VmHWM` is reset through `/proc/self/clear_refs`
-just before the call; `tracemalloc` does not see torch's allocations); it is measured in the
-1-thread pass only. Threads are set with `torch.set_num_threads`.
+just before the call; `tracemalloc` does not see torch's allocations), with
+`MALLOC_MMAP_THRESHOLD_=65536` so that glibc returns every freed block of 64 KiB or more at
+once and the mark measures live tensor memory rather than what the heap kept from the
+warm-up; it is measured in the 1-thread pass only. Threads are set with `torch.set_num_threads`.
 """
 
 

@@ -130,6 +130,41 @@ def test_chain_checks_kinds_and_write_grads():
         A.write_grads(model, {"weight": torch.ones(3, 2)})
 
 
+def test_write_grads_hands_over_fresh_tensors_and_copies_when_it_must():
+    model = torch.nn.Linear(3, 2)
+    u = {"weight": torch.ones(2, 3), "bias": torch.zeros(2, dtype=torch.float64)}
+    A.write_grads(model, u)
+    assert model.weight.grad is not None and model.weight.grad.data_ptr() == u["weight"].data_ptr()  # no copy
+    assert model.bias.grad.dtype == torch.float32  # another dtype: converted, a copy
+    model.zero_grad(set_to_none=True)
+    A.write_grads(model, u, copy=True)
+    assert model.weight.grad.data_ptr() != u["weight"].data_ptr() and torch.equal(model.weight.grad, u["weight"])
+    g = model.weight.grad
+    A.write_grads(model, {"weight": torch.full((2, 3), 2.0)})  # an existing .grad is overwritten in place
+    assert model.weight.grad is g and torch.equal(g, torch.full((2, 3), 2.0))
+    model.zero_grad(set_to_none=True)
+    A.write_grads(model, {"weight": model.weight})  # the parameter itself is never its own gradient
+    assert model.weight.grad.data_ptr() != model.weight.data_ptr()
+
+
+def test_step_update_never_shares_memory_with_the_state():
+    """An aggregator that returns its state as the update: writing it into .grad (no copy)
+    and changing .grad in place must leave the state alone."""
+
+    def update(grads, state):
+        kept = {n: g.clone() for n, g in grads.items()}
+        return kept, kept
+
+    echo = A.Aggregator("echo", lambda params: None, update, "batch", "batch")
+    model = torch.nn.Linear(3, 2)
+    x, y = torch.randn(4, 3), torch.randint(0, 2, (4,))
+    r = A.step_update(model, torch.nn.CrossEntropyLoss(reduction="none"), x, y, echo)
+    A.write_grads(model, r.update)
+    before = r.state["weight"].clone()
+    model.weight.grad.mul_(0)
+    assert torch.equal(r.state["weight"], before)
+
+
 @pytest.mark.parametrize("bad", [lambda: A.winsorize(-1), lambda: A.trimmed_mean(0.5), lambda: A.clip(0)])
 def test_bad_arguments(bad):
     with pytest.raises(ValueError):

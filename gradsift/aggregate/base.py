@@ -455,14 +455,39 @@ def apply(agg: Aggregator, grads: Grads, state: State, **extras: Tensor) -> tupl
     return agg.update(grads, state, **{n: extras[n] for n in agg.needs})
 
 
-def write_grads(model: nn.Module, update: Grads) -> None:
-    """Write an update (name -> ``param.shape``) into ``param.grad`` for any optimizer."""
+def write_grads(model: nn.Module, update: Grads, *, copy: bool = False) -> None:
+    """Write an update (name -> ``param.shape``) into ``param.grad`` for any optimizer.
+
+    An existing ``.grad`` is overwritten in place. Where ``.grad`` is ``None`` (after
+    ``zero_grad(set_to_none=True)``), the update's own tensor becomes the gradient when it
+    already has the parameter's dtype, device and a dense layout: no copy, no second ``P``
+    floats at the peak. An optimizer or ``GradScaler`` that then changes ``.grad`` in
+    place changes ``update`` too; ``copy=True`` keeps them apart. (:func:`step_update`'s
+    updates never share memory with the aggregator's state.)
+    """
     params = dict(model.named_parameters())
     for n, u in update.items():
         p = params[n]
         if u.shape != p.shape:
             raise ValueError(f"update for '{n}' has shape {tuple(u.shape)}, parameter has {tuple(p.shape)}")
-        p.grad = u.detach().to(p.dtype).clone() if p.grad is None else p.grad.copy_(u)
+        if p.grad is not None:
+            p.grad.copy_(u)
+        elif copy or u.dtype != p.dtype or u.device != p.device or not u.is_contiguous() \
+                or u.untyped_storage().data_ptr() == p.untyped_storage().data_ptr():
+            p.grad = u.detach().to(p.device, p.dtype).clone()
+        else:
+            p.grad = u.detach()
+
+
+def unshared(update: Grads, state: State) -> Grads:
+    """``update`` with every tensor that shares memory with a tensor of ``state`` copied, so
+    that writing it into ``.grad`` (:func:`write_grads`) can never change the state."""
+    from torch.utils._pytree import tree_leaves
+
+    held = {t.untyped_storage().data_ptr() for t in tree_leaves(state) if isinstance(t, Tensor)}
+    if not held:
+        return update
+    return {n: u.clone() if u.untyped_storage().data_ptr() in held else u for n, u in update.items()}
 
 
 # ---------------------------------------------------------------- registry of spec names
@@ -545,7 +570,7 @@ def clip_factors(norms: Tensor, max_norm: float, eps: float = 1e-6) -> Tensor:
 
 __all__ = [
     "Aggregator", "RowScale", "WeightedSums", "Shard", "SIDE_INPUTS", "Grads", "State",
-    "chain", "apply", "write_grads", "flat_rows", "finite_rows", "check_finite",
+    "chain", "apply", "write_grads", "unshared", "flat_rows", "finite_rows", "check_finite",
     "squared_norms", "group_slices", "group_weights", "median3", "reducer",
     "weighted_update", "weighted_sharded", "row_view", "empty_guard", "batch_size", "by_column_blocks",
     "AGGREGATORS", "register_aggregator", "aggregator_from_spec", "factory_options",

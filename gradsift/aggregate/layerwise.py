@@ -38,7 +38,7 @@ from ..inputs import Inputs, batch_size
 from ..engine import (LossFn, Method, batch_gradient, check_per_example_safe, per_example,
                       resolve_method, trainable_parameters)
 from .base import (Aggregator, Comm, Grads, Shard, State, aggregator_from_spec, apply,
-                   row_view)
+                   row_view, unshared)
 from .sharded import GlobalAggregation, Mode
 
 
@@ -118,13 +118,17 @@ def _row_factors(p: LayerwisePlan, model: nn.Module, rec: layers.Recording,
 
 
 def layerwise_update(model: nn.Module, rec: layers.Recording, p: LayerwisePlan,
-                     side: dict[str, Tensor] | None = None, shard: Shard | None = None) -> Grads | None:
+                     side: dict[str, Tensor] | None = None, shard: Shard | None = None,
+                     *, release: bool = False) -> Grads | None:
     """The reduced update (name -> ``param.shape``) from a recording, layer by layer.
 
     Args:
         side: side inputs for the row-scale stages (``positions`` for masking), ``[B]`` each.
         shard: this rank's place in a global batch: the weighted sums are all-reduced
             (only weighted-sums reducers).
+        release: empty each layer's capture once its sums are taken (``rec`` is not used
+            again): the peak then holds one layer's update and the captures still to go,
+            not every capture and the whole update.
 
     Returns:
         ``None`` when the batch must take the materialized path instead (some per-example
@@ -141,7 +145,7 @@ def layerwise_update(model: nn.Module, rec: layers.Recording, p: LayerwisePlan,
     names = layers.parameter_names(model, {n: c.module for n, c in rec.captures.items()})
     red = p.reducer[1]
     if red.weighted_sums is not None:
-        update = _weighted(model, rec, names, factors, red, b, shard, norms_checked=p.needs_norms)
+        update = _weighted(model, rec, names, factors, red, b, shard, norms_checked=p.needs_norms, release=release)
     else:
         update = _per_coordinate(model, rec, names, factors, red)
     if shard is not None and not _agree(shard, update is not None):
@@ -159,7 +163,7 @@ def _own(names: dict[tuple[str, str], str], lname: str) -> dict[str, str]:
 
 
 def _weighted(model, rec, names, factors, red: Aggregator, b: int, shard: Shard | None,
-              norms_checked: bool = False) -> Grads | None:
+              norms_checked: bool = False, release: bool = False) -> Grads | None:
     """The weighted sums, combined. ``norms_checked``: every per-example norm was seen to be
     finite, so every per-example gradient is, and so are sums of them with finite weights
     (a squared norm overflows long before such a sum): the final check is skipped."""
@@ -200,6 +204,8 @@ def _weighted(model, rec, names, factors, red: Aggregator, b: int, shard: Shard 
                     f = fs[local]
                     w = wj if f is None else wj * f[lo:hi]
                     add(name, j, layers.layer_weighted_sum(part, w)[local])
+        if release:
+            _release(cap)
     stacked: Grads = {}
     for n, par in trainable_parameters(model).items():
         parts = sums.get(n)
@@ -214,6 +220,12 @@ def _weighted(model, rec, names, factors, red: Aggregator, b: int, shard: Shard 
     if not norms_checked and not _all_finite(stacked.values()):
         return None
     return form.combine(stacked)
+
+
+def _release(cap: layers.Capture) -> None:
+    """Drop a capture's tensors (its layer's sums are taken)."""
+    for field_name in ("inputs", "grad_outputs", "args", "kwargs", "extra_grads", "replays"):
+        getattr(cap, field_name).clear()
 
 
 def _all_finite(tensors) -> bool:
@@ -388,6 +400,28 @@ def step_update(
     Returns:
         :class:`StepUpdate` ``(update, state, losses, outputs, grads, path)``.
     """
+    r = _step(model, loss_fn, inputs, targets, aggregator, state, keep_grads=keep_grads, comm=comm,
+              chunk_size=chunk_size, method=method, layerwise=layerwise, mode=mode, **side_inputs)
+    return r._replace(update=unshared(r.update, r.state))
+
+
+def _step(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: Inputs,
+    targets: Tensor,
+    aggregator: Aggregator | str,
+    state: State = None,
+    *,
+    keep_grads: bool = False,
+    comm: Comm | None = None,
+    chunk_size: int | None = None,
+    method: Method = "auto",
+    layerwise: bool = True,
+    mode: Mode = "exact",
+    **side_inputs: Tensor,
+) -> StepUpdate:
+    """:func:`step_update`, whose update may still share memory with the state."""
     aggregator = _resolve(aggregator)
     b = batch_size(inputs, targets)
     if comm is not None and mode == "local" and aggregator.input == "per_example":
@@ -451,7 +485,7 @@ def step_update(
             rec = None
         if rec is not None:
             shard = ga.shard(b) if ga is not None else None
-            update = layerwise_update(model, rec, p, dict(side_inputs), shard)
+            update = layerwise_update(model, rec, p, dict(side_inputs), shard, release=True)
             if update is not None:
                 update, state = run_tail(p, update, state)
                 return StepUpdate(update, state, rec.losses, rec.outputs, None, "layerwise")
