@@ -65,6 +65,55 @@ def coherence(grads: Grads, *, per_layer: bool = False) -> dict:
     return out
 
 
+def model_coherence(model: nn.Module, loss_fn, inputs, targets: Tensor, *, per_layer: bool = False) -> dict:
+    """:func:`coherence` of the per-example gradients of ``loss_fn(model(inputs), targets)``,
+    without forming them.
+
+    ``alpha`` needs only ``||mean_i g_i||^2`` and ``mean_i ||g_i||^2``, per parameter: one
+    forward and one backward pass with hooks give both, the first as a weighted sum of each
+    layer's activations and output gradients (``1/m`` per example), the second as ghost
+    norms (:func:`gradsift.layers.recording_norms_sq`). A model the hooks cannot take gets
+    the per-example gradients from :func:`gradsift.engine.per_example` instead.
+
+    Args:
+        inputs: ``[m, ...]`` (or a tuple/dict of them); targets: ``[m]``.
+        per_layer: also return ``"layers"`` (name -> statistics), as :func:`coherence`.
+
+    Returns:
+        as :func:`coherence` (equal up to float rounding: the sums are float32, the
+        statistics float64).
+    """
+    from .engine import per_example, trainable_parameters
+
+    try:
+        layers.check_hookable(model)
+        rec = layers.record(model, loss_fn, inputs, targets)
+    except layers.NotHookable:
+        return coherence(per_example(model, loss_fn, inputs, targets).grads, per_layer=per_layer)
+    m = rec.losses.shape[0]
+    if m == 0:
+        raise ValueError("coherence: needs at least one example")
+    norms_sq = layers.recording_norms_sq(model, rec)
+    w = torch.full((m,), 1.0 / m, dtype=rec.losses.dtype, device=rec.losses.device)
+    means: Grads = {}
+    for name, g in layers.iter_layer_results(model, rec, lambda cap: layers.layer_weighted_sum(cap, w)):
+        means[name] = means[name] + g if name in means else g
+    per: dict[str, dict] = {}
+    total_mean_sq = torch.zeros((), dtype=torch.float64)
+    total_sq_mean = torch.zeros((), dtype=torch.float64)
+    for name in trainable_parameters(model):
+        mean_sq = means[name].double().square().sum() if name in means else torch.zeros((), dtype=torch.float64)
+        sq_mean = norms_sq[name].double().mean()
+        total_mean_sq += mean_sq.cpu()
+        total_sq_mean += sq_mean.cpu()
+        if per_layer:
+            per[name] = _stats(mean_sq, sq_mean, m)
+    out = _stats(total_mean_sq, total_sq_mean, m)
+    if per_layer:
+        out["layers"] = per
+    return out
+
+
 # ---------------------------------------------------------------- from the B x B Gram matrix
 
 def gradient_gram(model: nn.Module, loss_fn, inputs: Tensor, targets: Tensor, *,

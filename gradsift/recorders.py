@@ -26,8 +26,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from .coherence import coherence
-from .engine import per_example
+from .coherence import model_coherence
 
 if TYPE_CHECKING:  # annotations only
     from .sifter import Sifter
@@ -139,7 +138,8 @@ class ExampleSlots:
 
 class CoherenceRecorder(Recorder):
     """m-coherence of per-example gradients on a fixed probe batch, at the start of every
-    epoch (so epoch 1's value is at initialization) and once more after training.
+    epoch (so epoch 1's value is at initialization) and once more after training. Measured
+    by :func:`gradsift.coherence.model_coherence`, which never forms the gradients.
 
     The probe is ``m`` training examples (first ``m`` of a seeded permutation) with their
     *training* labels (random labels in a random-label run). Metrics added to each epoch
@@ -170,8 +170,7 @@ class CoherenceRecorder(Recorder):
     def measure(self, trainer: "Sifter", epoch: int) -> dict:
         assert self.probe is not None
         x, y = self.probe
-        grads = per_example(trainer.model, trainer.loss_fn, x, y, chunk_size=trainer.chunk_size).grads
-        c = coherence(grads, per_layer=self.per_layer)
+        c = model_coherence(trainer.model, trainer.loss_fn, x, y, per_layer=self.per_layer)
         self.rows.append({"epoch": epoch, "layer": "all", "m_coherence": c["m_coherence"], "alpha": c["alpha"], "m": c["m"]})
         for name, lc in c.get("layers", {}).items():
             self.rows.append({"epoch": epoch, "layer": name, "m_coherence": lc["m_coherence"], "alpha": lc["alpha"], "m": lc["m"]})

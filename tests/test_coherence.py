@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 import gradsift as gs
 
@@ -40,3 +41,26 @@ def test_zero_gradients_and_errors():
         gs.coherence({})
     with pytest.raises(ValueError):
         gs.coherence({"w": torch.zeros(0, 2)})
+
+
+@pytest.mark.parametrize("make", [
+    lambda: nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)),
+    lambda: nn.Sequential(nn.Conv1d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 3)),
+    lambda: nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)),  # not hookable: per-example path
+])
+def test_model_coherence_equals_coherence_of_the_gradients(make):
+    from gradsift.coherence import model_coherence
+    from gradsift.engine import per_example
+
+    torch.manual_seed(0)
+    model = make()
+    model.eval()  # BatchNorm in eval mode: per example, but not a layer the hooks take
+    x = torch.randn(7, 6) if isinstance(model[0], nn.Linear) else torch.randn(7, 2, 6)
+    y = torch.randint(0, 3, (7,))
+    loss = nn.CrossEntropyLoss(reduction="none")
+    want = gs.coherence(per_example(model, loss, x, y).grads, per_layer=True)
+    got = model_coherence(model, loss, x, y, per_layer=True)
+    assert got["m"] == want["m"] == 7
+    assert got["alpha"] == pytest.approx(want["alpha"], rel=1e-5)
+    for name, stats in want["layers"].items():
+        assert got["layers"][name]["m_coherence"] == pytest.approx(stats["m_coherence"], rel=1e-5), name

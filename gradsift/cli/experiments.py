@@ -26,6 +26,8 @@ def memorization(
     winsorize_c: Optional[int] = typer.Option(None, "--winsorize-c", min=0, help="c of winsorize (values clipped at each end)"),
     n_train: Optional[int] = typer.Option(None, min=1, help="use only this many training examples"),
     seed: Seed = 0,
+    workers: Optional[int] = typer.Option(None, min=1, help="processes training the six runs side by side "
+                                          "(default: one per core; 1: one after the other)"),
     resume: Resume = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
@@ -37,7 +39,8 @@ def memorization(
     overrides = dict(epochs=epochs, width=width, lr=lr, momentum=momentum, batch_size=batch_size,
                      winsorize_c=winsorize_c, n_train=n_train)
     config = MemorizationConfig(dataset=dataset, seed=seed, **{k: v for k, v in overrides.items() if v is not None})
-    summary = run_memorization(config, out, progress=show_progress(quiet), resume=resume, overwrite=overwrite)
+    summary = run_memorization(config, out, progress=show_progress(quiet), resume=resume, overwrite=overwrite,
+                               workers=workers)
     table = Table(title=f"memorization on {dataset} ({config.epochs} epochs)")
     for col in ("labels", "aggregator", "train acc", "test acc", "m-coh (init)", "m-coh (ep 2)", "m-coh (end)"):
         table.add_column(col, justify="right" if "acc" in col or "coh" in col else "left")
