@@ -42,7 +42,11 @@ edit the text there, not here.
    library's step entry point (`benchmarks/common.py: step_update`, the one place that names
    it) then `write_grads` and `opt.step()`. The DP step is measured as `clip 1 > mean` and as
    the library's full `dp_sgd` aggregator; its peak memory is 2 x P float32 (parameters and
-   gradients) plus the step's peak-RSS growth.
+   gradients) plus the step's peak-RSS growth. The row `noise only: P Gaussian draws` times
+   the noise alone (torch's CPU generator: about 6 ns a draw, single-threaded, 2 ms for
+   P = 301k): `dp_sgd` is `clip 1 > mean` plus that, and on this small MLP the noise alone
+   is 0.3-0.5x a plain step, so `dp_sgd` at 1.3x would need the rest to cost less than a
+   plain step.
 4. **Real models** (`real_models.py`, models in `models.py`, random weights, nothing
    downloaded), B = 32: ResNet-18 with GroupNorm on 3x32x32; BERT-tiny and GPT-2-tiny
    sequence classifiers (from `transformers` configs) on 64 tokens with right padding and an
@@ -54,7 +58,9 @@ edit the text there, not here.
 5. **The main job** (`memorization.py`, full mode only): `gradsift memorization` with its
    defaults, run from this checkout and from a checkout of the original main
    (`git worktree add /work/wt/baseline 0dd17d4`), one after the other: wall-time ratio and
-   the results table compared (accuracies within 0.01, m-coherence within 2%).
+   the results table compared (accuracies within 0.01, m-coherence within 2%, or within twice
+   what float noise alone does: the original once more with `ATEN_CPU_CAPABILITY=default`,
+   which changes only the order of float additions; random-label training is chaotic).
 6. **Gradient coherence** (`coherence.py`), MLP at B = 128 and 256, CNN at B = 128:
    m-coherence, per-class coherence and alignment from the exact B x B Gram of per-example
    gradients (`gradient_gram` + `gram_coherence`, never forming the gradients) against a

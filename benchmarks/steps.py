@@ -48,6 +48,9 @@ def aggregators(b: int) -> dict[str, Callable[[], object]]:
     }
 
 
+#: Row timing only the noise of a DP step (the part of ``dp_sgd`` no book-keeping removes).
+NOISE_ROW = "noise only: P Gaussian draws"
+
 QUICK_SKIP = ()  # every aggregator runs in quick mode too (slow ones are timed once)
 
 
@@ -87,6 +90,12 @@ def methods(b: int, names: list[str] | None = None, paths: dict[str, str] | None
             return go
 
         out[name] = agg_step()
+    if names is None:
+        # what DP-SGD's noise alone costs: P Gaussian draws from torch's CPU generator
+        # (mt19937 + Box-Muller, single-threaded), as gaussian_noise draws them
+        shapes = [p.shape for p in model.parameters()]
+        gen = torch.Generator().manual_seed(0)
+        out[NOISE_ROW] = lambda: [torch.randn(s, generator=gen) for s in shapes]
     if names is None or "opacus ghost DP" in names:
         from .real_models import lazy, opacus_ghost_step
 
