@@ -13,7 +13,7 @@ import pandas as pd
 
 from matplotlib.ticker import MaxNLocator
 
-from ..plotting import plt
+from ..plotting import log_y, plt
 
 TRAIN, TEST = "tab:blue", "tab:orange"
 
@@ -79,7 +79,7 @@ def _log_if_positive(ax, values: pd.Series) -> None:
     """Log scale when all values are positive and span more than a factor of 10."""
     v = pd.to_numeric(values, errors="coerce").dropna()
     if len(v) and (v > 0).all() and v.max() > 10 * v.min():
-        ax.set_yscale("log")
+        log_y(ax)
 
 
 def score_histogram(values: np.ndarray, name: str, *, flagged: np.ndarray | None = None):
