@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", default=os.path.join(C.ROOT, "benchmarks", "last_run.json"), help="where to write results")
     ap.add_argument("--from-json", default=None, help="don't measure; use this earlier run")
     ap.add_argument("--write-readme", action="store_true", help="regenerate benchmarks/README.md from the run")
+    ap.add_argument("--also-json", action="append", default=[],
+                    help="add the tables and targets of an earlier run (e.g. a full-mode memorization section)")
     a = ap.parse_args(argv)
 
     if a.from_json:
@@ -86,10 +88,23 @@ def main(argv: list[str] | None = None) -> None:
             return
         _dump(result, a.json)
         print(f"wrote {a.json}")
+    for extra in a.also_json:
+        result = merge(result, extra)
     if a.write_readme:
         from .readme import write_readme
 
         print(f"wrote {write_readme(result)}")
+
+
+def merge(result: dict, path: str) -> dict:
+    """``result`` with the tables and targets of the run saved at ``path`` appended (its
+    meta kept under ``meta["merged"]``)."""
+    with open(path) as f:
+        other = json.load(f)
+    targets = result["targets"] + other["targets"]
+    meta = dict(result["meta"], merged=[*result["meta"].get("merged", []), other["meta"]])
+    return {**result, "meta": meta, "tables": result["tables"] + other["tables"], "targets": targets,
+            "counts": {k: sum(t["status"] == k for t in targets) for k in ("MET", "MISSED", "FAILED")}}
 
 
 def _dump(result: dict, path: str) -> None:
