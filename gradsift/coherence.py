@@ -48,20 +48,21 @@ def coherence(grads: Grads, *, per_layer: bool = False) -> dict:
     m = next(iter(grads.values())).shape[0]
     if m == 0:
         raise ValueError("coherence: needs at least one example")
-    layers = {}
-    total_mean_sq = torch.zeros((), dtype=torch.float64)
-    total_sq_mean = torch.zeros((), dtype=torch.float64)
+    parts = {}
     for n, g in grads.items():
         flat = g.detach().flatten(1).double()
-        mean_sq = flat.mean(0).square().sum()
-        sq_mean = flat.square().sum(1).mean()
-        total_mean_sq += mean_sq
-        total_sq_mean += sq_mean
-        if per_layer:
-            layers[n] = _stats(mean_sq, sq_mean, m)
+        parts[n] = (flat.mean(0).square().sum(), flat.square().sum(1).mean())
+    return _summarize(parts, m, per_layer)
+
+
+def _summarize(parts: dict[str, tuple[Tensor, Tensor]], m: int, per_layer: bool) -> dict:
+    """The statistics from name -> ``(||mean_i g_i||^2, mean_i ||g_i||^2)`` (float64
+    scalars): the whole model's from the sums over parameters, and each parameter's."""
+    total_mean_sq = sum((a.cpu() for a, _ in parts.values()), torch.zeros((), dtype=torch.float64))
+    total_sq_mean = sum((b.cpu() for _, b in parts.values()), torch.zeros((), dtype=torch.float64))
     out = _stats(total_mean_sq, total_sq_mean, m)
     if per_layer:
-        out["layers"] = layers
+        out["layers"] = {n: _stats(a, b, m) for n, (a, b) in parts.items()}
     return out
 
 
@@ -98,20 +99,10 @@ def model_coherence(model: nn.Module, loss_fn, inputs, targets: Tensor, *, per_l
     means: Grads = {}
     for name, g in layers.iter_layer_results(model, rec, lambda cap: layers.layer_weighted_sum(cap, w)):
         means[name] = means[name] + g if name in means else g
-    per: dict[str, dict] = {}
-    total_mean_sq = torch.zeros((), dtype=torch.float64)
-    total_sq_mean = torch.zeros((), dtype=torch.float64)
-    for name in trainable_parameters(model):
-        mean_sq = means[name].double().square().sum() if name in means else torch.zeros((), dtype=torch.float64)
-        sq_mean = norms_sq[name].double().mean()
-        total_mean_sq += mean_sq.cpu()
-        total_sq_mean += sq_mean.cpu()
-        if per_layer:
-            per[name] = _stats(mean_sq, sq_mean, m)
-    out = _stats(total_mean_sq, total_sq_mean, m)
-    if per_layer:
-        out["layers"] = per
-    return out
+    zero = torch.zeros((), dtype=torch.float64)
+    parts = {name: (means[name].double().square().sum() if name in means else zero, norms_sq[name].double().mean())
+             for name in trainable_parameters(model)}
+    return _summarize(parts, m, per_layer)
 
 
 # ---------------------------------------------------------------- from the B x B Gram matrix

@@ -25,6 +25,7 @@ ranks: the layer-wise path all-reduces the weighted sums, the others run
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -360,6 +361,20 @@ def _resolve(aggregator: Aggregator | str) -> Aggregator:
     return aggregator
 
 
+def _never_sharing_state(fn):
+    """Wrap a step function so its update never shares memory with its state (see
+    :func:`~gradsift.aggregate.base.unshared`): :func:`write_grads` may then hand the
+    update to ``.grad`` without a copy."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs) -> StepUpdate:
+        r = fn(*args, **kwargs)
+        return r._replace(update=unshared(r.update, r.state))
+
+    return wrapper
+
+
+@_never_sharing_state
 def step_update(
     model: nn.Module,
     loss_fn: LossFn,
@@ -398,30 +413,9 @@ def step_update(
             that declare them in ``needs``; ``losses``, ``outputs``, ``targets`` are supplied.
 
     Returns:
-        :class:`StepUpdate` ``(update, state, losses, outputs, grads, path)``.
+        :class:`StepUpdate` ``(update, state, losses, outputs, grads, path)``; the update
+        never shares memory with the state.
     """
-    r = _step(model, loss_fn, inputs, targets, aggregator, state, keep_grads=keep_grads, comm=comm,
-              chunk_size=chunk_size, method=method, layerwise=layerwise, mode=mode, **side_inputs)
-    return r._replace(update=unshared(r.update, r.state))
-
-
-def _step(
-    model: nn.Module,
-    loss_fn: LossFn,
-    inputs: Inputs,
-    targets: Tensor,
-    aggregator: Aggregator | str,
-    state: State = None,
-    *,
-    keep_grads: bool = False,
-    comm: Comm | None = None,
-    chunk_size: int | None = None,
-    method: Method = "auto",
-    layerwise: bool = True,
-    mode: Mode = "exact",
-    **side_inputs: Tensor,
-) -> StepUpdate:
-    """:func:`step_update`, whose update may still share memory with the state."""
     aggregator = _resolve(aggregator)
     b = batch_size(inputs, targets)
     if comm is not None and mode == "local" and aggregator.input == "per_example":
