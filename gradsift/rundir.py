@@ -428,14 +428,14 @@ class RunDir:
             diffs = config_differences(old.get("config") or {}, config, may_differ=may_differ)
             if diffs:
                 raise RunDirError(f"{self.path} holds a run with a different config: " + "; ".join(diffs)
-                                  + ". Write to another --run-dir, or pass --overwrite to replace it")
+                                  + ". Write to another directory (--out), or pass --overwrite to replace it")
             return None
         held = self.contents()
         if held:
             if not overwrite:
                 raise RunDirError(f"{self.path} already holds a run ({', '.join(held[:5])}"
                                   f"{', ...' if len(held) > 5 else ''}); pass --resume to continue it, "
-                                  "--overwrite to replace it, or choose another --run-dir")
+                                  "--overwrite to replace it, or choose another directory (--out)")
             self.clear()
         return None
 
