@@ -39,7 +39,8 @@ forward), so it runs once per *signature*: the layers, the trainable parameters,
 module's train/eval mode, the loss function and the shapes, dtypes and devices of the
 inputs. A recording with a signature already traced replays the verified calls without
 the trace: the same layers must be called the same number of times with the same shapes
-(else that pass is traced). Every :data:`RETRACE_EVERY`-th recording traces again, and
+(else that pass is traced). Every :data:`RETRACE_EVERY`-th recording traces again, at most
+8 signatures are kept per model (the newest), and
 :func:`forget_traces` drops a model's verdicts (a model whose forward branches on its
 data in ways that keep every layer's calls and shapes but change how examples mix).
 

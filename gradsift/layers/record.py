@@ -45,6 +45,8 @@ class Recording:
 
 #: Every this-many-th recording of a verified signature runs the full batch trace again.
 RETRACE_EVERY = 100
+#: Verified signatures kept per model (the most recently traced).
+MAX_SIGNATURES = 8
 
 
 @dataclass
@@ -152,7 +154,11 @@ def record(
                 return rec
     rec = _record_traced(model, loss_fn, inputs, targets, layers, batch, clone_outputs=clone_outputs)
     if key is not None and rec.verified is not None:
-        _VERIFIED.setdefault(model, {})[key] = rec.verified
+        kept = _VERIFIED.setdefault(model, {})
+        kept.pop(key, None)
+        kept[key] = rec.verified
+        while len(kept) > MAX_SIGNATURES:  # e.g. a new loss lambda every step: keep the newest
+            kept.pop(next(iter(kept)))
     return rec.recording
 
 

@@ -136,3 +136,19 @@ def test_other_calls_fall_back_to_the_trace(monkeypatch):
     rec = layers.record(model, CE, x, y)
     assert runs[0] == 1 and len(rec.captures["lin"].inputs) == 2
     check_per_example(copy.deepcopy(model), x, y, loss_fn=CE, methods=("hooks",))
+
+
+def test_signatures_kept_per_model_are_bounded(monkeypatch):
+    """A new loss function every step (a lambda in the loop) must not grow the cache."""
+    monkeypatch.setattr(record_module, "MAX_SIGNATURES", 3)
+    runs = counting_trace(monkeypatch)
+    model, x, y = nn.Linear(4, 2), torch.randn(3, 4), torch.randint(0, 2, (3,))
+    losses = [lambda o, t, k=k: CE(o, t) * k for k in range(1, 6)]
+    for loss in losses:
+        layers.record(model, loss, x, y)
+    assert runs[0] == 5
+    for loss in losses[2:]:  # the newest three are kept: replayed
+        layers.record(model, loss, x, y)
+    assert runs[0] == 5
+    layers.record(model, losses[0], x, y)  # the oldest were dropped: traced again
+    assert runs[0] == 6
