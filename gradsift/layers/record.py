@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -56,13 +57,15 @@ class _Verified:
     Attributes:
         calls: layer name -> per call ``(input tag, output tag, input shape, output shape)``.
         clone: outputs were handed on as copies (the model modifies one in place).
-        loss_fn: kept so its ``id`` in the signature stays unique while cached.
+        loss_ref: a weak reference to the loss function (for a bound method, to its object),
+            checked on use: its ``id`` in the signature is then not another's. Weak, so a
+            loss that refers to the model does not keep the model alive through this cache.
         uses: recordings of this signature so far.
     """
 
     calls: dict[str, list[tuple[Tag, Tag, tuple[int, ...], tuple[int, ...]]]]
     clone: bool
-    loss_fn: Any
+    loss_ref: Any  # weak reference to the loss function (or its bound object)
     uses: int = 0
 
 
@@ -86,6 +89,11 @@ def _leaf_signature(v: Any) -> Any:
     raise _Mismatch  # something the signature cannot describe: always trace
 
 
+def _loss_target(loss_fn: LossFn) -> Any:
+    """What identifies a loss function: the function, or a bound method's object."""
+    return loss_fn.__self__ if inspect.ismethod(loss_fn) else loss_fn
+
+
 def _signature(model: nn.Module, layers: dict[str, nn.Module], loss_fn: LossFn, inputs: Inputs,
                targets: Tensor) -> tuple | None:
     """Everything a traced recording's verdict depends on, short of the values: the layers,
@@ -94,12 +102,13 @@ def _signature(model: nn.Module, layers: dict[str, nn.Module], loss_fn: LossFn, 
     not describable, always trace)."""
     try:
         data = _leaf_signature((inputs, targets))
-    except _Mismatch:
+        weakref.ref(_loss_target(loss_fn))
+    except (_Mismatch, TypeError):  # TypeError: a loss that cannot be referred to weakly
         return None
-    return (tuple((n, id(m)) for n, m in layers.items()),
+    return (tuple((n, id(m), type(m)) for n, m in layers.items()),
             tuple(id(p) for p in model.parameters() if p.requires_grad),
             tuple(m.training for m in model.modules()),
-            id(loss_fn), torch.is_autocast_enabled(), data)
+            id(_loss_target(loss_fn)), getattr(loss_fn, "__func__", None), torch.is_autocast_enabled(), data)
 
 
 def forget_traces(model: nn.Module) -> None:
@@ -146,7 +155,7 @@ def record(
     batch = batch_size(inputs, targets)
     key = _signature(model, layers, loss_fn, inputs, targets)
     verified = _VERIFIED.get(model, {}).get(key) if key is not None else None
-    if verified is not None and (clone_outputs <= verified.clone):
+    if verified is not None and (clone_outputs <= verified.clone) and verified.loss_ref() is _loss_target(loss_fn):
         verified.uses += 1
         if verified.uses % RETRACE_EVERY:
             rec = _replay(model, loss_fn, inputs, targets, layers, verified, batch)
@@ -363,7 +372,7 @@ def _record_traced(model: nn.Module, loss_fn: LossFn, inputs: Inputs, targets: T
     if not clone_outputs and any(t._version != v for t, v in versions):
         # A layer output was changed in place; its gradient must be taken before that.
         return _record_traced(model, loss_fn, inputs, targets, layers, batch, clone_outputs=True)
-    verified = _Verified(simple, clone_outputs, loss_fn) if replayable[0] else None
+    verified = _Verified(simple, clone_outputs, weakref.ref(_loss_target(loss_fn))) if replayable[0] else None
     return _Traced(_finish(captures, out_tags, extra_tags, losses, outputs, batch), verified)
 
 

@@ -152,3 +152,31 @@ def test_signatures_kept_per_model_are_bounded(monkeypatch):
     assert runs[0] == 5
     layers.record(model, losses[0], x, y)  # the oldest were dropped: traced again
     assert runs[0] == 6
+
+
+def test_the_cache_does_not_keep_a_model_alive(monkeypatch):
+    """A loss bound to the model (a method) refers to it; the cache must hold it weakly."""
+    import gc
+    import weakref
+
+    class WithLoss(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.lin(x)
+
+        def loss(self, out, t):
+            return CE(out, t)
+
+    model = WithLoss()
+    x, y = torch.randn(3, 4), torch.randint(0, 2, (3,))
+    runs = counting_trace(monkeypatch)
+    layers.record(model, model.loss, x, y)
+    layers.record(model, model.loss, x, y)  # a new bound-method object, the same loss: replayed
+    assert runs[0] == 1
+    gone = weakref.ref(model)
+    del model
+    gc.collect()
+    assert gone() is None
