@@ -299,7 +299,7 @@ class RunDir:
         if isinstance(holder, dict) and holder.get("pid") == os.getpid():
             who = "this process (an earlier run in it that has not finished)"
         return (f"run directory {self.path} is in use by {who}; wait for it to finish, "
-                "or write to another --run-dir")
+                "or write to another directory (--out)")
 
     def unlock(self) -> None:
         """Release the lock taken by :meth:`lock` (a no-op if not held)."""
@@ -390,14 +390,14 @@ class RunDir:
             raise
         return checkpoint
 
-    def _refuse_differences(self, old: dict, config: dict, may_differ: set, elsewhere: str) -> None:
+    def _refuse_differences(self, old: dict, config: dict, may_differ: set) -> None:
         """``--resume``: refuse ``config`` where it differs from the manifest's ``old`` one
-        (beyond ``may_differ``), listing the differences; ``elsewhere`` names where a new run goes."""
+        (beyond ``may_differ``), listing the differences."""
         diffs = config_differences(old.get("config") or {}, config, may_differ=may_differ)
         if diffs:
             raise RunDirError(f"--resume: the run in {self.path} was made with a different config: "
                               + "; ".join(diffs) + ". Resume with the same options, or start a new run "
-                              f"({elsewhere}, or --overwrite)")
+                              "(another directory (--out), or --overwrite)")
 
     def _check(self, config: dict, *, resume: bool, overwrite: bool, merge: bool, may_differ: set,
                job: bool = False) -> dict | None:
@@ -407,7 +407,7 @@ class RunDir:
                 held = ", ".join(self.contents()) or "nothing"
                 raise RunDirError(f"--resume: {self.path} holds no run to continue (it holds {held}); "
                                   "drop --resume to start a new run")
-            self._refuse_differences(old, config, may_differ, "another directory")
+            self._refuse_differences(old, config, may_differ)
             return None
         if job and not overwrite and JobCheckpoints(self).exist():
             raise RunDirError(f"{self.path} holds an interrupted run ({JOB_DIR}/ has its finished pieces); "
@@ -417,7 +417,7 @@ class RunDir:
                 held = ", ".join(self.contents()) or "nothing"
                 raise RunDirError(f"--resume: {self.path} has no checkpoint.pt to continue from (it holds {held}); "
                                   "drop --resume to start a new run (with --overwrite to replace what is there)")
-            self._refuse_differences(old, config, may_differ, "another --run-dir")
+            self._refuse_differences(old, config, may_differ)
             checkpoint = self.load_checkpoint()
             done, target = checkpoint.get("epoch"), config.get("epochs")
             if isinstance(done, int) and isinstance(target, int) and target < done:

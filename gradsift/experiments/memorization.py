@@ -160,10 +160,9 @@ def _worker_context():
 
 def _start_workers_early(workers: int) -> None:
     """Start the fork server now, so that its imports overlap with loading the data."""
-    if workers > 1 and "forkserver" in multiprocessing.get_all_start_methods():
+    if workers > 1 and _worker_context().get_start_method() == "forkserver":
         from multiprocessing import forkserver
 
-        _worker_context()
         forkserver.ensure_running()
 
 
@@ -240,7 +239,7 @@ def _parallel_runs(config: MemorizationConfig, sets: dict, test, pairs: list[tup
                 summary["runs"] = [done[j] for j in sorted(done)]
                 write_json(out / "summary.json", summary)  # partial results survive interruption
     job_alive_w.close()
-    return [done[j] for j in sorted(done)]
+    return summary["runs"]
 
 
 def _one_run(config: MemorizationConfig, tr, test, labels: str, name: str, spec: str, out: Path, progress,

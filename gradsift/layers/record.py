@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -65,7 +65,7 @@ class _Verified:
 
     calls: dict[str, list[tuple[Tag, Tag, tuple[int, ...], tuple[int, ...]]]]
     clone: bool
-    loss_ref: Any  # weak reference to the loss function (or its bound object)
+    loss_ref: Any
     uses: int = 0
 
 
@@ -94,21 +94,21 @@ def _loss_target(loss_fn: LossFn) -> Any:
     return loss_fn.__self__ if inspect.ismethod(loss_fn) else loss_fn
 
 
-def _signature(model: nn.Module, layers: dict[str, nn.Module], loss_fn: LossFn, inputs: Inputs,
-               targets: Tensor) -> tuple | None:
+def _signature(model: nn.Module, layers: dict[str, nn.Module], loss_fn: LossFn, loss_target: Any,
+               inputs: Inputs, targets: Tensor) -> tuple | None:
     """Everything a traced recording's verdict depends on, short of the values: the layers,
     the trainable parameters, every module's train/eval mode, the loss function, autocast,
     and the structure, shapes, dtypes and devices of the inputs and targets (``None``:
     not describable, always trace)."""
     try:
         data = _leaf_signature((inputs, targets))
-        weakref.ref(_loss_target(loss_fn))
+        weakref.ref(loss_target)
     except (_Mismatch, TypeError):  # TypeError: a loss that cannot be referred to weakly
         return None
     return (tuple((n, id(m), type(m)) for n, m in layers.items()),
             tuple(id(p) for p in model.parameters() if p.requires_grad),
             tuple(m.training for m in model.modules()),
-            id(_loss_target(loss_fn)), getattr(loss_fn, "__func__", None), torch.is_autocast_enabled(), data)
+            id(loss_target), getattr(loss_fn, "__func__", None), torch.is_autocast_enabled(), data)
 
 
 def forget_traces(model: nn.Module) -> None:
@@ -153,9 +153,10 @@ def record(
     """
     layers = hooked_layers(model) if layers is None else layers
     batch = batch_size(inputs, targets)
-    key = _signature(model, layers, loss_fn, inputs, targets)
+    loss_target = _loss_target(loss_fn)
+    key = _signature(model, layers, loss_fn, loss_target, inputs, targets)
     verified = _VERIFIED.get(model, {}).get(key) if key is not None else None
-    if verified is not None and (clone_outputs <= verified.clone) and verified.loss_ref() is _loss_target(loss_fn):
+    if verified is not None and clone_outputs <= verified.clone and verified.loss_ref() is loss_target:
         verified.uses += 1
         if verified.uses % RETRACE_EVERY:
             rec = _replay(model, loss_fn, inputs, targets, layers, verified, batch)
@@ -199,18 +200,12 @@ def _record_traced(model: nn.Module, loss_fn: LossFn, inputs: Inputs, targets: T
     def keep(name: str, a_first: Tensor, args: tuple, kwargs: dict, output: Tensor, tag: Tag, replaced):
         """Capture one call of a single-output layer; returns what the forward hook hands
         on (a copy of the output with ``clone_outputs``, else ``replaced`` or ``None``)."""
-        cap = captures[name]
-        cap.inputs.append(a_first.detach())
-        cap.args.append(args)
-        cap.kwargs.append(kwargs)
-        cap.outputs.append(output)
-        out_tags[name].append(tag)
-        versions.append((output, output._version))
-        if clone_outputs and output.requires_grad:
-            copy = output.clone()
-            trace.set(copy, tag)
-            return copy
-        return replaced
+        copy = _capture_call(captures[name], out_tags[name], versions, a_first, args, kwargs, output, tag,
+                             clone_outputs)
+        if copy is None:
+            return replaced
+        trace.set(copy, tag)
+        return copy
 
     def make_hook(name: str):
         rule = rule_for(layers[name])
@@ -376,6 +371,19 @@ def _record_traced(model: nn.Module, loss_fn: LossFn, inputs: Inputs, targets: T
     return _Traced(_finish(captures, out_tags, extra_tags, losses, outputs, batch), verified)
 
 
+def _capture_call(cap: Capture, tags: list[Tag], versions: list[tuple[Tensor, int]], a_first: Tensor,
+                  args: tuple, kwargs: dict, output: Tensor, tag: Tag, clone: bool) -> Tensor | None:
+    """Capture one call of a single-output layer (its batch-first input, arguments, output
+    and output tag); returns the copy of the output to hand on with ``clone``, else ``None``."""
+    cap.inputs.append(a_first.detach())
+    cap.args.append(args)
+    cap.kwargs.append(kwargs)
+    cap.outputs.append(output)
+    tags.append(tag)
+    versions.append((output, output._version))
+    return output.clone() if clone and output.requires_grad else None
+
+
 def _finish(captures: dict[str, Capture], out_tags: dict[str, list[Tag]],
             extra_tags: dict[str, list[tuple[Tag, ...]]], losses: Tensor, outputs: Any,
             batch: int) -> Recording:
@@ -440,14 +448,8 @@ def _replay(model: nn.Module, loss_fn: LossFn, inputs: Inputs, targets: Tensor,
             if not isinstance(a, Tensor) or a.shape != a_shape or output.shape != o_shape:
                 raise _Mismatch
             a_first = to_batch_first(a, ta, batch).detach()
-            cap = captures[name]
-            cap.inputs.append(a_first)
-            cap.args.append((a_first,))
-            cap.kwargs.append({})
-            cap.outputs.append(output)
-            out_tags[name].append(to)
-            versions.append((output, output._version))
-            return output.clone() if verified.clone and output.requires_grad else None
+            return _capture_call(captures[name], out_tags[name], versions, a_first, (a_first,), {}, output, to,
+                                 verified.clone)
 
         return hook
 
@@ -467,10 +469,7 @@ def _replay(model: nn.Module, loss_fn: LossFn, inputs: Inputs, targets: Tensor,
         return None
     if any(t._version != v for t, v in versions):
         return None
-    extra_tags: dict[str, list[tuple[Tag, ...]]] = {name: [()] * len(out_tags[name]) for name in layers}
-    for cap in captures.values():
-        cap.extra_outputs = [()] * len(cap.outputs)
-    return _finish(captures, out_tags, extra_tags, losses, outputs, batch)
+    return _finish(captures, out_tags, {name: [] for name in layers}, losses, outputs, batch)
 
 
 def _batch_first(trace: BatchTrace, v: Any, batch: int) -> Any:
