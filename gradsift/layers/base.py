@@ -205,6 +205,12 @@ class LayerRule:
 RULES: dict[type[nn.Module] | str, LayerRule] = {}
 
 
+def sum_of_squares(x: Tensor) -> Tensor:
+    """``x.square().sum`` over every axis after the first two: ``[B, G, ...] -> [B, G]``,
+    as a norm reduction (no temporary the size of ``x``; within float rounding of the sum)."""
+    return torch.linalg.vector_norm(x, dim=tuple(range(2, x.ndim))).square()
+
+
 def type_name(t: type) -> str:
     """``"package.module.QualName"`` of a class, the string form of a :data:`RULES` key."""
     return f"{t.__module__}.{t.__qualname__}"

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..workspace import acquire
-from .base import Capture, Grads, LayerRule, own_trainable, register_layer_rule
+from .base import Capture, Grads, LayerRule, own_trainable, register_layer_rule, sum_of_squares
 
 #: Elements of one per-example gradient block in :meth:`MatmulRule.reduced` (4 MB of float32).
 BLOCK_ELEMENTS = 1 << 20
@@ -141,9 +141,9 @@ class MatmulRule(LayerRule):
         out: Grads = {}
         t = A.shape[2]
         if t == 1:  # |g_i|^2 = |a_i|^2 |d_i|^2 per group; the bias's is |d_i|^2
-            d_sq = D.square().sum((2, 3))  # [B, G]
+            d_sq = sum_of_squares(D)  # [B, G]
             if "weight" in own:
-                out["weight"] = (A.square().sum((2, 3)) * d_sq).sum(1)
+                out["weight"] = (sum_of_squares(A) * d_sq).sum(1)
             if "bias" in own:
                 out["bias"] = d_sq.sum(1)
             return out

@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.nn.utils.rnn import PackedSequence
 from torch.utils._pytree import tree_map
 
@@ -22,6 +23,44 @@ LossFn = Callable[[Any, Tensor], Tensor]
 
 class NotHookable(UnsupportedModelError):
     """The model (or this batch) cannot use the hook path; use the torch.func path."""
+
+
+@dataclass(frozen=True)
+class OutputRef:
+    """A recorded layer output without its values: the autograd edge its gradient flows
+    into, taken at the call (so a later in-place change of the output, e.g.
+    ``ReLU(inplace=True)``, does not move it), and what a zero gradient needs. Holding the
+    edge instead of the tensor lets the output's memory go once the network is done with
+    it (a pre-activation after its ReLU), as in a plain forward pass."""
+
+    edge: GradientEdge | None  # None: the output needs no gradient
+    shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
+
+    @staticmethod
+    def of(output: Tensor) -> "OutputRef | None":
+        """The reference, or ``None`` when the tensor must be held: a view of part of
+        another tensor (an in-place change of the view re-routes the gradient around
+        the view's edge). A view of a whole contiguous tensor (``Linear`` on ``[B, T,
+        K]`` returns one) is referred to by its base's edge."""
+        if not output.requires_grad:
+            return OutputRef(None, output.shape, output.dtype, output.device)
+        target = output
+        if output._is_view():
+            base = output._base
+            if not (base.requires_grad and base.numel() == output.numel() and base.is_contiguous()
+                    and output.is_contiguous()):
+                return None
+            target = base
+        return OutputRef(get_gradient_edge(target), output.shape, output.dtype, output.device)
+
+    @property
+    def requires_grad(self) -> bool:
+        return self.edge is not None
+
+    def zeros(self) -> Tensor:
+        return torch.zeros(self.shape, dtype=self.dtype, device=self.device)
 
 
 def hooked_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -142,9 +181,10 @@ def record(
             (``model(**inputs)``) of tensors with the batch on dim 0.
         targets: ``[B, ...]``.
         layers: the layers to record (default :func:`hooked_layers`).
-        clone_outputs: hand the network a copy of each layer output. Needed only when
-            the model modifies a layer output in place (``ReLU(inplace=True)``); without
-            it, such a pass is detected and repeated with copies.
+        clone_outputs: hand the network a copy of each layer output. Not needed for a
+            model that changes a layer output in place (``ReLU(inplace=True)``): each
+            output's gradient is taken at the autograd edge it had when its layer returned
+            (:class:`OutputRef`).
 
     Raises:
         NotHookable: a trainable parameter is used outside its layer, a layer's input
@@ -189,7 +229,8 @@ def _record_traced(model: nn.Module, loss_fn: LossFn, inputs: Inputs, targets: T
     out_tags: dict[str, list[Tag]] = {name: [] for name in layers}
     extra_tags: dict[str, list[tuple[Tag, ...]]] = {name: [] for name in layers}
     problems: dict[str, str] = {}
-    versions: list[tuple[Tensor, int]] = []
+    versions: list[tuple[Tensor, int]] = []  # the layer outputs held as tensors
+    inputs_seen: list[tuple[Tensor, int]] = []
     # per layer, per call: (input tag, output tag, shapes) of calls a replay can repeat
     simple: dict[str, list[tuple[Tag, Tag, tuple[int, ...], tuple[int, ...]]]] = {name: [] for name in layers}
     replayable = [True]
@@ -200,7 +241,7 @@ def _record_traced(model: nn.Module, loss_fn: LossFn, inputs: Inputs, targets: T
     def keep(name: str, a_first: Tensor, args: tuple, kwargs: dict, output: Tensor, tag: Tag, replaced):
         """Capture one call of a single-output layer; returns what the forward hook hands
         on (a copy of the output with ``clone_outputs``, else ``replaced`` or ``None``)."""
-        copy = _capture_call(captures[name], out_tags[name], versions, a_first, args, kwargs, output, tag,
+        copy = _capture_call(captures[name], out_tags[name], versions, inputs_seen, a_first, args, kwargs, output, tag,
                              clone_outputs)
         if copy is None:
             return replaced
@@ -365,23 +406,39 @@ def _record_traced(model: nn.Module, loss_fn: LossFn, inputs: Inputs, targets: T
     if any(t._version != v for t, v in versions) and (clone_outputs or multi):
         raise NotHookable("a multi-output layer's output is modified in place")
     if not clone_outputs and any(t._version != v for t, v in versions):
-        # A layer output was changed in place; its gradient must be taken before that.
+        # A layer output held as a tensor was changed in place; its gradient must be
+        # taken before that.
         return _record_traced(model, loss_fn, inputs, targets, layers, batch, clone_outputs=True)
+    if _stale_input(inputs_seen):
+        raise NotHookable("a layer's input is modified in place after the layer used it (its "
+                          "weight gradient needs that input as it was)")
     verified = _Verified(simple, clone_outputs, weakref.ref(_loss_target(loss_fn))) if replayable[0] else None
     return _Traced(_finish(captures, out_tags, extra_tags, losses, outputs, batch), verified)
 
 
-def _capture_call(cap: Capture, tags: list[Tag], versions: list[tuple[Tensor, int]], a_first: Tensor,
-                  args: tuple, kwargs: dict, output: Tensor, tag: Tag, clone: bool) -> Tensor | None:
+def _capture_call(cap: Capture, tags: list[Tag], versions: list[tuple[Tensor, int]],
+                  inputs_seen: list[tuple[Tensor, int]], a_first: Tensor, args: tuple, kwargs: dict,
+                  output: Tensor, tag: Tag, clone: bool) -> Tensor | None:
     """Capture one call of a single-output layer (its batch-first input, arguments, output
-    and output tag); returns the copy of the output to hand on with ``clone``, else ``None``."""
-    cap.inputs.append(a_first.detach())
+    edge and output tag); returns the copy of the output to hand on with ``clone``, else
+    ``None``. The input's version is noted (a capture whose input the network later changes
+    in place is stale), and so is a held output's (see :meth:`OutputRef.of`)."""
+    a = a_first.detach()
+    cap.inputs.append(a)
     cap.args.append(args)
     cap.kwargs.append(kwargs)
-    cap.outputs.append(output)
+    ref = OutputRef.of(output)
+    cap.outputs.append(output if ref is None else ref)
     tags.append(tag)
-    versions.append((output, output._version))
+    inputs_seen.append((a, a._version))
+    if ref is None:
+        versions.append((output, output._version))
     return output.clone() if clone and output.requires_grad else None
+
+
+def _stale_input(inputs_seen: list[tuple[Tensor, int]]) -> bool:
+    """Some captured layer input was changed in place after its layer used it."""
+    return any(t._version != v for t, v in inputs_seen)
 
 
 def _finish(captures: dict[str, Capture], out_tags: dict[str, list[Tag]],
@@ -402,11 +459,11 @@ def _finish(captures: dict[str, Capture], out_tags: dict[str, list[Tag]],
     ]
     wanted = [o for _, o, _ in flat] + [o for _, outs, _ in extra for o in outs if o.requires_grad]
     if wanted:
-        grads = torch.autograd.grad(losses.sum(), wanted, allow_unused=True)
+        grads = torch.autograd.grad(losses.sum(), [_edge(o) for o in wanted], allow_unused=True)
         by_id = {id(o): g for o, g in zip(wanted, grads)}
         for cap, out, tag in flat:
             g = by_id[id(out)]
-            g = torch.zeros_like(out) if g is None else g.detach()
+            g = _zeros(out) if g is None else g.detach().reshape(out.shape)
             cap.grad_outputs.append(to_batch_first(g, tag, batch))
         for cap, outs, tags in extra:
             gs = [by_id.get(id(o)) for o in outs]
@@ -426,6 +483,14 @@ def _finish(captures: dict[str, Capture], out_tags: dict[str, list[Tag]],
     return Recording(losses.detach(), _detach(outputs), captures)
 
 
+def _edge(o: "Tensor | OutputRef") -> "Tensor | GradientEdge":
+    return o.edge if isinstance(o, OutputRef) else o
+
+
+def _zeros(o: "Tensor | OutputRef") -> Tensor:
+    return o.zeros() if isinstance(o, OutputRef) else torch.zeros_like(o)
+
+
 def _replay(model: nn.Module, loss_fn: LossFn, inputs: Inputs, targets: Tensor,
             layers: dict[str, nn.Module], verified: _Verified, batch: int) -> Recording | None:
     """:func:`record` without the batch trace, for a signature whose traced recording
@@ -435,6 +500,7 @@ def _replay(model: nn.Module, loss_fn: LossFn, inputs: Inputs, targets: Tensor,
     captures = {name: Capture(m) for name, m in layers.items()}
     out_tags: dict[str, list[Tag]] = {name: [] for name in layers}
     versions: list[tuple[Tensor, int]] = []
+    inputs_seen: list[tuple[Tensor, int]] = []
 
     def make_hook(name: str):
         expected = verified.calls[name]
@@ -448,7 +514,7 @@ def _replay(model: nn.Module, loss_fn: LossFn, inputs: Inputs, targets: Tensor,
             if not isinstance(a, Tensor) or a.shape != a_shape or output.shape != o_shape:
                 raise _Mismatch
             a_first = to_batch_first(a, ta, batch).detach()
-            return _capture_call(captures[name], out_tags[name], versions, a_first, (a_first,), {}, output, to,
+            return _capture_call(captures[name], out_tags[name], versions, inputs_seen, a_first, (a_first,), {}, output, to,
                                  verified.clone)
 
         return hook
@@ -467,7 +533,7 @@ def _replay(model: nn.Module, loss_fn: LossFn, inputs: Inputs, targets: Tensor,
         return None
     if not isinstance(losses, Tensor) or losses.shape != (batch,):
         return None
-    if any(t._version != v for t, v in versions):
+    if any(t._version != v for t, v in versions) or _stale_input(inputs_seen):
         return None
     return _finish(captures, out_tags, {name: [] for name in layers}, losses, outputs, batch)
 
