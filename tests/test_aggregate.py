@@ -165,6 +165,48 @@ def test_step_update_never_shares_memory_with_the_state():
     assert torch.equal(r.state["weight"], before)
 
 
+def test_owned():
+    from gradsift.aggregate.base import owned
+
+    a, b = torch.randn(3), torch.randn(2, 2)
+    assert owned({"a": a, "b": b}, None)
+    assert not owned({"a": a, "b": a.view(3)}, None)  # one gradient tensor for two parameters
+    assert not owned({"a": a, "b": b}, ({"kept": b[0]},))  # a stage's state holds b's memory
+    assert not owned({"a": torch.randn(3, requires_grad=True)}, None)
+
+
+def test_dp_noise_in_place_equals_out_of_place_and_spares_state():
+    """The layer-wise DP step adds its noise into the update's own buffers: the same bits as
+    the out-of-place form, and never into a tensor a preceding stage keeps as its state."""
+    noise = A.gaussian_noise(1.0, 1.0, 4.0, seed=3)
+    grads = {"w": torch.randn(5, 3), "b": torch.randn(5)}
+    expected, step = noise.update(grads, 7)
+    inplace = {n: g.clone() for n, g in grads.items()}
+    assert noise.update_in_place(inplace, 7) == step == 8
+    for n in grads:
+        assert torch.equal(inplace[n], expected[n])
+
+    def keep(grads, state):  # returns its state as the update
+        kept = {n: g.clone() for n, g in grads.items()}
+        return kept, kept
+
+    keeper = A.Aggregator("keep", lambda params: None, keep, "batch", "batch")
+    model = torch.nn.Linear(3, 2)
+    x, y = torch.randn(4, 3), torch.randint(0, 2, (4,))
+    loss = torch.nn.CrossEntropyLoss(reduction="none")
+    for agg in (A.chain(A.clip(1.0), A.normalized_sum(4.0), noise),
+                A.chain(A.clip(1.0), A.normalized_sum(4.0), keeper, noise)):
+        r = A.step_update(model, loss, x, y, agg, agg.init(dict(model.named_parameters())))
+        assert r.path == "layerwise"
+        ref = A.step_update(model, loss, x, y, agg, agg.init(dict(model.named_parameters())), layerwise=False)
+        for n in r.update:
+            torch.testing.assert_close(r.update[n], ref.update[n])
+        if len(agg.parts) == 4:  # the keeper's state is the clean clipped sum, not noised
+            clean = A.step_update(model, loss, x, y, A.chain(A.clip(1.0), A.normalized_sum(4.0))).update
+            for n in clean:
+                torch.testing.assert_close(r.state[2][n], clean[n])
+
+
 @pytest.mark.parametrize("bad", [lambda: A.winsorize(-1), lambda: A.trimmed_mean(0.5), lambda: A.clip(0)])
 def test_bad_arguments(bad):
     with pytest.raises(ValueError):

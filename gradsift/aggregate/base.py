@@ -164,6 +164,11 @@ class Aggregator:
         row_scale: layer-wise form of an example-wise stage (:class:`RowScale`).
         weighted_sums: layer-wise and sharded form of a reducer (:class:`WeightedSums`).
         sharded: exact form across ranks, ``(grads, state, shard) -> (out, state)``.
+        update_in_place: in-place form of a batch -> batch stage, ``(update, state) ->
+            state``: changes the update's tensors in place to what ``update`` would return
+            (same values). Runners use it on an update they own whose tensors share memory
+            with nothing else (:func:`owned`), so that e.g. DP noise needs no second
+            ``P``-sized buffer.
     """
 
     name: str
@@ -180,6 +185,7 @@ class Aggregator:
     row_scale: RowScale | None = field(default=None, compare=False)
     weighted_sums: WeightedSums | None = field(default=None, compare=False)
     sharded: Sharded | None = field(default=None, compare=False)
+    update_in_place: Callable[[Grads, State], State] | None = field(default=None, compare=False)
 
     @property
     def needs_per_example(self) -> bool:
@@ -479,15 +485,32 @@ def write_grads(model: nn.Module, update: Grads, *, copy: bool = False) -> None:
             p.grad = u.detach()
 
 
+def _storages(state: State) -> set[int]:
+    from torch.utils._pytree import tree_leaves
+
+    return {t.untyped_storage().data_ptr() for t in tree_leaves(state) if isinstance(t, Tensor)}
+
+
 def unshared(update: Grads, state: State) -> Grads:
     """``update`` with every tensor that shares memory with a tensor of ``state`` copied, so
     that writing it into ``.grad`` (:func:`write_grads`) can never change the state."""
-    from torch.utils._pytree import tree_leaves
-
-    held = {t.untyped_storage().data_ptr() for t in tree_leaves(state) if isinstance(t, Tensor)}
+    held = _storages(state)
     if not held:
         return update
     return {n: u.clone() if u.untyped_storage().data_ptr() in held else u for n, u in update.items()}
+
+
+def owned(update: Grads, state: State) -> bool:
+    """Every tensor of ``update`` has memory of its own: none shares it with another or with
+    a tensor of ``state`` (autograd may hand two parameters one gradient tensor; a stage
+    may return its state). Then changing one in place changes nothing else."""
+    seen = _storages(state)
+    for u in update.values():
+        ptr = u.untyped_storage().data_ptr()
+        if ptr in seen or u.requires_grad:
+            return False
+        seen.add(ptr)
+    return True
 
 
 # ---------------------------------------------------------------- registry of spec names

@@ -83,21 +83,31 @@ def gaussian_noise(noise_multiplier: float, max_norm: float, expected_batch_size
         )
     std = sigma * C / L
 
-    def update(grads: Grads, state: State) -> tuple[Grads, State]:
-        step = int(state)
+    def noised(grads: Grads, step: int, in_place: bool) -> Grads:
+        """``u + std * noise`` per parameter, the noise drawn in ``grads``' order; in
+        ``u``'s buffer when ``in_place`` (one parameter's noise at a time), else in the
+        noise's. The sum is the same either way."""
         if std == 0 or not grads:
-            return dict(grads), step + 1
+            return dict(grads)
         device = next(iter(grads.values())).device
         gen = step_generator(seed, step, device)
-        out = {}
+        out: Grads = {}
         for n, u in grads.items():
-            noise = torch.randn(u.shape, generator=gen, device=device, dtype=u.dtype)
-            out[n] = noise.mul_(std).add_(u)  # u + std * noise, in the noise's buffer
-        return out, step + 1
+            noise = torch.randn(u.shape, generator=gen, device=device, dtype=u.dtype).mul_(std)
+            out[n] = u.add_(noise) if in_place else noise.add_(u)
+        return out
+
+    def update(grads: Grads, state: State) -> tuple[Grads, State]:
+        return noised(grads, int(state), in_place=False), int(state) + 1
+
+    def update_in_place(grads: Grads, state: State) -> State:
+        noised(grads, int(state), in_place=True)
+        return int(state) + 1
 
     return Aggregator(f"gaussian_noise(sigma={sigma:g}, C={C:g}, L={L:g})", lambda params: 0,
                       update, "batch", "batch", kind="gaussian_noise",
-                      options={"noise_multiplier": sigma, "max_norm": C, "expected_batch_size": L})
+                      options={"noise_multiplier": sigma, "max_norm": C, "expected_batch_size": L},
+                      update_in_place=update_in_place)
 
 
 def _missing(state: State, names) -> list[str]:

@@ -39,7 +39,7 @@ from ..inputs import Inputs, batch_size
 from ..engine import (LossFn, Method, batch_gradient, check_per_example_safe, per_example,
                       resolve_method, trainable_parameters)
 from .base import (Aggregator, Comm, Grads, Shard, State, aggregator_from_spec, apply,
-                   row_view, unshared)
+                   owned, row_view, unshared)
 from .sharded import GlobalAggregation, Mode
 
 
@@ -182,7 +182,9 @@ def _weighted(model, rec, names, factors, red: Aggregator, b: int, shard: Shard 
         parts = sums.setdefault(name, [None] * k)  # type: ignore[list-item]
         parts[j] = value if parts[j] is None else parts[j] + value
 
-    for lname, cap in rec.captures.items():
+    # Last layer first: the first layers' captures are the ones a plain backward frees
+    # last, and an embedding's dense update is then taken when little else is held.
+    for lname, cap in reversed(rec.captures.items()):
         own = _own(names, lname)
         fs = {local: factors.get(n) for local, n in own.items()}
         same = len({id(f) for f in fs.values()}) == 1
@@ -321,7 +323,11 @@ def run_tail(p: LayerwisePlan, update: Grads, state: State) -> tuple[Grads, Stat
         return update, state
     new_state = list(state)
     for j, agg in p.tail:
-        update, new_state[j] = agg.update(update, new_state[j])
+        # the update is this step's own (fresh sums): a stage that can, changes it in place
+        if agg.update_in_place is not None and owned(update, new_state):
+            new_state[j] = agg.update_in_place(update, new_state[j])
+        else:
+            update, new_state[j] = agg.update(update, new_state[j])
     return update, tuple(new_state)
 
 

@@ -159,7 +159,7 @@ class LayerRule:
 
     def norms_sq(self, cap: Capture) -> Grads:
         """Squared L2 norms of the per-example gradients: local name -> ``[B]``."""
-        return {n: g.flatten(1).square().sum(1) for n, g in self.grads(cap).items()}
+        return {n: sum_of_squares(g.flatten(1).unsqueeze(1))[:, 0] for n, g in self.grads(cap).items()}
 
     def weighted_sum(self, cap: Capture, weights: Tensor) -> Grads:
         """``sum_i weights_i * g_i``: local name -> ``param.shape``; ``weights`` is ``[B]``."""

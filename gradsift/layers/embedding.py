@@ -3,7 +3,8 @@
 ``padding_idx`` rows stay zero; with ``scale_grad_by_freq`` each ``d_it`` is divided by
 the count of its token in example ``i``'s indices of that call (as a single-example
 backward pass would). Squared norms are ghost norms when ``T^2 < vocabulary``:
-``sum_{t,s} [idx_t = idx_s] d_t . d_s``.
+``sum_{t,s} [idx_t = idx_s] d_t . d_s``; otherwise the ``d_it`` are summed per distinct
+(example, token) pair (``[<= B T, dim]``, never ``[B, V, dim]``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import Capture, Grads, LayerRule, own_trainable, register_layer_rule
+from .base import Capture, Grads, LayerRule, own_trainable, register_layer_rule, sum_of_squares
 
 
 def token_positions(cap: Capture) -> tuple[Tensor, Tensor]:
@@ -82,11 +83,18 @@ class EmbeddingRule(LayerRule):
         if not cap.inputs or "weight" not in own_trainable(m):
             return {}
         idx, D = token_positions(cap)
-        t = idx.shape[1]
+        b, t = idx.shape
         if t * t < m.num_embeddings:
             same = (idx.unsqueeze(2) == idx.unsqueeze(1)).to(D.dtype)
             return {"weight": (same * (D @ D.transpose(1, 2))).sum((1, 2))}
-        return super().norms_sq(cap)
+        # Each example's gradient has one row per distinct token: sum d over the positions
+        # of each (example, token) pair, never forming the [B, V, dim] gradients.
+        v = m.num_embeddings
+        keys = (idx + torch.arange(b, device=idx.device).unsqueeze(1) * v).reshape(-1)
+        pairs, which = torch.unique(keys, return_inverse=True)
+        rows = D.new_zeros(pairs.shape[0], m.embedding_dim).index_add_(0, which, D.reshape(-1, m.embedding_dim))
+        per_pair = sum_of_squares(rows.unsqueeze(1))[:, 0]
+        return {"weight": D.new_zeros(b).index_add_(0, torch.div(pairs, v, rounding_mode="floor"), per_pair)}
 
     def gram(self, cap: Capture) -> Grads:
         """``G[i, j] = sum_{t,s} [idx_it = idx_js] d_it . d_js`` when ``(B T)^2 < B V``."""
