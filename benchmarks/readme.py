@@ -57,7 +57,10 @@ edit the text there, not here.
    attention mask, called as `model(**batch)`; an LSTM classifier. Per-example gradients by
    gradsift, Opacus `GradSampleModule` (with `DPLSTM` for the LSTM), torch.func and a loop of
    single-example backward passes; the DP step (C = 1, sigma = 1) by gradsift's `dp_sgd` and
-   by Opacus's `GradSampleModule` + `DPOptimizer`, against the plain step. A method that
+   by Opacus's `GradSampleModule` + `DPOptimizer` and its ghost clipping, against the plain
+   step, with each step's peak memory: the parameters (P float32) plus the peak-RSS growth
+   over a warm-up step and one step, counted from just after the step was built, so that
+   what a method keeps between steps (Opacus's per-sample gradients) counts. A method that
    fails is a row with its error.
 5. **The main job** (`memorization.py`, full mode only): `gradsift memorization` with its
    defaults, run from this checkout and from a checkout of the original main

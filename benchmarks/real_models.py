@@ -1,6 +1,7 @@
 """Section 4: real models side by side with Opacus, torch.func and a per-example loop.
 
     python -m benchmarks.real_models [--quick] [--threads 1] [--models resnet18-gn,lstm]
+    python -m benchmarks.real_models --peak <model> <B> <method>  # (internal) one memory measurement
 
 Models (built locally with random weights, see :mod:`benchmarks.models`), B = 32:
 ResNet-18-GN on 3x32x32; BERT-tiny and GPT-2-tiny sequence classifiers on 64 tokens with
@@ -14,7 +15,10 @@ and a loop of single-example backward passes writing into ``[B, ...]`` tensors.
 DP step (clip C = 1, noise sigma = 1, SGD): the plain step, gradsift's ``dp_sgd``
 aggregator through the library's step entry point, Opacus's ``GradSampleModule`` +
 ``DPOptimizer``, and Opacus's ghost clipping (``GradSampleModuleFastGradientClipping``). A method that fails (Opacus on some layers, the library on dict inputs)
-is a row with its error.
+is a row with its error. Peak memory of a step (1-thread pass, fresh subprocess): the
+model's parameters (P float32) plus the peak-RSS growth over a warm-up step and one step,
+from just after the step was built, so that gradients and whatever a method keeps between
+steps (Opacus's per-sample gradients) count.
 
 Targets: issue 12, gradsift at least 2x faster than Opacus on ResNet-GN, BERT-tiny and
 GPT-2-tiny and at least 3x faster than the loop on the LSTM; issue 14, at least 2x faster
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 import warnings
 
 import torch
@@ -164,6 +169,28 @@ def lazy(make):
     return run
 
 
+def step_makers(name: str, model, loss_fn, b: int, paths: dict | None = None) -> dict:
+    """The DP step rows by name: each a maker of a step ``(x, y) -> None`` on its own copy
+    of ``model``."""
+    lstm = " (DPLSTM)" if name == "lstm" else ""
+    return {
+        "plain step": lambda: plain_step(copy.deepcopy(model), loss_fn),
+        "gradsift dp_sgd": lambda: gradsift_dp_step(copy.deepcopy(model), loss_fn, b, paths),
+        "opacus DP" + lstm: lambda: opacus_dp_step(opacus_model(name, copy.deepcopy(model)), loss_fn, b),
+        "opacus ghost DP" + lstm: lambda: opacus_ghost_step(opacus_model(name, copy.deepcopy(model)), b),
+    }
+
+
+def peak_main(name: str, b: str, method: str) -> None:
+    """Peak-RSS growth over a warm-up step and one step, from just after the step was built
+    (so what a method keeps between steps, e.g. Opacus's per-sample gradients, counts)."""
+    C.set_threads()
+    model, x, y, loss_fn = build(name, int(b))
+    fn = step_makers(name, model, loss_fn, int(b))[method]()
+    del model
+    C.measure_peak(lambda: None, lambda: (fn(x, y), fn(x, y)))
+
+
 def run(threads: int, s: C.Settings, models: tuple[str, ...] = MODELS) -> C.Section:
     C.set_threads(threads)
     sec = C.Section()
@@ -173,11 +200,14 @@ def run(threads: int, s: C.Settings, models: tuple[str, ...] = MODELS) -> C.Sect
         ["model", "P", "method", "ms", "x gradsift"], notes=[C.TIMED_FEW])
     step_tab = C.Table(
         f"4b. Real models, DP step (C=1, sigma=1, SGD), B={B} ({threads} thread(s); step entry point: {C.step_entry_name()})",
-        ["model", "method", "path", "ms", "x plain step", "x gradsift DP"], notes=[C.TIMED_FEW])
+        ["model", "method", "path", "ms", "x plain step", "x gradsift DP", "peak MB", "x plain peak"],
+        notes=[C.TIMED_FEW, "peak MB = P float32 (params) + the peak-RSS growth over a warm-up step and one step, "
+                            "from just after the step was built (gradients and anything kept between steps "
+                            "count); 1-thread pass"])
     for name in models:
         model, x, y, loss_fn = build(name, B)
         p = n_params(model)
-        m = [copy.deepcopy(model) for _ in range(6)]
+        m = [copy.deepcopy(model) for _ in range(4)]
         grads = {
             "gradsift": lambda x, y, mm=m[0]: C.per_example_grads(mm, loss_fn, x, y),
             "opacus" + (" (DPLSTM)" if name == "lstm" else ""): lazy(lambda: opacus_grads(opacus_model(name, m[1]), loss_fn)),
@@ -200,24 +230,26 @@ def run(threads: int, s: C.Settings, models: tuple[str, ...] = MODELS) -> C.Sect
             sec.targets.append(C.Target.of_ratio("14", f"per-example grads RESNET18-GN B={B}: torch.func / gradsift",
                                                  t["torch.func"], g, ">=", 2, threads, digits=0))
         paths: dict[str, str] = {}
-        steps = {
-            "plain step": plain_step(m[4], loss_fn),
-            "gradsift dp_sgd": gradsift_dp_step(m[5], loss_fn, B, paths),
-            "opacus DP" + (" (DPLSTM)" if name == "lstm" else ""):
-                lazy(lambda: opacus_dp_step(opacus_model(name, copy.deepcopy(model)), loss_fn, B)),
-            "opacus ghost DP" + (" (DPLSTM)" if name == "lstm" else ""):
-                lazy(lambda: opacus_ghost_step(opacus_model(name, copy.deepcopy(model)), B)),
-        }
+        steps = {k: lazy(make) for k, make in step_makers(name, model, loss_fn, B, paths).items()}
         t = C.compare({k: (lambda f=f: f(x, y)) for k, f in steps.items()}, s)
+        peaks = {}
+        if s.peaks and threads == 1:
+            for k in steps:
+                peaks[k] = p * 4 / 2**20 + C.peak_rss_mb("benchmarks.real_models", name, str(B), k)
         for k in steps:
+            pk = peaks.get(k, float("nan"))
             step_tab.rows.append([name, C.method_cell(k, t[k], step_tab, name), paths.get(k, "-"), C.ms(t[k]), C.ratio(t[k], t["plain step"]),
-                                  C.ratio(t[k], t["gradsift dp_sgd"])])
+                                  C.ratio(t[k], t["gradsift dp_sgd"]), pk,
+                                  pk / peaks["plain step"] if peaks else float("nan")])
         del m, grads, steps
     sec.tables += [grads_tab, step_tab]
     return sec
 
 
 def main(argv: list[str] | None = None) -> None:
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--peak":
+        peak_main(*sys.argv[2:])
+        return
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
