@@ -411,7 +411,8 @@ def _record_traced(model: nn.Module, loss_fn: LossFn, inputs: Inputs, targets: T
         return _record_traced(model, loss_fn, inputs, targets, layers, batch, clone_outputs=True)
     if _stale_input(inputs_seen):
         raise NotHookable("a layer's input is modified in place after the layer used it (its "
-                          "weight gradient needs that input as it was)")
+                          "weight gradient needs that input as it was); change it out of place "
+                          "(h = h * 2, not h.mul_(2)) or modify a copy")
     verified = _Verified(simple, clone_outputs, weakref.ref(_loss_target(loss_fn))) if replayable[0] else None
     return _Traced(_finish(captures, out_tags, extra_tags, losses, outputs, batch), verified)
 
