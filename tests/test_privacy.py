@@ -290,3 +290,34 @@ def test_cli_train_dp_prints_epsilon(tmp_path):
     bad = CliRunner().invoke(app, ["train", "--dp", "--noise-multiplier", "1", "--delta", "0.5",
                                    "--epochs", "1", "--run-dir", str(tmp_path / "bad"), "-q"])
     assert bad.exit_code == 2 and "delta" in bad.output
+
+
+def test_big_cpu_noise_is_drawn_in_chunks_the_same_at_any_thread_count():
+    """step_noise draws a big CPU tensor's noise in NOISE_CHUNK pieces, each with a generator
+    of its own, in parallel: the values depend on (seed, step) only, neighbouring chunks are
+    independent streams, the whole is standard normal, and small tensors still come from the
+    step's one generator."""
+    from scipy.stats import kstest
+
+    from gradsift.aggregate.dp import NOISE_CHUNK, PARALLEL_NOISE_MIN, step_generator, step_noise
+
+    like = [torch.empty(7), torch.empty(PARALLEL_NOISE_MIN + 5), torch.empty(3, 4)]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = list(step_noise(like, 5, 2))
+        torch.set_num_threads(2)
+        two = list(step_noise(like, 5, 2))
+    finally:
+        torch.set_num_threads(before)
+    for a, b, t in zip(one, two, like):
+        assert a.shape == t.shape and torch.equal(a, b)
+    gen = step_generator(5, 2, torch.device("cpu"))
+    assert torch.equal(one[0], torch.randn(7, generator=gen))  # small: the step's generator,
+    assert torch.equal(one[2], torch.randn(3, 4, generator=gen))  # which the big one skips
+    big = one[1].double()
+    c0, c1 = big[:NOISE_CHUNK], big[NOISE_CHUNK : 2 * NOISE_CHUNK]
+    assert abs(float(torch.corrcoef(torch.stack([c0, c1]))[0, 1])) < 0.02  # not one stream twice
+    assert kstest(big.numpy()[::7], "norm").pvalue > 1e-3
+    assert not torch.equal(one[1], list(step_noise(like, 5, 3))[1])  # the next step: fresh
+    assert not torch.equal(list(step_noise(like, None, 2))[1], list(step_noise(like, None, 2))[1])

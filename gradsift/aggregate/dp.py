@@ -17,6 +17,7 @@ aggregation half::
 from __future__ import annotations
 
 import secrets
+from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -47,15 +48,86 @@ def normalized_sum(expected_batch_size: float) -> Aggregator:
                    expected_batch_size=L)
 
 
-def step_generator(seed: int | None, step: int, device: torch.device) -> torch.Generator:
-    """The noise generator of step ``step``: from :mod:`secrets` when ``seed`` is None,
-    else a deterministic function of ``(seed, step)``."""
-    g = torch.Generator(device=device)
+def step_seed(seed: int | None, step: int) -> int:
+    """The noise seed of step ``step``: from :mod:`secrets` when ``seed`` is None, else a
+    deterministic function of ``(seed, step)``."""
     if seed is None:
-        g.manual_seed(secrets.randbits(63))
-    else:
-        g.manual_seed((int(seed) * 1_000_003 + 7_919 * step + 1) % (2**63 - 1))
-    return g
+        return secrets.randbits(63)
+    return (int(seed) * 1_000_003 + 7_919 * step + 1) % (2**63 - 1)
+
+
+def step_generator(seed: int | None, step: int, device: torch.device) -> torch.Generator:
+    """The noise generator of step ``step`` (seeded with :func:`step_seed`)."""
+    return torch.Generator(device=device).manual_seed(step_seed(seed, step))
+
+
+#: CPU tensors of at least this many values get their noise in chunks drawn in parallel:
+#: torch draws normals on the CPU in one thread (about 7 ns each here, 0.1 s for
+#: ResNet-18's 11M parameters). Smaller tensors, and every tensor on CUDA, are drawn from
+#: the step's one generator in turn.
+PARALLEL_NOISE_MIN = 1 << 20
+#: Values per chunk; each chunk has a generator of its own (:func:`chunk_seed`), so the
+#: values do not depend on how many threads draw them.
+NOISE_CHUNK = 1 << 18
+_MASK64 = (1 << 64) - 1
+
+
+def chunk_seed(base: int, index: int) -> int:
+    """Seed of chunk ``index`` of a step whose seed is ``base``: SplitMix64's mixing of
+    ``base + (index + 1) * golden``, distinct and well spread for neighbouring chunks."""
+    z = (base + 0x9E3779B97F4A7C15 * (index + 1)) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) & ((1 << 63) - 1)
+
+
+_POOL: list = [None, 0, 0]  # executor, its size, the process it was made in
+
+
+def _pool(n: int):
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    if _POOL[0] is None or _POOL[1] != n or _POOL[2] != os.getpid():
+        _POOL[:] = [ThreadPoolExecutor(n, thread_name_prefix="gradsift-noise"), n, os.getpid()]
+    return _POOL[0]
+
+
+def _fill_normal(job: tuple[Tensor, int]) -> None:
+    part, seed = job
+    part.normal_(generator=torch.Generator().manual_seed(seed))
+
+
+def step_noise(like: list[Tensor], seed: int | None, step: int) -> Iterator[Tensor]:
+    """Standard normal noise shaped like each tensor of ``like`` (its dtype and device), one
+    tensor at a time, for step ``step``: a deterministic function of ``(seed, step)`` and
+    the shapes, fresh from :mod:`secrets` when ``seed`` is None.
+
+    A CPU tensor of :data:`PARALLEL_NOISE_MIN` values or more is drawn in chunks of
+    :data:`NOISE_CHUNK` by ``torch.get_num_threads()`` threads; the others come from the
+    step's generator (:func:`step_generator`) in turn.
+    """
+    if not like:
+        return
+    base = step_seed(seed, step)
+    gen = torch.Generator(device=like[0].device).manual_seed(base)
+    index = 0
+    for t in like:
+        if t.device.type != "cpu" or t.numel() < PARALLEL_NOISE_MIN:
+            yield torch.randn(t.shape, generator=gen, device=t.device, dtype=t.dtype)
+            continue
+        z = torch.empty(t.shape, dtype=t.dtype)
+        flat = z.view(-1)
+        jobs = [(flat[a : a + NOISE_CHUNK], chunk_seed(base, index + k))
+                for k, a in enumerate(range(0, flat.numel(), NOISE_CHUNK))]
+        index += len(jobs)
+        threads = min(torch.get_num_threads(), len(jobs))
+        if threads > 1:
+            list(_pool(threads).map(_fill_normal, jobs))
+        else:
+            for job in jobs:
+                _fill_normal(job)
+        yield z
 
 
 @register_aggregator("gaussian_noise")
@@ -89,13 +161,9 @@ def gaussian_noise(noise_multiplier: float, max_norm: float, expected_batch_size
         noise's. The sum is the same either way."""
         if std == 0 or not grads:
             return dict(grads)
-        device = next(iter(grads.values())).device
-        gen = step_generator(seed, step, device)
-        out: Grads = {}
-        for n, u in grads.items():
-            noise = torch.randn(u.shape, generator=gen, device=device, dtype=u.dtype).mul_(std)
-            out[n] = u.add_(noise) if in_place else noise.add_(u)
-        return out
+        noises = step_noise(list(grads.values()), seed, step)  # one parameter's at a time
+        return {n: (u.add_(z.mul_(std)) if in_place else z.mul_(std).add_(u))
+                for (n, u), z in zip(grads.items(), noises)}
 
     def update(grads: Grads, state: State) -> tuple[Grads, State]:
         return noised(grads, int(state), in_place=False), int(state) + 1
