@@ -16,7 +16,10 @@ aggregation half::
 
 from __future__ import annotations
 
+import functools
+import os
 import secrets
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 import torch
@@ -81,16 +84,10 @@ def chunk_seed(base: int, index: int) -> int:
     return (z ^ (z >> 31)) & ((1 << 63) - 1)
 
 
-_POOL: list = [None, 0, 0]  # executor, its size, the process it was made in
-
-
-def _pool(n: int):
-    import os
-    from concurrent.futures import ThreadPoolExecutor
-
-    if _POOL[0] is None or _POOL[1] != n or _POOL[2] != os.getpid():
-        _POOL[:] = [ThreadPoolExecutor(n, thread_name_prefix="gradsift-noise"), n, os.getpid()]
-    return _POOL[0]
+@functools.lru_cache(maxsize=1)
+def _pool(n: int, pid: int) -> ThreadPoolExecutor:
+    """The noise threads of this process (``pid``: a forked child makes its own)."""
+    return ThreadPoolExecutor(n, thread_name_prefix="gradsift-noise")
 
 
 def _fill_normal(job: tuple[Tensor, int]) -> None:
@@ -123,7 +120,7 @@ def step_noise(like: list[Tensor], seed: int | None, step: int) -> Iterator[Tens
         index += len(jobs)
         threads = min(torch.get_num_threads(), len(jobs))
         if threads > 1:
-            list(_pool(threads).map(_fill_normal, jobs))
+            list(_pool(threads, os.getpid()).map(_fill_normal, jobs))
         else:
             for job in jobs:
                 _fill_normal(job)

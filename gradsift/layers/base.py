@@ -159,7 +159,7 @@ class LayerRule:
 
     def norms_sq(self, cap: Capture) -> Grads:
         """Squared L2 norms of the per-example gradients: local name -> ``[B]``."""
-        return {n: sum_of_squares(g.flatten(1).unsqueeze(1))[:, 0] for n, g in self.grads(cap).items()}
+        return {n: sum_of_squares(g.flatten(1), 1) for n, g in self.grads(cap).items()}
 
     def weighted_sum(self, cap: Capture, weights: Tensor) -> Grads:
         """``sum_i weights_i * g_i``: local name -> ``param.shape``; ``weights`` is ``[B]``."""
@@ -205,10 +205,12 @@ class LayerRule:
 RULES: dict[type[nn.Module] | str, LayerRule] = {}
 
 
-def sum_of_squares(x: Tensor) -> Tensor:
-    """``x.square().sum`` over every axis after the first two: ``[B, G, ...] -> [B, G]``,
-    as a norm reduction (no temporary the size of ``x``; within float rounding of the sum)."""
-    return torch.linalg.vector_norm(x, dim=tuple(range(2, x.ndim))).square()
+def sum_of_squares(x: Tensor, start_dim: int = 2) -> Tensor:
+    """``x.square().sum`` over every axis from ``start_dim`` on (``[B, G, ...] -> [B, G]``
+    by default), as a norm reduction: no temporary the size of ``x``, within float
+    rounding of the sum."""
+    dims = tuple(range(start_dim, x.ndim))
+    return torch.linalg.vector_norm(x, dim=dims).square() if dims else x.square()
 
 
 def type_name(t: type) -> str:

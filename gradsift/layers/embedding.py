@@ -93,7 +93,7 @@ class EmbeddingRule(LayerRule):
         keys = (idx + torch.arange(b, device=idx.device).unsqueeze(1) * v).reshape(-1)
         pairs, which = torch.unique(keys, return_inverse=True)
         rows = D.new_zeros(pairs.shape[0], m.embedding_dim).index_add_(0, which, D.reshape(-1, m.embedding_dim))
-        per_pair = sum_of_squares(rows.unsqueeze(1))[:, 0]
+        per_pair = sum_of_squares(rows, 1)
         return {"weight": D.new_zeros(b).index_add_(0, torch.div(pairs, v, rounding_mode="floor"), per_pair)}
 
     def gram(self, cap: Capture) -> Grads:

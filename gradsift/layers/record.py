@@ -403,13 +403,13 @@ def _record_traced(model: nn.Module, loss_fn: LossFn, inputs: Inputs, targets: T
             f"mixes the examples, or is one the batch trace cannot follow){lost}"
         )
     multi = any(rule_for(m).multi_output for m in layers.values())
-    if any(t._version != v for t, v in versions) and (clone_outputs or multi):
+    if _changed(versions) and (clone_outputs or multi):
         raise NotHookable("a multi-output layer's output is modified in place")
-    if not clone_outputs and any(t._version != v for t, v in versions):
+    if not clone_outputs and _changed(versions):
         # A layer output held as a tensor was changed in place; its gradient must be
         # taken before that.
         return _record_traced(model, loss_fn, inputs, targets, layers, batch, clone_outputs=True)
-    if _stale_input(inputs_seen):
+    if _changed(inputs_seen):
         raise NotHookable("a layer's input is modified in place after the layer used it (its "
                           "weight gradient needs that input as it was); change it out of place "
                           "(h = h * 2, not h.mul_(2)) or modify a copy")
@@ -437,9 +437,10 @@ def _capture_call(cap: Capture, tags: list[Tag], versions: list[tuple[Tensor, in
     return output.clone() if clone and output.requires_grad else None
 
 
-def _stale_input(inputs_seen: list[tuple[Tensor, int]]) -> bool:
-    """Some captured layer input was changed in place after its layer used it."""
-    return any(t._version != v for t, v in inputs_seen)
+def _changed(seen: list[tuple[Tensor, int]]) -> bool:
+    """Some tensor was changed in place since its version was noted (a captured input: the
+    capture is stale; a held output: its gradient must be taken before the change)."""
+    return any(t._version != v for t, v in seen)
 
 
 def _finish(captures: dict[str, Capture], out_tags: dict[str, list[Tag]],
@@ -534,7 +535,7 @@ def _replay(model: nn.Module, loss_fn: LossFn, inputs: Inputs, targets: Tensor,
         return None
     if not isinstance(losses, Tensor) or losses.shape != (batch,):
         return None
-    if any(t._version != v for t, v in versions) or _stale_input(inputs_seen):
+    if _changed(versions) or _changed(inputs_seen):
         return None
     return _finish(captures, out_tags, {name: [] for name in layers}, losses, outputs, batch)
 
