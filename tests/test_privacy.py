@@ -321,3 +321,8 @@ def test_big_cpu_noise_is_drawn_in_chunks_the_same_at_any_thread_count():
     assert kstest(big.numpy()[::7], "norm").pvalue > 1e-3
     assert not torch.equal(one[1], list(step_noise(like, 5, 3))[1])  # the next step: fresh
     assert not torch.equal(list(step_noise(like, None, 2))[1], list(step_noise(like, None, 2))[1])
+
+
+def test_a_bad_noise_seed_is_named():
+    with pytest.raises(TypeError, match="seed must be an int or None, got 'x'"):
+        P.gaussian_noise(1.0, 1.0, seed="x")

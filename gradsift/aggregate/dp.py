@@ -17,6 +17,7 @@ aggregation half::
 from __future__ import annotations
 
 import functools
+import numbers
 import os
 import secrets
 from concurrent.futures import ThreadPoolExecutor
@@ -56,6 +57,8 @@ def step_seed(seed: int | None, step: int) -> int:
     deterministic function of ``(seed, step)``."""
     if seed is None:
         return secrets.randbits(63)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"DP noise seed must be an int or None, got {seed!r}")
     return (int(seed) * 1_000_003 + 7_919 * step + 1) % (2**63 - 1)
 
 
@@ -151,6 +154,7 @@ def gaussian_noise(noise_multiplier: float, max_norm: float, expected_batch_size
             f"got {sigma}, {C}, {L}"
         )
     std = sigma * C / L
+    step_seed(seed, 0)  # a bad seed fails here, not at the first step
 
     def noised(grads: Grads, step: int, in_place: bool) -> Grads:
         """``u + std * noise`` per parameter, the noise drawn in ``grads``' order; in
