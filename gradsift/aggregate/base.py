@@ -307,7 +307,8 @@ def sort_rows_(t: Tensor) -> Tensor:
 
 
 class PerCoordinate:
-    """A per-coordinate reducer in two layouts (a ``per_coordinate`` form).
+    """A per-coordinate reducer in two layouts, and optionally a third form (a
+    ``per_coordinate`` form).
 
     * ``rows(t)``: ``[n, B] -> [n]``, each row one coordinate's B values, contiguous, in a
       scratch buffer that ``rows`` may overwrite (e.g. sort in place). Layer rules that
@@ -315,12 +316,18 @@ class PerCoordinate:
       (:meth:`gradsift.layers.LayerRule.reduced`), with no transpose.
     * calling it: ``[B, ...] -> [...]``, batch first: ``batch_first`` when given, else
       ``rows`` over transposed column blocks (:func:`by_column_blocks`).
+    * ``outer(d, a)``, optional: the reduction of per-example outer products,
+      ``d [B, O], a [B, K] -> [O, K]`` with example i's values ``d[i, o] a[i, k]`` (a
+      Linear layer's weight at one position), or None where it does not apply (the rule
+      then forms ``rows`` blocks). Called only when every product is finite.
     """
 
     def __init__(self, rows: Callable[[Tensor], Tensor],
-                 batch_first: Callable[[Tensor], Tensor] | None = None) -> None:
+                 batch_first: Callable[[Tensor], Tensor] | None = None,
+                 outer: Callable[[Tensor, Tensor], Tensor | None] | None = None) -> None:
         self.rows = rows
         self.batch_first = batch_first
+        self.outer = outer
 
     def __call__(self, x: Tensor) -> Tensor:
         if self.batch_first is not None:

@@ -16,17 +16,15 @@ aggregation half::
 
 from __future__ import annotations
 
-import functools
 import numbers
-import os
 import secrets
-from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 import torch
 from torch import Tensor
 
 from ..errors import UnsupportedModelError
+from ..threads import thread_map
 from .base import (Aggregator, Grads, RowScale, State, WeightedSums, chain, reducer,
                    register_aggregator)
 from .clip import clip
@@ -87,12 +85,6 @@ def chunk_seed(base: int, index: int) -> int:
     return (z ^ (z >> 31)) & ((1 << 63) - 1)
 
 
-@functools.lru_cache(maxsize=1)
-def _pool(n: int, pid: int) -> ThreadPoolExecutor:
-    """The noise threads of this process (``pid``: a forked child makes its own)."""
-    return ThreadPoolExecutor(n, thread_name_prefix="gradsift-noise")
-
-
 def _fill_normal(job: tuple[Tensor, int]) -> None:
     part, seed = job
     part.normal_(generator=torch.Generator().manual_seed(seed))
@@ -121,12 +113,7 @@ def step_noise(like: list[Tensor], seed: int | None, step: int) -> Iterator[Tens
         jobs = [(flat[a : a + NOISE_CHUNK], chunk_seed(base, index + k))
                 for k, a in enumerate(range(0, flat.numel(), NOISE_CHUNK))]
         index += len(jobs)
-        threads = min(torch.get_num_threads(), len(jobs))
-        if threads > 1:
-            list(_pool(threads, os.getpid()).map(_fill_normal, jobs))
-        else:
-            for job in jobs:
-                _fill_normal(job)
+        thread_map(_fill_normal, jobs)
         yield z
 
 

@@ -4,6 +4,13 @@ Math: per coordinate, the ``c`` smallest values are raised to the ``(c+1)``-th s
 and the ``c`` largest lowered to the ``(c+1)``-th largest, then the B values are
 averaged. ``c`` is capped at ``(B - 1) // 2`` (the coordinate median).
 
+Computed without sorting where it can be: for ``c <= extremes.MAX_C`` on CPU float32/64,
+Numba kernels keep each coordinate's ``c+1`` largest and smallest values
+(:mod:`.extremes`); a Linear layer's per-example weight gradients are then formed value
+by value inside the kernel (the ``outer`` form), so they never exist. Elsewhere (CUDA,
+larger ``c``, no Numba): a pairwise max/min tournament for ``c = 1``, else a sort of each
+coordinate's values as one short contiguous row.
+
 Layer-wise form: per coordinate (cache-sized blocks of one layer). Sharded form: each
 rank sends its ``c+1`` largest and smallest values per coordinate (all-gather of
 ``2(c+1)P``), every rank finds the global bounds and all-reduces the sums of the clamped
@@ -15,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import extremes
 from .base import (Aggregator, Grads, PerCoordinate, Shard, State, by_column_blocks, empty_guard,
                    reducer, register_aggregator, sort_rows_)
 
@@ -32,9 +40,11 @@ def winsorized_mean(x: Tensor, c: int) -> Tensor:
 
     Never along the strided batch axis: the result is
     ``(sum - top_c - bottom_c + c * u + c * l) / B`` with ``u``/``l`` the ``(c+1)``-th
-    largest/smallest values. For ``c <= TOURNAMENT_MAX_C`` these come from a pairwise tournament of
-    element-wise max/min over cache-sized column blocks (:func:`batch_extremes`); larger
-    ``c`` sorts each coordinate's values as a short contiguous row (:func:`winsorized_rows`).
+    largest/smallest values. These come from the min/max network kernel
+    (:func:`.extremes.winsorized_batch`) where it applies; else, for
+    ``c <= TOURNAMENT_MAX_C``, from a pairwise tournament of element-wise max/min over
+    cache-sized column blocks (:func:`batch_extremes`); larger ``c`` sorts each
+    coordinate's values as a short contiguous row (:func:`winsorized_rows`).
     """
     if c < 0:
         raise ValueError(f"c must be >= 0, got {c}")
@@ -46,6 +56,9 @@ def winsorized_mean(x: Tensor, c: int) -> Tensor:
     if c == 0:
         return x.mean(0)
     flat = x.reshape(b, -1)
+    fast = extremes.winsorized_batch(flat, c)
+    if fast is not None:
+        return fast.view(x.shape[1:])
     if c > TOURNAMENT_MAX_C:
         return by_column_blocks(x, lambda t: winsorized_rows(t, c))
     out = flat.new_empty(flat.shape[1])
@@ -61,6 +74,17 @@ def winsorized_mean(x: Tensor, c: int) -> Tensor:
         acc += c * (top[c] + bottom[c])
         out[start : start + block] = acc / b
     return out.view(x.shape[1:])
+
+
+def winsorized_outer_mean(d: Tensor, a: Tensor, c: int) -> Tensor | None:
+    """Winsorized mean over examples of the outer products ``d[i]^T a[i]``:
+    ``d [B, O], a [B, K] -> [O, K]`` (:func:`.extremes.winsorized_outer`), or None where
+    its kernel does not apply."""
+    b = d.shape[0]
+    c = min(c, (b - 1) // 2)
+    if c == 0:
+        return (d.T @ a).div_(b) if b else None
+    return extremes.winsorized_outer(d, a, c)
 
 
 def winsorized_rows(t: Tensor, c: int) -> Tensor:
@@ -178,6 +202,7 @@ def winsorize(c: int = 1) -> Aggregator:
             sums[n] = torch.minimum(torch.maximum(g, lower), upper).sum(0)
         return {n: v / b for n, v in shard.all_reduce(sums).items()}, state
 
-    form = PerCoordinate(lambda t: winsorized_rows(t, c), lambda x: winsorized_mean(x, c))
+    form = PerCoordinate(lambda t: winsorized_rows(t, c), lambda x: winsorized_mean(x, c),
+                         lambda d, a: winsorized_outer_mean(d, a, c))
     return reducer(name, "winsorize", per_coordinate=form,
                    sharded=sharded, c=c)

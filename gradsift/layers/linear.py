@@ -217,7 +217,7 @@ class MatmulRule(LayerRule):
             Dw = D if f is None else D * f.view(-1, 1, 1, 1).to(D.dtype)
             rows = getattr(reducer, "rows", None)
             if rows is not None and groups == 1 and t == 1:
-                w = self._reduced_rows(A, Dw, rows)
+                w = self._reduced_rows(A, Dw, rows, getattr(reducer, "outer", None))
             else:
                 w = self._reduced_blocks(A, Dw, reducer)
             if w is None:
@@ -257,14 +257,21 @@ class MatmulRule(LayerRule):
             w[:, start : start + r] = reducer(g)
         return w
 
-    def _reduced_rows(self, A: Tensor, Dw: Tensor, rows_fn: Callable[[Tensor], Tensor]) -> Tensor | None:
+    def _reduced_rows(self, A: Tensor, Dw: Tensor, rows_fn: Callable[[Tensor], Tensor],
+                      outer: Callable[[Tensor, Tensor], Tensor | None] | None = None) -> Tensor | None:
         """``[1, O, K]`` from coordinate-major blocks ``[r, K, B]`` (one group, one position):
-        ``block[o, k, i] = d_io a_ik``, an elementwise outer product over contiguous rows."""
+        ``block[o, k, i] = d_io a_ik``, an elementwise outer product over contiguous rows;
+        or, when the reducer has an ``outer`` form that applies, from ``outer(D, A)``
+        without any block (see :class:`gradsift.aggregate.base.PerCoordinate`)."""
         b, k, o = A.shape[0], A.shape[3], Dw.shape[3]
+        # Products of finite factors are finite unless they overflow: check once, not per block.
+        check_blocks = not _products_finite(Dw, A)
+        if outer is not None and not check_blocks:
+            w = outer(Dw.reshape(b, o), A.reshape(b, k).to(Dw.dtype))
+            if w is not None:
+                return w.view(1, o, k)
         Dt = Dw.reshape(b, o).T.contiguous()  # [O, B]
         At = A.reshape(b, k).T.to(Dw.dtype).contiguous()  # [K, B]
-        # Products of finite factors are finite unless they overflow: check once, not per block.
-        check_blocks = not _products_finite(Dt, At)
         w = Dw.new_empty(1, o, k)
         rows = max(1, min(o, BLOCK_ELEMENTS // max(1, k * b)))
         scratch = acquire(rows * k * b, dtype=Dw.dtype, device=Dw.device, kind="scratch")

@@ -1,0 +1,138 @@
+"""The winsorizing kernels (``gradsift.aggregate.extremes``) against a float64 numpy
+reference, against the torch path, and on the layer-wise step."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from gradsift import aggregate as A
+from gradsift.aggregate import extremes, step_update
+from gradsift.aggregate.winsorize import winsorized_mean
+
+from .aggregate_harness import np_winsorize
+
+pytestmark = pytest.mark.skipif(not extremes.available(), reason="numba is not installed")
+
+DTYPES = {"float32": (torch.float32, 1e-5, 1e-4), "float64": (torch.float64, 1e-10, 1e-10)}
+
+
+def capped(b: int, c: int) -> int:
+    return min(c, (b - 1) // 2)
+
+
+@settings(max_examples=40, deadline=None)
+@given(b=st.integers(3, 17), n=st.integers(1, 1300), c=st.integers(1, extremes.MAX_C),
+       dtype=st.sampled_from(sorted(DTYPES)), seed=st.integers(0, 2**16), ties=st.booleans())
+def test_batch_kernel_equals_reference(b, n, c, dtype, seed, ties):
+    torch_dtype, rtol, atol = DTYPES[dtype]
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((b, n)) * 10
+    if ties:  # few distinct values: every tie case of the network
+        x = np.round(x / 10)
+    xt = torch.from_numpy(x).to(torch_dtype)
+    got = extremes.winsorized_batch(xt, capped(b, c))
+    assert got is not None
+    want = np_winsorize(xt.double().numpy(), capped(b, c))
+    np.testing.assert_allclose(got.double().numpy(), want, rtol=rtol, atol=atol)
+
+
+@settings(max_examples=40, deadline=None)
+@given(b=st.integers(3, 17), o=st.integers(1, 9), k=st.integers(1, 700), c=st.integers(1, extremes.MAX_C),
+       dtype=st.sampled_from(sorted(DTYPES)), seed=st.integers(0, 2**16))
+def test_outer_kernel_equals_reference(b, o, k, c, dtype, seed):
+    torch_dtype, rtol, atol = DTYPES[dtype]
+    rng = np.random.default_rng(seed)
+    d = torch.from_numpy(rng.standard_normal((b, o))).to(torch_dtype)
+    a = torch.from_numpy(rng.standard_normal((b, k))).to(torch_dtype)
+    got = extremes.winsorized_outer(d, a, capped(b, c))
+    assert got is not None and got.shape == (o, k)
+    products = d.double().numpy()[:, :, None] * a.double().numpy()[:, None, :]
+    np.testing.assert_allclose(got.double().numpy(), np_winsorize(products, capped(b, c)), rtol=rtol, atol=atol)
+
+
+def test_threads_give_the_same_bits():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 40_000, generator=g)
+    d, a = torch.randn(9, 64, generator=g), torch.randn(9, 700, generator=g)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = extremes.winsorized_batch(x, 2), extremes.winsorized_outer(d, a, 2)
+        torch.set_num_threads(2)
+        two = extremes.winsorized_batch(x, 2), extremes.winsorized_outer(d, a, 2)
+    finally:
+        torch.set_num_threads(before)
+    for p, q in zip(one, two):
+        assert torch.equal(p, q)
+
+
+def test_not_applicable_returns_none(monkeypatch):
+    x = torch.randn(7, 5)
+    assert extremes.winsorized_batch(x.half(), 1) is None
+    assert extremes.winsorized_batch(x.to(torch.int64), 1) is None
+    assert extremes.winsorized_batch(x.requires_grad_(), 1) is None
+    assert extremes.winsorized_batch(torch.randn(7, 5), extremes.MAX_C + 1) is None
+    assert extremes.winsorized_outer(torch.randn(7, 2), torch.randn(7, 3).double(), 1) is None
+    monkeypatch.setattr(extremes, "ENABLED", False)
+    assert extremes.winsorized_batch(torch.randn(7, 5), 1) is None
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_nonfinite_values_take_the_torch_path(monkeypatch, bad):
+    x = torch.randn(9, 600, dtype=torch.float64)
+    x[4, 3] = bad
+    assert extremes.winsorized_batch(x, 1) is None
+    fast = winsorized_mean(x, 1)
+    monkeypatch.setattr(extremes, "ENABLED", False)
+    torch.testing.assert_close(fast, winsorized_mean(x, 1), equal_nan=True)
+
+
+@settings(max_examples=30, deadline=None)
+@given(b=st.integers(1, 13), n=st.integers(1, 40), c=st.integers(0, 6), seed=st.integers(0, 2**16))
+def test_torch_path_still_equals_reference(b, n, c, seed):
+    x = np.random.default_rng(seed).standard_normal((b, n))
+    extremes.ENABLED = False
+    try:
+        got = winsorized_mean(torch.from_numpy(x), c)
+    finally:
+        extremes.ENABLED = True
+    np.testing.assert_allclose(got.numpy(), np_winsorize(x, c), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("c", [1, 3])
+@pytest.mark.parametrize("b", [10, 11])
+def test_layerwise_step_uses_the_outer_kernel_and_equals_torch_path(monkeypatch, c, b):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 5)).double()
+    x, y = torch.randn(b, 12, dtype=torch.float64), torch.randint(0, 5, (b,))
+    loss = nn.CrossEntropyLoss(reduction="none")
+    calls = []
+    kernel = extremes.winsorized_outer
+    monkeypatch.setattr(extremes, "winsorized_outer", lambda *a: calls.append(1) or kernel(*a))
+    fast = step_update(model, loss, x, y, A.winsorize(c), None)
+    assert fast.path == "layerwise" and len(calls) == 2  # both Linear weights
+    monkeypatch.setattr(extremes, "ENABLED", False)
+    slow = step_update(model, loss, x, y, A.winsorize(c), None)
+    materialized = step_update(model, loss, x, y, A.winsorize(c), None, layerwise=False)
+    for n in slow.update:
+        torch.testing.assert_close(fast.update[n], slow.update[n], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(fast.update[n], materialized.update[n], rtol=1e-10, atol=1e-12)
+
+
+def test_unwritable_kernel_dir_compiles_in_memory(tmp_path):
+    import subprocess
+    import sys
+
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    code = ("import torch; from gradsift.aggregate import extremes as E; x = torch.randn(9, 700, dtype=torch.float64); "
+            "r = E.winsorized_batch(x, 2); s = x.sort(0).values; "
+            "w = (s[2:-2].sum(0) + 2 * (s[2] + s[-3])) / 9; print(float((r - w).abs().max()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**__import__("os").environ, "GRADSIFT_CACHE_DIR": str(blocker)})
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout) < 1e-12
+    assert not (blocker / "kernels").exists()
