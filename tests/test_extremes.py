@@ -136,3 +136,16 @@ def test_unwritable_kernel_dir_compiles_in_memory(tmp_path):
     assert out.returncode == 0, out.stderr
     assert float(out.stdout) < 1e-12
     assert not (blocker / "kernels").exists()
+
+
+def test_a_kernel_that_fails_on_first_use_turns_the_kernels_off(monkeypatch):
+    """A compile failure (Numba/LLVM) warns once and falls back; results stay right."""
+    monkeypatch.setattr(extremes, "_ran", set())
+    monkeypatch.setattr(extremes, "_failed", "")  # restored to "" (kernels on) after the test
+    monkeypatch.setattr(extremes, "thread_map", lambda fn, jobs: (_ for _ in ()).throw(RuntimeError("no LLVM")))
+    x = torch.randn(9, 50, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="no LLVM"):
+        got = winsorized_mean(x, 2)
+    assert not extremes.available()
+    np.testing.assert_allclose(got.numpy(), np_winsorize(x.numpy(), 2), rtol=1e-12)
+    assert winsorized_mean(x, 2) is not None  # no second warning: the kernels stay off
