@@ -12,7 +12,7 @@ from gradsift import aggregate as A
 from gradsift.aggregate import extremes, step_update
 from gradsift.aggregate.winsorize import winsorized_mean
 
-from .aggregate_harness import np_winsorize
+from .aggregate_harness import np_trimmed, np_winsorize
 
 pytestmark = pytest.mark.skipif(not extremes.available(), reason="numba is not installed")
 
@@ -23,34 +23,48 @@ def capped(b: int, c: int) -> int:
     return min(c, (b - 1) // 2)
 
 
-@settings(max_examples=40, deadline=None)
+def np_reduce(x: np.ndarray, c: int, trim: bool) -> np.ndarray:
+    """float64 reference: winsorized mean, or the mean without c values at each end."""
+    return np_trimmed(x, (c + 1e-9) / x.shape[0]) if trim else np_winsorize(x, c)
+
+
+def kernel_batch(x, c, trim):
+    return (extremes.trimmed_batch if trim else extremes.winsorized_batch)(x, c)
+
+
+def kernel_outer(d, a, c, trim):
+    return (extremes.trimmed_outer if trim else extremes.winsorized_outer)(d, a, c)
+
+
+@settings(max_examples=60, deadline=None)
 @given(b=st.integers(3, 17), n=st.integers(1, 1300), c=st.integers(1, extremes.MAX_C),
-       dtype=st.sampled_from(sorted(DTYPES)), seed=st.integers(0, 2**16), ties=st.booleans())
-def test_batch_kernel_equals_reference(b, n, c, dtype, seed, ties):
+       dtype=st.sampled_from(sorted(DTYPES)), seed=st.integers(0, 2**16), ties=st.booleans(),
+       trim=st.booleans())
+def test_batch_kernel_equals_reference(b, n, c, dtype, seed, ties, trim):
     torch_dtype, rtol, atol = DTYPES[dtype]
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((b, n)) * 10
     if ties:  # few distinct values: every tie case of the network
         x = np.round(x / 10)
     xt = torch.from_numpy(x).to(torch_dtype)
-    got = extremes.winsorized_batch(xt, capped(b, c))
+    got = kernel_batch(xt, capped(b, c), trim)
     assert got is not None
-    want = np_winsorize(xt.double().numpy(), capped(b, c))
+    want = np_reduce(xt.double().numpy(), capped(b, c), trim)
     np.testing.assert_allclose(got.double().numpy(), want, rtol=rtol, atol=atol)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(b=st.integers(3, 17), o=st.integers(1, 9), k=st.integers(1, 700), c=st.integers(1, extremes.MAX_C),
-       dtype=st.sampled_from(sorted(DTYPES)), seed=st.integers(0, 2**16))
-def test_outer_kernel_equals_reference(b, o, k, c, dtype, seed):
+       dtype=st.sampled_from(sorted(DTYPES)), seed=st.integers(0, 2**16), trim=st.booleans())
+def test_outer_kernel_equals_reference(b, o, k, c, dtype, seed, trim):
     torch_dtype, rtol, atol = DTYPES[dtype]
     rng = np.random.default_rng(seed)
     d = torch.from_numpy(rng.standard_normal((b, o))).to(torch_dtype)
     a = torch.from_numpy(rng.standard_normal((b, k))).to(torch_dtype)
-    got = extremes.winsorized_outer(d, a, capped(b, c))
+    got = kernel_outer(d, a, capped(b, c), trim)
     assert got is not None and got.shape == (o, k)
     products = d.double().numpy()[:, :, None] * a.double().numpy()[:, None, :]
-    np.testing.assert_allclose(got.double().numpy(), np_winsorize(products, capped(b, c)), rtol=rtol, atol=atol)
+    np.testing.assert_allclose(got.double().numpy(), np_reduce(products, capped(b, c), trim), rtol=rtol, atol=atol)
 
 
 def test_threads_give_the_same_bits():
@@ -102,21 +116,23 @@ def test_torch_path_still_equals_reference(b, n, c, seed):
     np.testing.assert_allclose(got.numpy(), np_winsorize(x, c), rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("c", [1, 3])
+@pytest.mark.parametrize("spec, kernel", [("winsorize:c=1", "winsorized_outer"), ("winsorize:c=3", "winsorized_outer"),
+                                          ("trimmed_mean:fraction=0.3", "trimmed_outer")])
 @pytest.mark.parametrize("b", [10, 11])
-def test_layerwise_step_uses_the_outer_kernel_and_equals_torch_path(monkeypatch, c, b):
+def test_layerwise_step_uses_the_outer_kernel_and_equals_torch_path(monkeypatch, spec, kernel, b):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 5)).double()
     x, y = torch.randn(b, 12, dtype=torch.float64), torch.randint(0, 5, (b,))
     loss = nn.CrossEntropyLoss(reduction="none")
     calls = []
-    kernel = extremes.winsorized_outer
-    monkeypatch.setattr(extremes, "winsorized_outer", lambda *a: calls.append(1) or kernel(*a))
-    fast = step_update(model, loss, x, y, A.winsorize(c), None)
+    original = getattr(extremes, kernel)
+    monkeypatch.setattr(extremes, kernel, lambda *a: calls.append(1) or original(*a))
+    agg = A.aggregator_from_spec(spec)
+    fast = step_update(model, loss, x, y, agg, None)
     assert fast.path == "layerwise" and len(calls) == 2  # both Linear weights
     monkeypatch.setattr(extremes, "ENABLED", False)
-    slow = step_update(model, loss, x, y, A.winsorize(c), None)
-    materialized = step_update(model, loss, x, y, A.winsorize(c), None, layerwise=False)
+    slow = step_update(model, loss, x, y, agg, None)
+    materialized = step_update(model, loss, x, y, agg, None, layerwise=False)
     for n in slow.update:
         torch.testing.assert_close(fast.update[n], slow.update[n], rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(fast.update[n], materialized.update[n], rtol=1e-10, atol=1e-12)

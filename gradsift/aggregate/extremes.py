@@ -1,4 +1,5 @@
-"""Winsorized sums without sorting: per-coordinate extremes by min/max networks (Numba).
+"""Winsorized and trimmed sums without sorting: per-coordinate extremes by min/max
+networks (Numba).
 
 The winsorized mean of a coordinate's B values (:mod:`.winsorize`) is
 
@@ -10,7 +11,9 @@ merge every pair of new values into them with a min/max network (the l-th larges
 union is ``max(t_l, min(t_{l-1}, hi), min(t_{l-2}, lo))``): the same operations on every
 coordinate of a contiguous row, which the compiler vectorizes. Measured on one AVX2 core
 at B = 256: 0.27-0.49 ns per value for c = 1..4, against 2.8-4.0 ns for a row sort. The
-sum is one matrix product (outer) or accumulated in the kernel (batch).
+sum is one matrix product (outer) or accumulated in the kernel (batch). The same kernels
+give the trimmed mean for small ``k`` (:mod:`.trimmed_mean`): the sum less the ``k``
+largest and smallest values, over ``B - 2k`` (:func:`trimmed_batch`, :func:`trimmed_outer`).
 
 * :func:`winsorized_batch`: ``x [B, N] -> [N]``, reading ``x`` one contiguous row block
   at a time.
@@ -44,7 +47,7 @@ from torch import Tensor
 
 from ..threads import split_range, thread_count, thread_map
 
-#: Largest ``c`` with a kernel. Measured per value on one AVX2 core (B = 256): 0.27-0.49 ns
+#: Largest ``c`` (values winsorized or dropped at each end) with a kernel. Measured per value on one AVX2 core (B = 256): 0.27-0.49 ns
 #: for the outer kernel at c = 1..4, against 2.8-4.0 ns for the row sort; from c = 5 or 6
 #: on, LLVM stops vectorizing the network (too many rows to check for overlap) and it
 #: takes 4-19 ns, so larger ``c`` takes the callers' sort.
@@ -104,52 +107,80 @@ def _applies(c: int, *tensors: Tensor) -> bool:
 def winsorized_batch(x: Tensor, c: int) -> Tensor | None:
     """Winsorized mean over the batch axis of ``x [B, N] -> [N]`` (``1 <= c <= (B-1)//2``),
     or None where the kernel does not apply (see the module doc)."""
-    b, n = x.shape
-    if not _applies(c, x) or n == 0:
-        return None
-    x = x.contiguous()
-    out = x.new_empty(n)
-    kernel = _kernel("batch", c)
-    if kernel is None:
-        return None
-    xs, outs = x.numpy(), out.numpy()
+    return _batch(x, c, trim=False)
 
-    def run(span: tuple[int, int]) -> None:
-        state = np.empty((2 * (c + 1) + 1, BLOCK), dtype=xs.dtype)
-        kernel(xs, span[0], span[1], outs, state)
 
-    parts = thread_count(b * n // PARALLEL_MIN)
-    spans = [(lo * BLOCK, min(n, hi * BLOCK)) for lo, hi in split_range(-(-n // BLOCK), parts)]
-    if not _run_kernel("batch", c, x.dtype, run, spans):
-        return None
-    if not bool(torch.isfinite(out).all()):  # an inf/NaN value makes its column's sum so
-        return None
-    return out.div_(b)
+def trimmed_batch(x: Tensor, k: int) -> Tensor | None:
+    """Mean over the batch axis of ``x [B, N] -> [N]`` without each coordinate's ``k``
+    smallest and ``k`` largest values (``1 <= k <= (B-1)//2``), or None where the kernel
+    does not apply."""
+    return _batch(x, k, trim=True)
 
 
 def winsorized_outer(d: Tensor, a: Tensor, c: int) -> Tensor | None:
     """Winsorized mean over examples of the outer products ``d[i]^T a[i]``:
     ``d [B, O], a [B, K] -> [O, K]`` (``1 <= c <= (B-1)//2``), or None where the kernel
     does not apply. Assumes every product is finite (the caller checks it once)."""
+    return _outer(d, a, c, trim=False)
+
+
+def trimmed_outer(d: Tensor, a: Tensor, k: int) -> Tensor | None:
+    """As :func:`trimmed_batch` over the outer products ``d[i]^T a[i]`` (see
+    :func:`winsorized_outer`)."""
+    return _outer(d, a, k, trim=True)
+
+
+def _batch(x: Tensor, c: int, trim: bool) -> Tensor | None:
+    b, n = x.shape
+    if not _applies(c, x) or n == 0:
+        return None
+    kind = "trim-batch" if trim else "batch"
+    kernel = _kernel(kind, c)
+    if kernel is None:
+        return None
+    x = x.contiguous()
+    out = x.new_empty(n)
+    xs, outs = x.numpy(), out.numpy()
+
+    def run(span: tuple[int, int]) -> None:
+        state = np.empty((_levels(c, trim) * 2 + 1, BLOCK), dtype=xs.dtype)
+        kernel(xs, span[0], span[1], outs, state)
+
+    parts = thread_count(b * n // PARALLEL_MIN)
+    spans = [(lo * BLOCK, min(n, hi * BLOCK)) for lo, hi in split_range(-(-n // BLOCK), parts)]
+    if not _run_kernel(kind, c, x.dtype, run, spans):
+        return None
+    if not bool(torch.isfinite(out).all()):  # an inf/NaN value makes its column's sum so
+        return None
+    return out.div_(b - 2 * c if trim else b)
+
+
+def _outer(d: Tensor, a: Tensor, c: int, trim: bool) -> Tensor | None:
     b, o = d.shape
     k = a.shape[1]
     if not _applies(c, d, a) or o == 0 or k == 0:
         return None
+    kind = "trim-outer" if trim else "outer"
+    kernel = _kernel(kind, c)
+    if kernel is None:
+        return None
     a = a.contiguous()
     dt = d.T.contiguous()  # [O, B]: each output's B factors contiguous
     out = dt @ a  # the sums, [O, K]
-    kernel = _kernel("outer", c)
-    if kernel is None:
-        return None
     as_, dts, outs = a.numpy(), dt.numpy(), out.numpy()
 
     def run(span: tuple[int, int]) -> None:
-        state = np.empty((2 * (c + 1), k), dtype=as_.dtype)
+        state = np.empty((_levels(c, trim) * 2, k), dtype=as_.dtype)
         kernel(as_, dts, span[0], span[1], outs, state)
 
-    if not _run_kernel("outer", c, d.dtype, run, split_range(o, thread_count(b * o * k // PARALLEL_MIN))):
+    if not _run_kernel(kind, c, d.dtype, run, split_range(o, thread_count(b * o * k // PARALLEL_MIN))):
         return None
-    return out.div_(b)
+    return out.div_(b - 2 * c if trim else b)
+
+
+def _levels(c: int, trim: bool) -> int:
+    """Sorted rows kept per side: the ``c`` dropped values, plus the bound for winsorizing."""
+    return c if trim else c + 1
 
 
 def _network(levels: int, indent: str) -> list[str]:
@@ -189,18 +220,23 @@ def _pair_network(levels: int, indent: str) -> list[str]:
     return lines
 
 
-def _finish(c: int, levels: int, target: str, indent: str, total: str) -> list[str]:
-    """Source line setting ``target`` to ``total`` plus the winsorizing correction of column ``j``."""
+def _finish(c: int, levels: int, trim: bool, target: str, indent: str, total: str) -> list[str]:
+    """Source line setting ``target`` to ``total`` minus the ``c`` largest and smallest
+    values of column ``j``, plus ``c`` times the bounds when winsorizing."""
     dropped = " + ".join([f"st[{lvl}, j] + st[{levels + lvl}, j]" for lvl in range(c)])
-    return [f"{indent}{target} = {total} + {c} * (st[{c}, j] + st[{levels + c}, j]) - ({dropped})"]
+    bounds = "" if trim else f" + {c} * (st[{c}, j] + st[{levels + c}, j])"
+    return [f"{indent}{target} = {total}{bounds} - ({dropped})"]
 
 
 def _source(kind: str, c: int) -> str:
     """The kernel's source: ``"batch"`` ``kernel(x, lo, hi, out, st)`` writes columns
-    ``[lo, hi)`` of ``out`` (its own sums in row ``2 (c + 1)`` of ``st``); ``"outer"``
+    ``[lo, hi)`` of ``out`` (its own sums in the last row of ``st``); ``"outer"``
     ``kernel(a, dt, lo, hi, out, st)`` adds the corrections of outputs ``[lo, hi)`` to
-    ``out`` (the sums, from a matrix product)."""
-    levels = c + 1
+    ``out`` (the sums, from a matrix product). A ``"trim-"`` kind drops the ``c``
+    extremes instead of winsorizing them (the sums, not yet divided)."""
+    trim = kind.startswith("trim-")
+    kind = kind.removeprefix("trim-")
+    levels = _levels(c, trim)
     rows = 2 * levels + (kind == "batch")
     fill = ["-np.inf"] * levels + ["np.inf"] * levels + ["0.0"]
     init = [f"st[{r}, j] = {fill[r]}" for r in range(rows)]
@@ -235,13 +271,14 @@ def _source(kind: str, c: int) -> str:
               *[body + ln for ln in add1],
               *_network(levels, body),
               f"        for j in range({width}):",
-              *_finish(c, levels, target, " " * 12, total)]
+              *_finish(c, levels, trim, target, " " * 12, total)]
     return "\n".join(lines)
 
 
 @functools.lru_cache(maxsize=None)
 def _kernel(kind: str, c: int) -> Callable:
-    """The Numba kernel ``kind`` (``"batch"`` or ``"outer"``) for ``c``, compiled per dtype.
+    """The Numba kernel ``kind`` (``"batch"``, ``"outer"``, or either with ``"trim-"``) for
+    ``c``, compiled per dtype.
 
     Its source is generated (so that the ``c + 1`` levels are unrolled: a loop over levels
     inside the column loop is not vectorized) and written to :func:`kernel_dir`, so that
@@ -258,7 +295,7 @@ def _kernel(kind: str, c: int) -> Callable:
         return None
     source = _source(kind, c)
     header = f"# generated by gradsift.aggregate.extremes\nimport numpy as np\nfrom gradsift.aggregate.numba_ops import vmax, vmin\nBLOCK = {BLOCK}\n"
-    name = f"extremes_{kind}_c{c}_{hashlib.sha1((header + source).encode()).hexdigest()[:12]}"
+    name = f"extremes_{kind.replace('-', '_')}_c{c}_{hashlib.sha1((header + source).encode()).hexdigest()[:12]}"
     path = _write_once(kernel_dir() / f"{name}.py", header + source + "\n")
     if path is not None:
         spec = importlib.util.spec_from_file_location(f"gradsift_kernel_{name}", path)

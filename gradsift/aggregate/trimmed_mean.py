@@ -15,6 +15,7 @@ import math
 import torch
 from torch import Tensor
 
+from . import extremes
 from .base import (Aggregator, Grads, PerCoordinate, Shard, State, by_column_blocks, empty_guard,
                    reducer, register_aggregator, sort_rows_)
 from .winsorize import global_bounds
@@ -34,9 +35,11 @@ def trimmed_rows(t: Tensor, fraction: float) -> Tensor:
 def trimmed_mean_of(x: Tensor, fraction: float) -> Tensor:
     """Trimmed mean over the batch axis: ``[B, ...] -> [...]`` (see the module doc).
 
-    ``(sum of the middle B - 2k values) / (B - 2k)``, over contiguous, cache-sized
-    blocks of coordinates, each coordinate's B values sorted as one short contiguous row
-    (never a sort along the strided batch axis)."""
+    ``(sum of the middle B - 2k values) / (B - 2k)``: for ``k <= extremes.MAX_C``, the
+    sum less the ``k`` largest and smallest values kept by the min/max network kernel
+    (:func:`.extremes.trimmed_batch`); else over contiguous, cache-sized blocks of
+    coordinates, each coordinate's B values sorted as one short contiguous row (never a
+    sort along the strided batch axis)."""
     if not 0.0 <= fraction < 0.5:
         raise ValueError(f"fraction must be in [0, 0.5), got {fraction}")
     empty = empty_guard(x)
@@ -46,7 +49,21 @@ def trimmed_mean_of(x: Tensor, fraction: float) -> Tensor:
     k = min(int(math.floor(fraction * b)), (b - 1) // 2)
     if k == 0:
         return x.mean(0)
+    fast = extremes.trimmed_batch(x.reshape(b, -1), k)
+    if fast is not None:
+        return fast.view(x.shape[1:])
     return by_column_blocks(x, lambda t: trimmed_rows(t, fraction))
+
+
+def trimmed_outer_mean(d: Tensor, a: Tensor, fraction: float) -> Tensor | None:
+    """Trimmed mean over examples of the outer products ``d[i]^T a[i]``:
+    ``d [B, O], a [B, K] -> [O, K]`` (:func:`.extremes.trimmed_outer`, for
+    ``k <= extremes.MAX_C``), or None where its kernel does not apply."""
+    b = d.shape[0]
+    k = min(int(math.floor(fraction * b)), (b - 1) // 2)
+    if k == 0:
+        return (d.T @ a).div_(b) if b else None
+    return extremes.trimmed_outer(d, a, k)
 
 
 @register_aggregator("trimmed_mean")
@@ -84,6 +101,7 @@ def trimmed_mean(fraction: float = 0.1) -> Aggregator:
             out[n] = torch.where(lower == upper, lower, kept / (b - 2 * k))
         return out, state
 
-    form = PerCoordinate(lambda t: trimmed_rows(t, fraction), lambda x: trimmed_mean_of(x, fraction))
+    form = PerCoordinate(lambda t: trimmed_rows(t, fraction), lambda x: trimmed_mean_of(x, fraction),
+                         lambda d, a: trimmed_outer_mean(d, a, fraction))
     return reducer(name, "trimmed_mean", per_coordinate=form,
                    sharded=sharded, fraction=fraction)
