@@ -10,7 +10,8 @@ block of coordinates, their ``c + 1`` largest and smallest values so far, sorted
 merge every pair of new values into them with a min/max network (the l-th largest of the
 union is ``max(t_l, min(t_{l-1}, hi), min(t_{l-2}, lo))``): the same operations on every
 coordinate of a contiguous row, which the compiler vectorizes. Measured on one AVX2 core
-at B = 256: 0.27-0.49 ns per value for c = 1..4, against 2.8-4.0 ns for a row sort. The
+at B = 256: 0.27-0.49 ns per value for c = 1..4 and 0.9-1.6 ns for c = 5..12, against
+2.8-4.6 ns for a row sort. The
 sum is one matrix product (outer) or accumulated in the kernel (batch). The same kernels
 give the trimmed mean for small ``k`` (:mod:`.trimmed_mean`): the sum less the ``k``
 largest and smallest values, over ``B - 2k`` (:func:`trimmed_batch`, :func:`trimmed_outer`).
@@ -47,13 +48,20 @@ from torch import Tensor
 
 from ..threads import split_range, thread_count, thread_map
 
-#: Largest ``c`` (values winsorized or dropped at each end) with a kernel. Measured per value on one AVX2 core (B = 256): 0.27-0.49 ns
-#: for the outer kernel at c = 1..4, against 2.8-4.0 ns for the row sort; from c = 5 or 6
-#: on, LLVM stops vectorizing the network (too many rows to check for overlap) and it
-#: takes 4-19 ns, so larger ``c`` takes the callers' sort.
-MAX_C = 4
+#: Largest ``c`` (values winsorized or dropped at each end) with a kernel; larger ``c``
+#: takes the callers' sort.
+MAX_C = 12
+#: Most rows per side kept as ``[rows, width]`` blocks. Measured per value on one AVX2 core
+#: (B = 256, outer kernel): 0.27-0.49 ns for c = 1..4 (2.8-4.0 ns for the row sort). With
+#: more rows LLVM stops vectorizing that layout (too many rows to check for overlap:
+#: 4-19 ns at c = 5..8), so wider networks keep their rows at fixed offsets in tiles of
+#: :data:`TILE` columns, which it vectorizes: 0.9-1.6 ns at c = 5..12 (1.7 ns for a trimmed
+#: k = 12, against 4.6 ns for the row sort; at k = 20-25 the two are within 1.4x).
+NARROW_LEVELS = 5
 #: Coordinates per block of state (``2 (c + 1)`` rows of this many values: in L1 for c <= 3).
 BLOCK = 512
+#: Columns per tile of the wide networks (a compile-time constant of their loops).
+TILE = 64
 #: Fewest values (B x coordinates) worth a second thread.
 PARALLEL_MIN = 1 << 16
 #: Off: every caller takes its torch path (tests compare the two).
@@ -141,13 +149,24 @@ def _batch(x: Tensor, c: int, trim: bool) -> Tensor | None:
     x = x.contiguous()
     out = x.new_empty(n)
     xs, outs = x.numpy(), out.numpy()
+    rows, tiled = _levels(c, trim) * 2 + 1, _tiled(c, trim)
+    block = TILE if tiled else BLOCK
+    whole = n - n % TILE if tiled else n  # a tiled kernel takes whole tiles only
 
     def run(span: tuple[int, int]) -> None:
-        state = np.empty((_levels(c, trim) * 2 + 1, BLOCK), dtype=xs.dtype)
+        state = np.empty(rows * TILE, dtype=xs.dtype) if tiled else np.empty((rows, BLOCK), dtype=xs.dtype)
+        if span[0] < 0:  # the last, partial tile: padded with zeros
+            pad = np.zeros((b, TILE), dtype=xs.dtype)
+            pad[:, : n - whole] = xs[:, whole:]
+            part = np.empty(TILE, dtype=xs.dtype)
+            kernel(pad, 0, TILE, part, state)
+            outs[whole:] = part[: n - whole]
+            return
         kernel(xs, span[0], span[1], outs, state)
 
     parts = thread_count(b * n // PARALLEL_MIN)
-    spans = [(lo * BLOCK, min(n, hi * BLOCK)) for lo, hi in split_range(-(-n // BLOCK), parts)]
+    spans = [(lo * block, min(whole, hi * block)) for lo, hi in split_range(-(-whole // block), parts)]
+    spans = [sp for sp in spans if sp[1] > sp[0]] + ([(-1, -1)] if whole < n else [])
     if not _run_kernel(kind, c, x.dtype, run, spans):
         return None
     if not bool(torch.isfinite(out).all()):  # an inf/NaN value makes its column's sum so
@@ -167,10 +186,13 @@ def _outer(d: Tensor, a: Tensor, c: int, trim: bool) -> Tensor | None:
     a = a.contiguous()
     dt = d.T.contiguous()  # [O, B]: each output's B factors contiguous
     out = dt @ a  # the sums, [O, K]
+    rows, tiled = _levels(c, trim) * 2, _tiled(c, trim)
+    if tiled and k % TILE:  # whole tiles: a's columns padded with zeros
+        a = torch.nn.functional.pad(a, (0, TILE - k % TILE))
     as_, dts, outs = a.numpy(), dt.numpy(), out.numpy()
 
     def run(span: tuple[int, int]) -> None:
-        state = np.empty((_levels(c, trim) * 2, k), dtype=as_.dtype)
+        state = np.empty(rows * TILE, dtype=as_.dtype) if tiled else np.empty((rows, k), dtype=as_.dtype)
         kernel(as_, dts, span[0], span[1], outs, state)
 
     if not _run_kernel(kind, c, d.dtype, run, split_range(o, thread_count(b * o * k // PARALLEL_MIN))):
@@ -183,21 +205,22 @@ def _levels(c: int, trim: bool) -> int:
     return c if trim else c + 1
 
 
-def _network(levels: int, indent: str) -> list[str]:
-    """Source lines inserting ``x`` into the sorted top rows ``st[0..levels)`` (largest
-    first) and bottom rows ``st[levels..2 levels)`` (smallest first) at column ``j``."""
+def _network(levels: int, indent: str, at: Callable[[int], str]) -> list[str]:
+    """Source lines inserting ``x`` into the sorted top rows ``0..levels`` (largest first)
+    and bottom rows ``levels..2 levels`` (smallest first) at column ``j`` (row ``r`` is
+    ``at(r)``)."""
     lines = [f"{indent}y = x"]
     for side, (keep, carry), var in ((0, ("vmax", "vmin"), "x"), (levels, ("vmin", "vmax"), "y")):
         for lvl in range(levels):
-            row = side + lvl
-            lines.append(f"{indent}s = st[{row}, j]")
-            lines.append(f"{indent}st[{row}, j] = {keep}(s, {var})")
+            row = at(side + lvl)
+            lines.append(f"{indent}s = {row}")
+            lines.append(f"{indent}{row} = {keep}(s, {var})")
             if lvl < levels - 1:
                 lines.append(f"{indent}{var} = {carry}(s, {var})")
     return lines
 
 
-def _pair_network(levels: int, indent: str) -> list[str]:
+def _pair_network(levels: int, indent: str, at: Callable[[int], str]) -> list[str]:
     """Source lines merging the pair ``x1, x2`` into the sorted rows at column ``j`` (see
     :func:`_network`): the l-th largest of the union is
     ``max(t_l, min(t_{l-1}, p_hi), min(t_{l-2}, p_lo))`` (terms before ``t_0`` are ``p_hi``, ``p_lo``),
@@ -205,7 +228,7 @@ def _pair_network(levels: int, indent: str) -> list[str]:
     lines = [f"{indent}p_hi = vmax(x1, x2)", f"{indent}p_lo = vmin(x1, x2)"]
     for side, (keep, cross) in ((0, ("vmax", "vmin")), (levels, ("vmin", "vmax"))):
         first, second = ("p_hi", "p_lo") if side == 0 else ("p_lo", "p_hi")
-        lines += [f"{indent}s{lvl} = st[{side + lvl}, j]" for lvl in range(levels)]
+        lines += [f"{indent}s{lvl} = {at(side + lvl)}" for lvl in range(levels)]
         for lvl in range(levels):
             terms = [f"s{lvl}"]
             terms.append(first if lvl == 0 else f"{cross}(s{lvl - 1}, {first})")
@@ -216,62 +239,88 @@ def _pair_network(levels: int, indent: str) -> list[str]:
             expr = terms[0]
             for term in terms[1:]:
                 expr = f"{keep}({expr}, {term})"
-            lines.append(f"{indent}st[{side + lvl}, j] = {expr}")
+            lines.append(f"{indent}{at(side + lvl)} = {expr}")
     return lines
 
 
-def _finish(c: int, levels: int, trim: bool, target: str, indent: str, total: str) -> list[str]:
+def _finish(c: int, levels: int, trim: bool, target: str, indent: str, total: str,
+            at: Callable[[int], str]) -> list[str]:
     """Source line setting ``target`` to ``total`` minus the ``c`` largest and smallest
     values of column ``j``, plus ``c`` times the bounds when winsorizing."""
-    dropped = " + ".join([f"st[{lvl}, j] + st[{levels + lvl}, j]" for lvl in range(c)])
-    bounds = "" if trim else f" + {c} * (st[{c}, j] + st[{levels + c}, j])"
+    dropped = " + ".join([f"{at(lvl)} + {at(levels + lvl)}" for lvl in range(c)])
+    bounds = "" if trim else f" + {c} * ({at(c)} + {at(levels + c)})"
     return [f"{indent}{target} = {total}{bounds} - ({dropped})"]
 
 
+def _tiled(c: int, trim: bool) -> bool:
+    """Whether the kernel for ``c`` keeps its rows in fixed tiles (see :data:`NARROW_LEVELS`)."""
+    return _levels(c, trim) > NARROW_LEVELS
+
+
 def _source(kind: str, c: int) -> str:
-    """The kernel's source: ``"batch"`` ``kernel(x, lo, hi, out, st)`` writes columns
-    ``[lo, hi)`` of ``out`` (its own sums in the last row of ``st``); ``"outer"``
-    ``kernel(a, dt, lo, hi, out, st)`` adds the corrections of outputs ``[lo, hi)`` to
-    ``out`` (the sums, from a matrix product). A ``"trim-"`` kind drops the ``c``
-    extremes instead of winsorizing them (the sums, not yet divided)."""
+    """The kernel's source.
+
+    * ``"batch"``: ``kernel(x, lo, hi, out, st)`` writes columns ``[lo, hi)`` of ``out``
+      (the sums accumulated in the last row of ``st``).
+    * ``"outer"``: ``kernel(a, dt, lo, hi, out, st)`` adds the corrections of outputs
+      ``[lo, hi)`` to ``out`` (the sums, from a matrix product).
+    * a ``"trim-"`` kind drops the ``c`` extremes instead of winsorizing them.
+
+    Up to :data:`NARROW_LEVELS` rows per side, ``st`` is ``[rows, width]`` and the column
+    loops run over the block's width; above, the rows live in one flat ``st`` at fixed
+    offsets and the loops run over tiles of :data:`TILE` columns, both compile-time
+    constants (``x``'s columns then come in whole tiles, ``a``'s padded to them).
+    """
     trim = kind.startswith("trim-")
     kind = kind.removeprefix("trim-")
     levels = _levels(c, trim)
     rows = 2 * levels + (kind == "batch")
+    tiled = _tiled(c, trim)
+    at = (lambda r: f"st[{r * TILE} + j]") if tiled else (lambda r: f"st[{r}, j]")
     fill = ["-np.inf"] * levels + ["np.inf"] * levels + ["0.0"]
-    init = [f"st[{r}, j] = {fill[r]}" for r in range(rows)]
     if kind == "batch":
+        step = "TILE" if tiled else "BLOCK"
+        head = ["def kernel(xa, lo, hi, out, st):",
+                "    b = xa.shape[0]",
+                f"    for j0 in range(lo, hi, {step}):",
+                f"        m = {'TILE' if tiled else 'min(BLOCK, hi - j0)'}"]
+        ind = " " * 8
         value1, value2, value_last = "xa[i, j0 + j]", "xa[i + 1, j0 + j]", "xa[b - 1, j0 + j]"
-        add2, add1 = [f"st[{rows - 1}, j] += x1 + x2"], [f"st[{rows - 1}, j] += x"]
-        lines = ["def kernel(xa, lo, hi, out, st):",
-                 "    b = xa.shape[0]",
-                 "    for j0 in range(lo, hi, BLOCK):",
-                 "        m = min(BLOCK, hi - j0)"]
-        width, target, total = "m", "out[j0 + j]", f"st[{rows - 1}, j]"
+        add2, add1 = [f"{at(rows - 1)} += x1 + x2"], [f"{at(rows - 1)} += x"]
         factor1 = factor2 = factor_last = ""
+        out_width, target, total = "m", "out[j0 + j]", at(rows - 1)
     else:
-        value1, value2, value_last = "a[i, j]", "a[i + 1, j]", "a[b - 1, j]"
+        head = ["def kernel(a, dt, lo, hi, out, st):",
+                "    b, kp = a.shape",
+                "    kk = out.shape[1]",
+                "    for o in range(lo, hi):"]
+        if tiled:
+            head += ["      for j0 in range(0, kp, TILE):", "        m = TILE"]
+            out_width = "min(TILE, kk - j0)"
+        else:
+            head += ["        j0 = 0", "        m = kp"]
+            out_width = "m"
+        ind = " " * 8
+        value1, value2, value_last = "a[i, j0 + j]", "a[i + 1, j0 + j]", "a[b - 1, j0 + j]"
         add2 = add1 = []
-        lines = ["def kernel(a, dt, lo, hi, out, st):",
-                 "    b, k = a.shape",
-                 "    for o in range(lo, hi):"]
-        width, target, total = "k", "out[o, j]", "out[o, j]"
         factor1, factor2, factor_last = "dt[o, i] * ", "dt[o, i + 1] * ", "dt[o, b - 1] * "
-    body = " " * 16
-    lines += [f"        for j in range({width}):", *["            " + ln for ln in init],
-              "        for i in range(0, b - 1, 2):",
-              f"            for j in range({width}):",
-              f"{body}x1 = {factor1}{value1}",
-              f"{body}x2 = {factor2}{value2}",
-              *[body + ln for ln in add2],
-              *_pair_network(levels, body),
-              "        if b % 2:",
-              f"            for j in range({width}):",
-              f"{body}x = {factor_last}{value_last}",
-              *[body + ln for ln in add1],
-              *_network(levels, body),
-              f"        for j in range({width}):",
-              *_finish(c, levels, trim, target, " " * 12, total)]
+        target = total = "out[o, j0 + j]"
+    body = ind + " " * 8
+    lines = head + [
+        f"{ind}for j in range(m):", *[f"{ind}    {at(r)} = {fill[r]}" for r in range(rows)],
+        f"{ind}for i in range(0, b - 1, 2):",
+        f"{ind}    for j in range(m):",
+        f"{body}x1 = {factor1}{value1}",
+        f"{body}x2 = {factor2}{value2}",
+        *[body + ln for ln in add2],
+        *_pair_network(levels, body, at),
+        f"{ind}if b % 2:",
+        f"{ind}    for j in range(m):",
+        f"{body}x = {factor_last}{value_last}",
+        *[body + ln for ln in add1],
+        *_network(levels, body, at),
+        f"{ind}for j in range({out_width}):",
+        *_finish(c, levels, trim, target, ind + "    ", total, at)]
     return "\n".join(lines)
 
 
@@ -294,7 +343,8 @@ def _kernel(kind: str, c: int) -> Callable:
                       RuntimeWarning, stacklevel=3)
         return None
     source = _source(kind, c)
-    header = f"# generated by gradsift.aggregate.extremes\nimport numpy as np\nfrom gradsift.aggregate.numba_ops import vmax, vmin\nBLOCK = {BLOCK}\n"
+    header = (f"# generated by gradsift.aggregate.extremes\nimport numpy as np\n"
+              f"from gradsift.aggregate.numba_ops import vmax, vmin\nBLOCK = {BLOCK}\nTILE = {TILE}\n")
     name = f"extremes_{kind.replace('-', '_')}_c{c}_{hashlib.sha1((header + source).encode()).hexdigest()[:12]}"
     path = _write_once(kernel_dir() / f"{name}.py", header + source + "\n")
     if path is not None:
@@ -305,7 +355,7 @@ def _kernel(kind: str, c: int) -> Callable:
         return numba.njit(fastmath=True, boundscheck=False, nogil=True, cache=True)(module.kernel)
     from .numba_ops import vmax, vmin
 
-    namespace = {"np": np, "BLOCK": BLOCK, "vmax": vmax, "vmin": vmin}
+    namespace = {"np": np, "BLOCK": BLOCK, "TILE": TILE, "vmax": vmax, "vmin": vmin}
     exec(compile(source, f"<gradsift.aggregate.extremes {kind} c={c}>", "exec"), namespace)
     return numba.njit(fastmath=True, boundscheck=False, nogil=True)(namespace["kernel"])
 
