@@ -168,3 +168,30 @@ def test_a_kernel_that_fails_on_first_use_turns_the_kernels_off(monkeypatch):
     assert not extremes.available()
     np.testing.assert_allclose(got.numpy(), np_winsorize(x.numpy(), 2), rtol=1e-12)
     assert winsorized_mean(x, 2) is not None  # no second warning: the kernels stay off
+
+
+@pytest.mark.parametrize("trim", [False, True])
+@pytest.mark.parametrize("c", [1, extremes.NARROW_LEVELS + 1])
+def test_outliers_do_not_cost_the_small_values_their_precision(trim, c):
+    """float32 values of ~1e-3 with outliers of ~1e6: the result is as exact as the small
+    values allow (a sum less the extremes would cancel the outliers and keep only their
+    rounding error, about 0.06 here)."""
+    g = torch.Generator().manual_seed(0)
+    b, n = 64, 300
+    x = torch.rand(b, n, generator=g) * 1e-3
+    x[:c, :] = 1e6 * (1 + torch.rand(c, n, generator=g))
+    x[-c:, :] = -1e6 * (1 + torch.rand(c, n, generator=g))
+    want = np_reduce(x.double().numpy(), c, trim)
+    got = kernel_batch(x, c, trim)
+    np.testing.assert_allclose(got.double().numpy(), want, rtol=1e-5, atol=0)
+    d = torch.ones(b, 1)
+    got = kernel_outer(d, x, c, trim)[0]
+    np.testing.assert_allclose(got.double().numpy(), want, rtol=1e-5, atol=0)
+
+
+def test_torch_path_keeps_the_precision_next_to_outliers(monkeypatch):
+    monkeypatch.setattr(extremes, "ENABLED", False)
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(40, 200, generator=g) * 1e-3
+    x[0], x[-1] = 1e6, -1e6
+    np.testing.assert_allclose(winsorized_mean(x, 1).double().numpy(), np_winsorize(x.double().numpy(), 1), rtol=1e-5, atol=0)

@@ -38,9 +38,8 @@ BLOCK_ELEMENTS = 1 << 18
 def winsorized_mean(x: Tensor, c: int) -> Tensor:
     """Winsorized mean over the batch axis: ``[B, ...] -> [...]`` (see the module doc).
 
-    Never along the strided batch axis: the result is
-    ``(sum - top_c - bottom_c + c * u + c * l) / B`` with ``u``/``l`` the ``(c+1)``-th
-    largest/smallest values. These come from the min/max network kernel
+    Never along the strided batch axis: the result is the mean of the values clamped to
+    ``[l, u]``, the ``(c+1)``-th smallest/largest values. These come from the min/max network kernel
     (:func:`.extremes.winsorized_batch`) where it applies; else, for
     ``c <= TOURNAMENT_MAX_C``, from a pairwise tournament of element-wise max/min over
     cache-sized column blocks (:func:`batch_extremes`); larger ``c`` sorts each
@@ -66,13 +65,9 @@ def winsorized_mean(x: Tensor, c: int) -> Tensor:
     for start in range(0, flat.shape[1], block):
         part = flat[:, start : start + block]
         top, bottom = batch_extremes(part, c + 1)
-        acc = part.sum(0)
-        for t in top[:c]:
-            acc -= t
-        for t in bottom[:c]:
-            acc -= t
-        acc += c * (top[c] + bottom[c])
-        out[start : start + block] = acc / b
+        # the clamped values' sum: never a sum less the extremes, which would cancel an
+        # outlier against itself and lose the small values beside it
+        out[start : start + block] = torch.clamp(part, bottom[c], top[c]).sum(0) / b
     return out.view(x.shape[1:])
 
 
