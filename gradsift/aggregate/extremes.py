@@ -11,8 +11,9 @@ with a min/max network (the l-th largest of the union is
 coordinate of a contiguous row, which the compiler vectorizes. A second pass sums the
 clamped values: the sum never holds an outlier that a subtraction would have to cancel
 (in float32 that would lose the small values beside it). Measured on one AVX2 core at
-B = 256: 0.27-0.49 ns per value for c = 1..4 and 0.9-1.6 ns for c = 5..12, against
-2.8-4.6 ns for a row sort.
+B = 256, both passes: 0.4-0.8 ns per value for c = 1..4 and 1.5-1.9 ns for c = 5..12 in
+the outer form (2.1-3.0 ns in the batch form, which reads ``x`` from memory), against
+2.8-4.6 ns for sorting each coordinate's values.
 
 * :func:`winsorized_batch`: ``x [B, N] -> [N]``, reading ``x`` one contiguous row block
   at a time.
@@ -49,12 +50,12 @@ from ..threads import split_range, thread_count, thread_map
 #: Largest ``c`` (values winsorized or dropped at each end) with a kernel; larger ``c``
 #: takes the callers' sort.
 MAX_C = 12
-#: Most rows per side kept as ``[rows, width]`` blocks. Measured per value on one AVX2 core
-#: (B = 256, outer kernel): 0.27-0.49 ns for c = 1..4 (2.8-4.0 ns for the row sort). With
-#: more rows LLVM stops vectorizing that layout (too many rows to check for overlap:
-#: 4-19 ns at c = 5..8), so wider networks keep their rows at fixed offsets in tiles of
-#: :data:`TILE` columns, which it vectorizes: 0.9-1.6 ns at c = 5..12 (1.7 ns for a trimmed
-#: k = 12, against 4.6 ns for the row sort; at k = 20-25 the two are within 1.4x).
+#: Most rows per side kept as ``[rows, width]`` blocks. With more rows LLVM stops
+#: vectorizing that layout (too many rows to check for overlap: 4-19 ns per value at
+#: c = 5..8 in the first version, against 0.3-0.5 ns at c = 1..4), so wider networks keep
+#: their rows at fixed offsets in tiles of :data:`TILE` columns, which it vectorizes.
+#: Beyond c = 12 the kernels gain little on the row sort (measured at k = 20-25: within
+#: 1.4x, for a 4-5 s compile).
 NARROW_LEVELS = 5
 #: Coordinates per block of state (``2 (c + 1)`` rows of this many values: in L1 for c <= 3).
 BLOCK = 512
@@ -91,7 +92,7 @@ def _run_kernel(kind: str, c: int, dtype: torch.dtype, run: Callable[[tuple[int,
         thread_map(run, spans)
     except Exception as exc:  # an import or compile error of Numba/LLVM, on first use only
         _failed = f"{type(exc).__name__}: {exc}"
-        warnings.warn(f"gradsift: the Numba winsorize kernel failed to compile ({_failed}); "
+        warnings.warn(f"gradsift: a Numba winsorize/trimmed-mean kernel failed to compile ({_failed}); "
                       "using the torch path from now on", RuntimeWarning, stacklevel=3)
         return False
     _ran.add(key)
@@ -325,7 +326,7 @@ def _kernel(kind: str, c: int) -> Callable:
         import numba
     except Exception as exc:  # installed, but broken (e.g. built for another NumPy)
         _failed = f"{type(exc).__name__}: {exc}"
-        warnings.warn(f"gradsift: Numba does not import ({_failed}); winsorize uses the torch path",
+        warnings.warn(f"gradsift: Numba does not import ({_failed}); winsorize and trimmed_mean use the torch path",
                       RuntimeWarning, stacklevel=3)
         return None
     source = _source(kind, c)
