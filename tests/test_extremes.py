@@ -195,3 +195,10 @@ def test_torch_path_keeps_the_precision_next_to_outliers(monkeypatch):
     x = torch.rand(40, 200, generator=g) * 1e-3
     x[0], x[-1] = 1e6, -1e6
     np.testing.assert_allclose(winsorized_mean(x, 1).double().numpy(), np_winsorize(x.double().numpy(), 1), rtol=1e-5, atol=0)
+
+
+def test_bad_shapes_are_named():
+    with pytest.raises(ValueError, match=r"winsorized_batch: x must be 2-D \(\[B, \.\.\.\]\), got shape \(5,\)"):
+        extremes.winsorized_batch(torch.randn(5), 1)
+    with pytest.raises(ValueError, match=r"trimmed_outer: d \(5, 2\) and a \(4, 3\) need the same batch size"):
+        extremes.trimmed_outer(torch.randn(5, 2), torch.randn(4, 3), 1)

@@ -137,7 +137,17 @@ def trimmed_outer(d: Tensor, a: Tensor, k: int) -> Tensor | None:
     return _outer(d, a, k, trim=True)
 
 
+def _shape_check(who: str, **tensors: Tensor) -> None:
+    for name, t in tensors.items():
+        if t.ndim != 2:
+            raise ValueError(f"{who}: {name} must be 2-D ([B, ...]), got shape {tuple(t.shape)}")
+    if len({t.shape[0] for t in tensors.values()}) > 1:
+        raise ValueError(f"{who}: " + " and ".join(f"{n} {tuple(t.shape)}" for n, t in tensors.items())
+                         + " need the same batch size (first axis)")
+
+
 def _batch(x: Tensor, c: int, trim: bool) -> Tensor | None:
+    _shape_check("trimmed_batch" if trim else "winsorized_batch", x=x)
     b, n = x.shape
     if not _applies(c, x) or n == 0:
         return None
@@ -174,6 +184,7 @@ def _batch(x: Tensor, c: int, trim: bool) -> Tensor | None:
 
 
 def _outer(d: Tensor, a: Tensor, c: int, trim: bool) -> Tensor | None:
+    _shape_check("trimmed_outer" if trim else "winsorized_outer", d=d, a=a)
     b, o = d.shape
     k = a.shape[1]
     if not _applies(c, d, a) or o == 0 or k == 0:
