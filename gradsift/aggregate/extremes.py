@@ -146,26 +146,41 @@ def _shape_check(who: str, **tensors: Tensor) -> None:
                          + " need the same batch size (first axis)")
 
 
+def _kernel_for(form: str, c: int, trim: bool, *tensors: Tensor) -> tuple[str, Callable] | None:
+    """``(kind, kernel)`` for ``form`` (``"batch"``/``"outer"``) on ``tensors``, or None
+    where no kernel applies (empty tensors included)."""
+    if not _applies(c, *tensors) or any(t.numel() == 0 for t in tensors):
+        return None
+    kind = ("trim-" if trim else "") + form
+    kernel = _kernel(kind, c)
+    return None if kernel is None else (kind, kernel)
+
+
+def _state(c: int, width: int, dtype: np.dtype) -> np.ndarray:
+    """A kernel's scratch rows (see :func:`_source`): flat tiles, or ``[rows, width]``."""
+    if _tiled(c):
+        return np.empty(_rows(c) * TILE, dtype=dtype)
+    return np.empty((_rows(c), width), dtype=dtype)
+
+
 def _batch(x: Tensor, c: int, trim: bool) -> Tensor | None:
     _shape_check("trimmed_batch" if trim else "winsorized_batch", x=x)
     b, n = x.shape
-    if not _applies(c, x) or n == 0:
+    found = _kernel_for("batch", c, trim, x)
+    if found is None:
         return None
-    kind = "trim-batch" if trim else "batch"
-    kernel = _kernel(kind, c)
-    if kernel is None:
-        return None
+    kind, kernel = found
     x = x.contiguous()
     if not bool(torch.isfinite(x.sum())):  # any inf/NaN makes the sum so (or an overflow)
         return None
     out = x.new_empty(n)
     xs, outs = x.numpy(), out.numpy()
-    rows, tiled = _rows(c), _tiled(c)
+    tiled = _tiled(c)
     block = TILE if tiled else BLOCK
     whole = n - n % TILE if tiled else n  # a tiled kernel takes whole tiles only
 
     def run(span: tuple[int, int]) -> None:
-        state = np.empty(rows * TILE, dtype=xs.dtype) if tiled else np.empty((rows, BLOCK), dtype=xs.dtype)
+        state = _state(c, BLOCK, xs.dtype)
         if span[0] < 0:  # the last, partial tile: padded with zeros
             pad = np.zeros((b, TILE), dtype=xs.dtype)
             pad[:, : n - whole] = xs[:, whole:]
@@ -187,23 +202,19 @@ def _outer(d: Tensor, a: Tensor, c: int, trim: bool) -> Tensor | None:
     _shape_check("trimmed_outer" if trim else "winsorized_outer", d=d, a=a)
     b, o = d.shape
     k = a.shape[1]
-    if not _applies(c, d, a) or o == 0 or k == 0:
+    found = _kernel_for("outer", c, trim, d, a)
+    if found is None:
         return None
-    kind = "trim-outer" if trim else "outer"
-    kernel = _kernel(kind, c)
-    if kernel is None:
-        return None
+    kind, kernel = found
     a = a.contiguous()
     dt = d.T.contiguous()  # [O, B]: each output's B factors contiguous
     out = a.new_empty(o, k)
-    rows, tiled = _rows(c), _tiled(c)
-    if tiled and k % TILE:  # whole tiles: a's columns padded with zeros
+    if _tiled(c) and k % TILE:  # whole tiles: a's columns padded with zeros
         a = torch.nn.functional.pad(a, (0, TILE - k % TILE))
     as_, dts, outs = a.numpy(), dt.numpy(), out.numpy()
 
     def run(span: tuple[int, int]) -> None:
-        state = np.empty(rows * TILE, dtype=as_.dtype) if tiled else np.empty((rows, k), dtype=as_.dtype)
-        kernel(as_, dts, span[0], span[1], outs, state)
+        kernel(as_, dts, span[0], span[1], outs, _state(c, k, as_.dtype))
 
     if not _run_kernel(kind, c, d.dtype, run, split_range(o, thread_count(b * o * k // PARALLEL_MIN))):
         return None
