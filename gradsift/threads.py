@@ -23,7 +23,9 @@ R = TypeVar("R")
 
 @functools.lru_cache(maxsize=1)
 def _pool(n: int, pid: int) -> ThreadPoolExecutor:
-    """The worker threads of this process (``pid``: a forked child makes its own)."""
+    """The ``n`` worker threads of this process (``pid``: a forked child makes its own).
+    Sized by torch's thread count, not by a call's jobs, so that calls with different
+    numbers of jobs share one pool."""
     return ThreadPoolExecutor(n, thread_name_prefix="gradsift")
 
 
@@ -40,7 +42,7 @@ def thread_map(fn: Callable[[J], R], jobs: Iterable[J]) -> list[R]:
     n = thread_count(len(jobs))
     if n == 1:
         return [fn(job) for job in jobs]
-    return list(_pool(n, os.getpid()).map(fn, jobs))
+    return list(_pool(torch.get_num_threads(), os.getpid()).map(fn, jobs))
 
 
 def split_range(n: int, parts: int) -> list[tuple[int, int]]:

@@ -35,9 +35,9 @@ def trimmed_rows(t: Tensor, fraction: float) -> Tensor:
 def trimmed_mean_of(x: Tensor, fraction: float) -> Tensor:
     """Trimmed mean over the batch axis: ``[B, ...] -> [...]`` (see the module doc).
 
-    ``(sum of the middle B - 2k values) / (B - 2k)``: for ``k <= extremes.MAX_C``, the
-    sum less the ``k`` largest and smallest values kept by the min/max network kernel
-    (:func:`.extremes.trimmed_batch`); else over contiguous, cache-sized blocks of
+    ``(sum of the middle B - 2k values) / (B - 2k)``: for ``k <= extremes.MAX_C``, by
+    the min/max network kernel (:func:`.extremes.trimmed_batch`: the values clamped to
+    the ``(k+1)``-th extremes, summed, less ``k`` times both bounds); else over contiguous, cache-sized blocks of
     coordinates, each coordinate's B values sorted as one short contiguous row (never a
     sort along the strided batch axis)."""
     if not 0.0 <= fraction < 0.5:
