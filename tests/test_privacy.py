@@ -323,6 +323,30 @@ def test_big_cpu_noise_is_drawn_in_chunks_the_same_at_any_thread_count():
     assert not torch.equal(list(step_noise(like, None, 2))[1], list(step_noise(like, None, 2))[1])
 
 
+def test_noise_added_in_place_is_the_drawn_noise():
+    """add_step_noise adds, chunk by chunk through a scratch buffer, exactly the noise
+    step_noise draws: small, big (chunked) and non-contiguous big tensors, 1 or 2 threads."""
+    from gradsift.aggregate.dp import PARALLEL_NOISE_MIN, add_step_noise, step_noise
+
+    gen = torch.Generator().manual_seed(0)
+    base = [torch.randn(7, generator=gen), torch.randn(PARALLEL_NOISE_MIN + 5, generator=gen),
+            torch.randn(3, 4, generator=gen), torch.randn(8, PARALLEL_NOISE_MIN // 8 + 1, generator=gen).T]
+    assert not base[3].is_contiguous()
+    std = 0.3
+    want = [u + std * z for u, z in zip(base, step_noise(base, 11, 4))]
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            got = [u.clone() for u in base]
+            add_step_noise(got, std, 11, 4)
+            for g, w, u in zip(got, want, base):
+                assert g.shape == u.shape and g.stride() == u.clone().stride()
+                torch.testing.assert_close(g, w, rtol=0, atol=1e-6)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_bad_noise_seed_is_named():
     with pytest.raises(TypeError, match="seed must be an int or None, got 'x'"):
         P.gaussian_noise(1.0, 1.0, seed="x")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numbers
 import secrets
+import threading
 from typing import Iterator
 
 import torch
@@ -85,9 +86,46 @@ def chunk_seed(base: int, index: int) -> int:
     return (z ^ (z >> 31)) & ((1 << 63) - 1)
 
 
+def _chunks(n: int, base: int, index: int) -> list[tuple[int, int, int]]:
+    """``(start, stop, seed)`` of each :data:`NOISE_CHUNK` of ``n`` values, the first chunk
+    being chunk ``index`` of the step."""
+    return [(a, min(a + NOISE_CHUNK, n), chunk_seed(base, index + k))
+            for k, a in enumerate(range(0, n, NOISE_CHUNK))]
+
+
+def _draws(like: list[Tensor], seed: int | None, step: int
+           ) -> Iterator[tuple[Tensor, torch.Generator, list[tuple[int, int, int]] | None]]:
+    """Per tensor of ``like``, in order: itself, the step's generator, and its chunks
+    (``None``: drawn whole from the step's generator)."""
+    base = step_seed(seed, step)
+    gen = torch.Generator(device=like[0].device).manual_seed(base)
+    index = 0
+    for t in like:
+        if t.device.type != "cpu" or t.numel() < PARALLEL_NOISE_MIN:
+            yield t, gen, None
+        else:
+            chunks = _chunks(t.numel(), base, index)
+            index += len(chunks)
+            yield t, gen, chunks
+
+
 def _fill_normal(job: tuple[Tensor, int]) -> None:
     part, seed = job
     part.normal_(generator=torch.Generator().manual_seed(seed))
+
+
+_SCRATCH = threading.local()
+
+
+def _add_normal(job: tuple[Tensor, int, float]) -> None:
+    """``part += std * z``, ``z`` the chunk's normals, drawn into this thread's scratch."""
+    part, seed, std = job
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.dtype != part.dtype or buf.numel() < part.numel():
+        buf = _SCRATCH.buf = torch.empty(max(NOISE_CHUNK, part.numel()), dtype=part.dtype)
+    z = buf[: part.numel()]
+    _fill_normal((z, seed))
+    part.add_(z, alpha=std)
 
 
 def step_noise(like: list[Tensor], seed: int | None, step: int) -> Iterator[Tensor]:
@@ -101,20 +139,31 @@ def step_noise(like: list[Tensor], seed: int | None, step: int) -> Iterator[Tens
     """
     if not like:
         return
-    base = step_seed(seed, step)
-    gen = torch.Generator(device=like[0].device).manual_seed(base)
-    index = 0
-    for t in like:
-        if t.device.type != "cpu" or t.numel() < PARALLEL_NOISE_MIN:
+    for t, gen, chunks in _draws(like, seed, step):
+        if chunks is None:
             yield torch.randn(t.shape, generator=gen, device=t.device, dtype=t.dtype)
             continue
         z = torch.empty(t.shape, dtype=t.dtype)
         flat = z.view(-1)
-        jobs = [(flat[a : a + NOISE_CHUNK], chunk_seed(base, index + k))
-                for k, a in enumerate(range(0, flat.numel(), NOISE_CHUNK))]
-        index += len(jobs)
-        thread_map(_fill_normal, jobs)
+        thread_map(_fill_normal, [(flat[lo:hi], s) for lo, hi, s in chunks])
         yield z
+
+
+def add_step_noise(targets: list[Tensor], std: float, seed: int | None, step: int) -> None:
+    """``t += std * z`` in place for each tensor ``t`` of ``targets``, ``z`` the noise
+    :func:`step_noise` draws for it. A chunked tensor gets its noise chunk by chunk, through
+    one :data:`NOISE_CHUNK` scratch buffer per thread: no temporary of its size (for an
+    embedding table, tens of MB of freshly touched memory per step)."""
+    if not targets:
+        return
+    for t, gen, chunks in _draws(targets, seed, step):
+        if chunks is None:
+            t.add_(torch.randn(t.shape, generator=gen, device=t.device, dtype=t.dtype), alpha=std)
+            continue
+        flat = t.view(-1) if t.is_contiguous() else t.contiguous().view(-1)
+        thread_map(_add_normal, [(flat[lo:hi], s, std) for lo, hi, s in chunks])
+        if flat.data_ptr() != t.data_ptr():
+            t.copy_(flat.view(t.shape))
 
 
 @register_aggregator("gaussian_noise")
@@ -144,14 +193,12 @@ def gaussian_noise(noise_multiplier: float, max_norm: float, expected_batch_size
     step_seed(seed, 0)  # a bad seed fails here, not at the first step
 
     def noised(grads: Grads, step: int, in_place: bool) -> Grads:
-        """``u + std * noise`` per parameter, the noise drawn in ``grads``' order; in
-        ``u``'s buffer when ``in_place`` (one parameter's noise at a time), else in the
-        noise's. The sum is the same either way."""
-        if std == 0 or not grads:
-            return dict(grads)
-        noises = step_noise(list(grads.values()), seed, step)  # one parameter's at a time
-        return {n: (u.add_(z.mul_(std)) if in_place else z.mul_(std).add_(u))
-                for (n, u), z in zip(grads.items(), noises)}
+        """``u + std * noise`` per parameter, the noise drawn in ``grads``' order, into
+        ``u``'s own buffer when ``in_place``, else into a copy: the same values either way."""
+        out = dict(grads) if in_place else {n: u.clone() for n, u in grads.items()}
+        if std != 0:
+            add_step_noise(list(out.values()), std, seed, step)
+        return out
 
     def update(grads: Grads, state: State) -> tuple[Grads, State]:
         return noised(grads, int(state), in_place=False), int(state) + 1

@@ -78,7 +78,8 @@ Register a :class:`LayerRule` for its type; only :meth:`LayerRule.grads` is requ
 from __future__ import annotations
 
 from . import attention, conv, embedding, linear, norms, rnn  # noqa: F401  (register the built-in rules)
-from .base import RULES, Capture, Grads, LayerRule, own_trainable, register_layer_rule, rule_for
+from .base import (RULES, WRITE_COST, Capture, Grads, LayerRule, outer_norms_sq, own_trainable, register_layer_rule,
+                   rule_for, sum_of_squares)
 from .linear import BLOCK_ELEMENTS, MatmulRule
 from .model import (
     Plan,
@@ -104,6 +105,6 @@ __all__ = [
     "BLOCK_ELEMENTS", "BatchTrace", "Capture", "Grads", "LayerRule", "MatmulRule", "NotHookable", "RULES",
     "Plan", "Recording", "check_hookable", "explain", "hook_norms_sq", "hook_per_example", "hooked_layers",
     "iter_layer_results", "layer_gram", "layer_grads", "layer_norms_sq", "layer_reduced",
-    "layer_weighted_sum", "own_trainable", "parameter_names", "record", "recording_norms_sq",
-    "register_layer_rule", "rule_for", "unsupported_layers",
+    "layer_weighted_sum", "outer_norms_sq", "own_trainable", "parameter_names", "record", "recording_norms_sq",
+    "register_layer_rule", "rule_for", "sum_of_squares", "unsupported_layers", "WRITE_COST",
 ]

@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Capture, Grads, LayerRule, own_trainable, register_layer_rule, shared_or_batch
+from .base import (Capture, Grads, LayerRule, outer_norms_sq, own_trainable, register_layer_rule,
+                   shared_or_batch)
 
 
 def _float_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -42,15 +43,6 @@ def _float_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     if mask.dtype == torch.bool:
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
     return mask.to(dtype)
-
-
-def _outer_sq(d: Tensor, a: Tensor) -> Tensor:
-    """``||sum_t d_t a_t^T||^2`` per example for ``d [B, T, O]``, ``a [B, T, K]``: ``[B]``
-    (ghost norm when cheaper)."""
-    t, k, o = a.shape[1], a.shape[2], d.shape[2]
-    if t * (k + o) < k * o:
-        return ((a @ a.transpose(1, 2)) * (d @ d.transpose(1, 2))).sum((1, 2))
-    return torch.einsum("bto,btk->bok", d, a).square().sum((1, 2))
 
 
 def _get(args: tuple, kwargs: dict, pos: int, name: str, default: Any = None) -> Any:
@@ -228,18 +220,18 @@ class AttentionRule(LayerRule):
         out: Grads = {}
         if m._qkv_same_embed_dim:
             if "in_proj_weight" in own:
-                out["in_proj_weight"] = sum(_outer_sq(r[d], r[a]) for d, a in blocks.items())
+                out["in_proj_weight"] = sum(outer_norms_sq(r[d], r[a]) for d, a in blocks.items())
         else:
             for (d, a), n in zip(blocks.items(), ("q_proj_weight", "k_proj_weight", "v_proj_weight")):
                 if n in own:
-                    out[n] = _outer_sq(r[d], r[a])
+                    out[n] = outer_norms_sq(r[d], r[a])
         if "in_proj_bias" in own:
             out["in_proj_bias"] = sum(r[d].sum(1).square().sum(1) for d in blocks)
         for n in ("bias_k", "bias_v"):
             if n in own:
                 out[n] = r["d" + n].square().sum(1)
         if "out_proj.weight" in own:
-            out["out_proj.weight"] = _outer_sq(r["d"], r["O"])
+            out["out_proj.weight"] = outer_norms_sq(r["d"], r["O"])
         if "out_proj.bias" in own:
             out["out_proj.bias"] = r["d"].sum(1).square().sum(1)
         return out

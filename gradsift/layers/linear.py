@@ -15,7 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from ..workspace import acquire
-from .base import Capture, Grads, LayerRule, own_trainable, register_layer_rule, sum_of_squares
+from .base import (Capture, Grads, LayerRule, outer_norms_sq, own_trainable, register_layer_rule,
+                   sum_of_squares)
 
 #: Elements of one per-example gradient block in :meth:`MatmulRule.reduced` (4 MB of float32).
 BLOCK_ELEMENTS = 1 << 20
@@ -148,15 +149,9 @@ class MatmulRule(LayerRule):
                 out["bias"] = d_sq.sum(1)
             return out
         if "weight" in own:
-            k, o = A.shape[3], D.shape[3]
-            if t * (k + o) < k * o:
-                gram_a = A @ A.transpose(2, 3)  # [B, G, T, T]
-                gram_d = D @ D.transpose(2, 3)
-                out["weight"] = (gram_a * gram_d).sum((1, 2, 3))
-            else:
-                out["weight"] = torch.matmul(D.transpose(2, 3), A).square().sum((1, 2, 3))
+            out["weight"] = outer_norms_sq(D, A)
         if "bias" in own:
-            out["bias"] = D.sum(2).square().sum((1, 2))
+            out["bias"] = sum_of_squares(D.sum(2), 1)
         return out
 
     def gram(self, cap: Capture) -> Grads:

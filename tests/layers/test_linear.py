@@ -48,3 +48,32 @@ class Reinterpret(nn.Module):
 
 def test_flattened_batch():
     check_per_example(Reinterpret(), torch.randn(3, 3, 3))
+
+
+@SETTINGS
+@given(b=st.integers(1, 4), g=st.integers(1, 3), t=st.integers(1, 40), k=st.integers(1, 70),
+       o=st.integers(1, 70), grouped=st.booleans(), seed=st.integers(0, 2**16))
+def test_outer_norms_sq_by_either_route(b, g, t, k, o, grouped, seed):
+    """The ghost route (T x T Grams) and the formed route give ``sum_g ||D_g^T A_g||^2``
+    (shapes here take both: a short sequence of wide vectors forms nothing)."""
+    from gradsift.layers import outer_norms_sq
+
+    gen = torch.Generator().manual_seed(seed)
+    d = torch.randn(b, g, t, o, generator=gen, dtype=torch.float64)
+    a = torch.randn(b, g, t, k, generator=gen, dtype=torch.float64)
+    want = torch.einsum("bgto,bgtk->bgok", d, a).square().sum((1, 2, 3))
+    if not grouped:
+        d, a, want = d[:, 0], a[:, 0], torch.einsum("bto,btk->bok", d[:, 0], a[:, 0]).square().sum((1, 2))
+    torch.testing.assert_close(outer_norms_sq(d, a), want, rtol=1e-10, atol=1e-10)
+
+
+def test_outer_norms_sq_routes_are_both_taken(monkeypatch):
+    """Wide vectors at few positions take the Grams, long sequences of narrow ones form the
+    products: each route is exercised by the test above."""
+    from gradsift.layers import base
+
+    calls = []
+    monkeypatch.setattr(base.torch.linalg, "vecdot", lambda x, y: calls.append("ghost") or (x * y).sum(1))
+    base.outer_norms_sq(torch.randn(2, 3, 64), torch.randn(2, 3, 64))
+    base.outer_norms_sq(torch.randn(2, 40, 2), torch.randn(2, 40, 2))
+    assert calls == ["ghost"]
