@@ -94,7 +94,9 @@ class _Verified:
     """What a traced recording of one signature found, for replaying it without the trace.
 
     Attributes:
-        calls: layer name -> per call ``(input tag, output tag, input shape, output shape)``.
+        calls: layer name -> per call ``(input tag, output tag, input shape, output shape)``;
+            both tags ``None``: an input shared by all examples (``position_ids [1, T]``),
+            whose output is broadcast over the batch.
         clone: outputs were handed on as copies (the model modifies one in place).
         loss_ref: a weak reference to the loss function (for a bound method, to its object),
             checked on use: its ``id`` in the signature is then not another's. Weak, so a
@@ -262,10 +264,13 @@ def _record_traced(model: nn.Module, loss_fn: LossFn, inputs: Inputs, targets: T
                 return None
             ta, to = trace.tag(a), trace.tag(output)
             replaced = None
-            if not (len(args) == 1 and not kwargs and ta is not None and ta == to and UNKNOWN != ta):
-                replayable[0] = False
-            else:
+            # a replay can repeat a call whose batch axis is the input's, or whose input is
+            # shared by all examples (ta = to = None below)
+            if len(args) == 1 and not kwargs and ((ta is not None and ta == to and UNKNOWN != ta)
+                                                  or (ta is None and to is None)):
                 simple[name].append((ta, to, tuple(a.shape), tuple(output.shape)))
+            else:
+                replayable[0] = False
             if getattr(rule, "flat_input", False) and a.ndim == 1 and to == (0, 1):
                 replayable[0] = False
                 # EmbeddingBag(flat, offsets): the trace checked that bag j holds example j's rows
@@ -515,6 +520,13 @@ def _replay(model: nn.Module, loss_fn: LossFn, inputs: Inputs, targets: Tensor,
             ta, to, a_shape, o_shape = expected[i]
             if not isinstance(a, Tensor) or a.shape != a_shape or output.shape != o_shape:
                 raise _Mismatch
+            if ta is None:  # an input shared by all examples (position ids): as the trace did
+                replaced = output.expand(batch, *output.shape[1:]) if output.shape[0] != batch else None
+                a_first = (a.expand(batch, *a.shape[1:]) if a.shape[0] != batch else a).detach()
+                copy = _capture_call(captures[name], out_tags[name], versions, inputs_seen, a_first,
+                                     (a.detach(),), {}, output if replaced is None else replaced, (0, 1),
+                                     verified.clone)
+                return replaced if copy is None else copy
             a_first = to_batch_first(a, ta, batch).detach()
             return _capture_call(captures[name], out_tags[name], versions, inputs_seen, a_first, (a_first,), {}, output, to,
                                  verified.clone)

@@ -60,7 +60,26 @@ class SeqFirstLinear(nn.Module):
         return self.lin(x.transpose(0, 1)).transpose(0, 1).sum(1)
 
 
+class SharedPositions(nn.Module):
+    """Token, position (``[1, T]`` ids from a buffer) and segment (a ``[1, T]`` buffer expanded
+    to ``[B, T]``) embeddings: layer inputs shared by all examples, as in BERT."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok, self.pos, self.seg = nn.Embedding(11, 6), nn.Embedding(9, 6), nn.Embedding(2, 6)
+        self.register_buffer("positions", torch.arange(9)[None])
+        self.register_buffer("segments", torch.zeros(1, 9, dtype=torch.long))
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, ids):
+        t = ids.shape[1]
+        segments = self.segments[:, :t].expand(ids.shape[0], t)
+        h = self.tok(ids) + self.pos(self.positions[:, :t]) + self.seg(segments)
+        return self.head(torch.tanh(h).mean(1))
+
+
 MODELS = {
+    "embeddings of inputs shared by all examples": (SharedPositions, lambda: torch.randint(0, 11, (5, 7))),
     "mlp": (lambda: nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)), lambda: torch.randn(5, 6)),
     "text (shared layer, in-place relu)": (TextModel, lambda: torch.randint(0, 11, (6, 9))),
     "cnn (in-place relu: outputs copied)": (cnn, lambda: torch.randn(5, 1, 9, 9)),

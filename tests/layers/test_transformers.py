@@ -65,3 +65,18 @@ def test_hf_models_on_the_hooks_path(family, kind, attn):
         targets = lm_targets(batch)
     assert check_path(model, batch, targets, loss_fn=loss) == "hooks", gs.layers.explain(model, loss, batch, targets)
     check_per_example(model, batch, targets, loss_fn=loss, methods=("hooks",))
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_hf_models_replay_without_the_trace(family, monkeypatch):
+    """After one traced recording, BERT's and GPT-2's (position ids shared by all examples)
+    are replayed: no batch trace, the same captures."""
+    import importlib
+
+    from .test_replay import NoTrace, assert_same
+
+    torch.manual_seed(0)
+    model, batch, targets = (bert if family == "bert" else gpt2)("cls", "eager"), padded_batch(), torch.randint(0, C, (B,))
+    traced = gs.layers.record(model, gs.losses.cross_entropy, batch, targets)
+    monkeypatch.setattr(importlib.import_module("gradsift.layers.record"), "BatchTrace", NoTrace)
+    assert_same(traced, gs.layers.record(model, gs.losses.cross_entropy, batch, targets))
