@@ -24,7 +24,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from .base import Capture, Grads, LayerRule, own_trainable, register_layer_rule, shared_or_batch
+from .base import (Capture, Grads, LayerRule, outer_norms_sq, own_trainable, register_layer_rule,
+                   shared_or_batch, sum_of_squares)
 from .trace import PackedLayout
 
 
@@ -486,6 +487,45 @@ class RecurrentRule(LayerRule):
                     torch.sum(d, 1, out=out[n])
                     written.add(n)
         return written
+
+    def _products(self, cap: Capture) -> dict[str, list[tuple[Tensor, Tensor | None]]]:
+        """Parameter name -> per call and direction ``(d [B, T, O], x [B, T, K])``, its
+        per-example gradient being ``sum over them of sum_t d_t x_t^T`` (``x`` is ``None``
+        for a bias: ``sum_t d_t``)."""
+        own = own_trainable(cap.module)
+        out: dict[str, list[tuple[Tensor, Tensor | None]]] = {}
+        for replayed in self._calls(cap):
+            for sfx, (a, dgi, prev, dgh, unit, dhp) in replayed.items():
+                for n, d, x in (("weight_ih", dgi, a), ("bias_ih", dgi, None), ("weight_hh", dgh, prev),
+                                ("bias_hh", dgh, None), ("weight_hr", dhp, unit)):
+                    if n + sfx in own:
+                        out.setdefault(n + sfx, []).append((d, x))
+        return out
+
+    def norms_sq(self, cap: Capture) -> Grads:
+        """Ghost norms where cheaper (:func:`~gradsift.layers.base.outer_norms_sq`, the calls'
+        steps concatenated): no ``[B, 4H, K]`` per-example gradient."""
+        out: Grads = {}
+        for n, terms in self._products(cap).items():
+            if terms[0][1] is None:
+                out[n] = sum_of_squares(sum(d.sum(1) for d, _ in terms), 1)
+            else:
+                d = torch.cat([d for d, _ in terms], 1) if len(terms) > 1 else terms[0][0]
+                x = torch.cat([x for _, x in terms], 1) if len(terms) > 1 else terms[0][1]
+                out[n] = outer_norms_sq(d, x)
+        return out
+
+    def weighted_sum(self, cap: Capture, weights: Tensor) -> Grads:
+        """``sum_i w_i g_i`` as one matrix product over all examples' steps."""
+        out: Grads = {}
+        for n, terms in self._products(cap).items():
+            total = None
+            for d, x in terms:
+                wd = d * weights.to(d.dtype).view(-1, 1, 1)
+                g = wd.sum((0, 1)) if x is None else wd.flatten(0, 1).T @ x.flatten(0, 1)
+                total = g if total is None else total + g
+            out[n] = total
+        return out
 
     def grads(self, cap: Capture) -> Grads:
         own = own_trainable(cap.module)

@@ -106,7 +106,34 @@ def check_per_example(
         torch.testing.assert_close(total, ref_total.sqrt(), atol=atol, rtol=1e-6)
     if "hooks" in methods and len(targets) > 0:
         check_gram(model, loss_fn, x, targets, ref, atol=atol)
+        check_weighted_sum(model, loss_fn, x, targets, ref, atol=atol)
     return ref
+
+
+def check_weighted_sum(model: nn.Module, loss_fn: Callable, x: Any, targets: Tensor, ref: dict, *,
+                       atol: float) -> None:
+    """Each rule's :meth:`~gradsift.layers.LayerRule.weighted_sum` and norms equal
+    ``sum_i w_i g_i`` and ``|g_i|^2`` of the loop's gradients (a parameter shared by layers:
+    the sum of its layers' weighted sums)."""
+    rec = layers.record(model, loss_fn, x, targets)
+    names = layers.parameter_names(model, {n: c.module for n, c in rec.captures.items()})
+    counts: dict[str, int] = {}
+    for n in names.values():
+        counts[n] = counts.get(n, 0) + 1
+    w = torch.rand(len(targets), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    summed: dict[str, Tensor] = {}
+    for lname, cap in rec.captures.items():
+        for local, s in layers.layer_weighted_sum(cap, w).items():
+            name = names[(lname, local)]
+            summed[name] = summed[name] + s if name in summed else s
+        for local, v in layers.layer_norms_sq(cap).items():
+            name = names[(lname, local)]
+            if counts[name] == 1:
+                torch.testing.assert_close(v, ref[name].flatten(1).square().sum(1), atol=atol, rtol=1e-6,
+                                           msg=lambda m: f"layer norms {name}: {m}")
+    for name, s in summed.items():
+        torch.testing.assert_close(s, torch.tensordot(w, ref[name], dims=1), atol=atol, rtol=1e-6,
+                                   msg=lambda m: f"weighted sum {name}: {m}")
 
 
 def check_gram(model: nn.Module, loss_fn: Callable, x: Any, targets: Tensor, ref: dict, *, atol: float) -> None:
