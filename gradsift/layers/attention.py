@@ -210,6 +210,40 @@ class AttentionRule(LayerRule):
             add("out_proj.bias", r["d"].sum(1))
         return total
 
+    def weighted_sum(self, cap: Capture, weights: Tensor) -> Grads:
+        """``sum_i w_i g_i`` as one matrix product per projection over all examples'
+        positions (no ``[B, 3E, E]`` per-example gradients)."""
+        m = cap.module
+        own = self.parameters(m)
+        total: Grads = {}
+
+        def add(n: str, g: Tensor) -> None:
+            if n in own:
+                g = g.reshape(own[n].shape)
+                total[n] = total[n] + g if n in total else g
+
+        for r in self._each_call(cap):
+            w = weights.to(r["d"].dtype)
+
+            def summed(d: Tensor, a: Tensor | None = None) -> Tensor:
+                wd = (d * w.view(-1, 1, 1)).flatten(0, 1)  # [B*T, O]
+                return wd.sum(0) if a is None else wd.T @ a.flatten(0, 1)
+
+            wq, wk, wv = (summed(r[d], r[a]) for d, a in (("dQ", "q"), ("dK", "k"), ("dV", "v")))
+            if m._qkv_same_embed_dim:
+                add("in_proj_weight", torch.cat([wq, wk, wv], 0))
+            else:
+                add("q_proj_weight", wq)
+                add("k_proj_weight", wk)
+                add("v_proj_weight", wv)
+            add("in_proj_bias", torch.cat([summed(r["dQ"]), summed(r["dK"]), summed(r["dV"])]))
+            if "dbias_k" in r:
+                add("bias_k", w @ r["dbias_k"])
+                add("bias_v", w @ r["dbias_v"])
+            add("out_proj.weight", summed(r["d"], r["O"]))
+            add("out_proj.bias", summed(r["d"]))
+        return total
+
     def norms_sq(self, cap: Capture) -> Grads:
         m = cap.module
         own = self.parameters(m)
