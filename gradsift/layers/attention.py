@@ -109,20 +109,74 @@ class AttentionRule(LayerRule):
         key, value = _get(args, kwargs, 1, "key"), _get(args, kwargs, 2, "value")
         if not m.batch_first:
             key, value = key.transpose(0, 1), value.transpose(0, 1)
+        return q, key, value, self._mask(m, args, kwargs, q, key)
+
+    def _mask(self, m: nn.MultiheadAttention, args: tuple, kwargs: dict, q: Tensor, key: Tensor) -> Tensor | None:
+        """The additive score mask ``[B|1, H|1, T, S]`` of a call (``q``, ``key`` batch first)."""
         b, t, s = q.shape[0], q.shape[1], key.shape[1]
-        dtype = q.dtype
         mask = None
-        am = _float_mask(_get(args, kwargs, 5, "attn_mask"), dtype)
+        am = _float_mask(_get(args, kwargs, 5, "attn_mask"), q.dtype)
         if am is not None:
             mask = am.view(1, 1, t, s) if am.ndim == 2 else am.view(b, m.num_heads, t, s)
-        kpm = _float_mask(_get(args, kwargs, 3, "key_padding_mask"), dtype)
+        kpm = _float_mask(_get(args, kwargs, 3, "key_padding_mask"), q.dtype)
         if kpm is not None:
             kpm = kpm.reshape(-1, 1, 1, s)
             mask = kpm if mask is None else mask + kpm
-        return q, key, value, mask
+        return mask
+
+    def _attend(self, m: nn.MultiheadAttention, q: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
+                detach: bool) -> dict[str, Any]:
+        """The attention of ``nn.MultiheadAttention`` written out (inputs batch first).
+
+        Returns:
+            ``Q``, ``K``, ``V`` (projections ``[B, T|S, E]``, requiring grad), ``extra``
+            (``bias_k``/``bias_v`` expanded to ``[B, 1, E]``, requiring grad, or ``[]``),
+            ``O`` (heads' output ``[B, T, E]``), ``P`` (attention ``[B, H, T, S]``) and
+            ``out`` (the output ``[B, T, E]``, without ``out_proj``'s bias when ``detach``).
+        """
+        e, h = m.embed_dim, m.num_heads
+        hd = e // h
+        b, t = q.shape[:2]
+
+        def par(p: Tensor | None) -> Tensor | None:
+            return None if p is None else (p.detach() if detach else p)
+
+        if m._qkv_same_embed_dim:
+            wq, wk, wv = par(m.in_proj_weight).chunk(3)
+        else:
+            wq, wk, wv = par(m.q_proj_weight), par(m.k_proj_weight), par(m.v_proj_weight)
+        bq = bk = bv = None
+        if m.in_proj_bias is not None:
+            bq, bk, bv = par(m.in_proj_bias).chunk(3)
+        Q, K, V = F.linear(q, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
+        if detach:
+            Q, K, V = Q.requires_grad_(), K.requires_grad_(), V.requires_grad_()
+        Kx, Vx, extra = K, V, []
+        if m.bias_k is not None:
+            bk_ = par(m.bias_k).reshape(1, 1, e).expand(b, 1, e).clone()
+            bv_ = par(m.bias_v).reshape(1, 1, e).expand(b, 1, e).clone()
+            if detach:
+                bk_, bv_ = bk_.requires_grad_(), bv_.requires_grad_()
+            Kx, Vx, extra = torch.cat([K, bk_], 1), torch.cat([V, bv_], 1), [bk_, bv_]
+            mask = None if mask is None else F.pad(mask, (0, 1))
+        Qh = Q.view(b, t, h, hd).transpose(1, 2)
+        Kh = Kx.view(b, -1, h, hd).transpose(1, 2)
+        Vh = Vx.view(b, -1, h, hd).transpose(1, 2)
+        if m.add_zero_attn:
+            Kh = torch.cat([Kh, Kh.new_zeros(b, h, 1, hd)], 2)
+            Vh = torch.cat([Vh, Vh.new_zeros(b, h, 1, hd)], 2)
+            mask = None if mask is None else F.pad(mask, (0, 1))
+        scores = (Qh * hd ** -0.5) @ Kh.transpose(-2, -1)
+        if mask is not None:
+            scores = scores + mask
+        P = scores.softmax(-1)
+        O = (P @ Vh).transpose(1, 2).reshape(b, t, e)
+        out = F.linear(O, par(m.out_proj.weight), None if detach else par(m.out_proj.bias))
+        return {"Q": Q, "K": K, "V": V, "extra": extra, "O": O, "P": P, "out": out}
 
     def _replay(self, m: nn.MultiheadAttention, cap: Capture, k: int) -> dict[str, Tensor]:
-        """Back-propagate call ``k``'s recorded gradients through the attention.
+        """Back-propagate call ``k``'s recorded gradients through the attention (or take
+        what the recording's own forward kept, :meth:`record_forward`).
 
         Returns:
             ``q``, ``k``, ``v`` (inputs ``[B, T|S, d]``), ``dQ``, ``dK``, ``dV`` (``[B, T|S, E]``),
@@ -130,53 +184,64 @@ class AttentionRule(LayerRule):
             ``bias_k``, ``dbias_k``/``dbias_v`` ``[B, E]``.
         """
         q, key, value, mask = self._inputs(m, cap, k)
-        e, h = m.embed_dim, m.num_heads
-        hd = e // h
-        b, t = q.shape[:2]
-        if m._qkv_same_embed_dim:
-            wq, wk, wv = m.in_proj_weight.detach().chunk(3)
-        else:
-            wq, wk, wv = m.q_proj_weight.detach(), m.k_proj_weight.detach(), m.v_proj_weight.detach()
-        bq = bk = bv = None
-        if m.in_proj_bias is not None:
-            bq, bk, bv = m.in_proj_bias.detach().chunk(3)
         d_out = cap.grad_outputs[k]
-        d_weights = cap.extra_grads[k][0] if cap.extra_grads and cap.extra_grads[k] else None
-        args, kwargs = cap.args[k], cap.kwargs[k]
-        average = _get(args, kwargs, 6, "average_attn_weights", True)
-        with torch.enable_grad():
-            Q = F.linear(q, wq, bq).requires_grad_()
-            K = F.linear(key, wk, bk).requires_grad_()
-            V = F.linear(value, wv, bv).requires_grad_()
-            Kx, Vx, extra = K, V, []
-            if m.bias_k is not None:
-                bk_ = m.bias_k.detach().reshape(1, 1, e).expand(b, 1, e).clone().requires_grad_()
-                bv_ = m.bias_v.detach().reshape(1, 1, e).expand(b, 1, e).clone().requires_grad_()
-                Kx, Vx, extra = torch.cat([K, bk_], 1), torch.cat([V, bv_], 1), [bk_, bv_]
-                mask = None if mask is None else F.pad(mask, (0, 1))
-            Qh = Q.view(b, t, h, hd).transpose(1, 2)
-            Kh = Kx.view(b, -1, h, hd).transpose(1, 2)
-            Vh = Vx.view(b, -1, h, hd).transpose(1, 2)
-            if m.add_zero_attn:
-                Kh = torch.cat([Kh, Kh.new_zeros(b, h, 1, hd)], 2)
-                Vh = torch.cat([Vh, Vh.new_zeros(b, h, 1, hd)], 2)
-                mask = None if mask is None else F.pad(mask, (0, 1))
-            scores = (Qh * hd ** -0.5) @ Kh.transpose(-2, -1)
-            if mask is not None:
-                scores = scores + mask
-            P = scores.softmax(-1)
-            O = (P @ Vh).transpose(1, 2).reshape(b, t, e)
-            out = F.linear(O, m.out_proj.weight.detach())
-            outs, grads = [out], [d_out]
-            if d_weights is not None:
-                outs.append(P.mean(1) if average else P)
-                grads.append(d_weights)
-            got = torch.autograd.grad(outs, [Q, K, V, *extra], grads, allow_unused=True)
-        z = [torch.zeros_like(x) if g is None else g for g, x in zip(got, [Q, K, V, *extra])]
-        res = {"q": q, "k": key, "v": value, "dQ": z[0], "dK": z[1], "dV": z[2], "O": O.detach(), "d": d_out}
-        if extra:
+        kept = cap.replays[k] if k < len(cap.replays) else None
+        e, b = m.embed_dim, q.shape[0]
+        if kept and "grads" in kept:
+            z = [torch.zeros(shape, **kw) if g is None else g.detach()
+                 for g, (shape, kw) in zip(kept["grads"], kept["like"])]
+            O = kept["O"]
+        else:
+            d_weights = cap.extra_grads[k][0] if cap.extra_grads and cap.extra_grads[k] else None
+            average = _get(cap.args[k], cap.kwargs[k], 6, "average_attn_weights", True)
+            with torch.enable_grad():
+                r = self._attend(m, q, key, value, mask, detach=True)
+                outs, grads = [r["out"]], [d_out]
+                if d_weights is not None:
+                    outs.append(r["P"].mean(1) if average else r["P"])
+                    grads.append(d_weights)
+                wrt = [r["Q"], r["K"], r["V"], *r["extra"]]
+                got = torch.autograd.grad(outs, wrt, grads, allow_unused=True)
+            z = [torch.zeros_like(x) if g is None else g for g, x in zip(got, wrt)]
+            O = r["O"].detach()
+        res = {"q": q, "k": key, "v": value, "dQ": z[0], "dK": z[1], "dV": z[2], "O": O, "d": d_out}
+        if len(z) > 3:
             res["dbias_k"], res["dbias_v"] = z[3].reshape(b, e), z[4].reshape(b, e)
         return res
+
+    def record_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[Any, dict] | None:
+        """The forward pass of a recording: the attention written out (:meth:`_attend`), the
+        gradients of its projections kept as the backward pass computes them, so that the
+        rule does not run it again (:meth:`_replay`). ``None`` (the layer's own forward)
+        for an unbatched call.
+
+        Returns:
+            the layer's output, as ``nn.MultiheadAttention`` gives it, and the holder: ``O``;
+            ``grad_of``, the projections ``Q``, ``K``, ``V`` (and ``bias_k``/``bias_v``
+            expanded), whose gradients the recording's backward pass puts in ``grads``.
+        """
+        query, key, value = _get(args, kwargs, 0, "query"), _get(args, kwargs, 1, "key"), _get(args, kwargs, 2, "value")
+        if not all(isinstance(t, Tensor) and t.ndim == 3 for t in (query, key, value)):
+            return None
+        if _get(args, kwargs, 7, "is_causal", False) and _get(args, kwargs, 5, "attn_mask") is None:
+            return None  # the layer's own forward says what is missing
+        if not module.batch_first:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        need_weights = _get(args, kwargs, 4, "need_weights", True)
+        average = _get(args, kwargs, 6, "average_attn_weights", True)
+        with torch._C.DisableTorchFunction():
+            r = self._attend(module, query, key, value, self._mask(module, args, kwargs, query, key), detach=False)
+        inner = [r["Q"], r["K"], r["V"], *r["extra"]]
+        like = [(t.shape, {"dtype": t.dtype, "device": t.device}) for t in inner]
+        holder: dict[str, Any] = {"O": r["O"].detach(), "like": like,
+                                  "grad_of": [t for t in inner if t.requires_grad]}
+        if len(holder["grad_of"]) != len(inner):  # frozen projections: replayed
+            holder["grad_of"] = []
+        out = r["out"] if module.batch_first else r["out"].transpose(0, 1)
+        weights = None
+        if need_weights:
+            weights = r["P"].mean(1) if average else r["P"]
+        return (out, weights), holder
 
     # ------------------------------------------------------------------ results
 

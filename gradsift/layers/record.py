@@ -465,8 +465,16 @@ def _finish(captures: dict[str, Capture], out_tags: dict[str, list[Tag]],
         if main.requires_grad
     ]
     wanted = [o for _, o, _ in flat] + [o for _, outs, _ in extra for o in outs if o.requires_grad]
-    if wanted:
-        grads = torch.autograd.grad(losses.sum(), [_edge(o) for o in wanted], allow_unused=True)
+    # a rule's recording forward (record_forward) may ask for the gradients of tensors inside
+    # its layer: its holder's "grad_of"; they arrive in its "grads" (None: no gradient)
+    holders = [h for cap in captures.values() for h in cap.replays if isinstance(h, dict) and h.get("grad_of")]
+    inner = [t for h in holders for t in h["grad_of"]]
+    if wanted or inner:
+        grads = torch.autograd.grad(losses.sum(), [_edge(o) for o in wanted] + inner, allow_unused=True)
+        rest = list(grads[len(wanted):])
+        for h in holders:
+            n = len(h.pop("grad_of"))
+            h["grads"], rest = rest[:n], rest[n:]
         by_id = {id(o): g for o, g in zip(wanted, grads)}
         for cap, out, tag in flat:
             g = by_id[id(out)]

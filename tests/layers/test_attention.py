@@ -109,3 +109,60 @@ def test_transformer_encoder_with_padding_mask(batch_first, train):
     model = Encoder(batch_first).train(train)
     assert check_path(model, (tokens, pad)) == "hooks"
     check_per_example(model, (tokens, pad), methods=("hooks", "auto"))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_recording_keeps_the_projection_gradients(batch_first, monkeypatch):
+    """The recording runs the attention written out and takes its projections' gradients in
+    its backward pass: norms, weighted sums and per-example gradients need no second pass
+    through it, and its output is the layer's own; so for a first layer on constant inputs."""
+    from gradsift import layers
+    from gradsift.layers.attention import AttentionRule
+
+    torch.manual_seed(0)
+    model = Encoder(batch_first).eval()
+    tokens = torch.randint(1, 11, (4, 5))
+    pad = torch.zeros(4, 5, dtype=torch.bool)
+    pad[1, 3:] = True
+    y = torch.randn(4, 8)
+    loss = lambda out, t: (out - t).square().sum(1)  # noqa: E731
+    with torch.no_grad():
+        want = model(tokens, pad)
+    calls = []
+    real = AttentionRule._attend
+    monkeypatch.setattr(AttentionRule, "_attend", lambda self, *a, **k: calls.append(k["detach"]) or real(self, *a, **k))
+    rec = layers.record(model, loss, (tokens, pad), y)
+    torch.testing.assert_close(rec.outputs, want, atol=1e-6, rtol=1e-5)
+    assert calls == [False, False]  # each layer once, in the recording
+    for cap in rec.captures.values():
+        layers.layer_norms_sq(cap), layers.layer_weighted_sum(cap, torch.rand(4)), layers.layer_grads(cap)
+    assert calls == [False, False]
+
+    class SelfAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = nn.MultiheadAttention(6, 2, batch_first=True)
+
+        def forward(self, x):
+            return self.mha(x, x, x)[0]
+
+    calls.clear()
+    rec = layers.record(SelfAttention(), lambda out, t: (out - t).square().sum((1, 2)), torch.randn(4, 5, 6),
+                        torch.randn(4, 5, 6))
+    layers.layer_norms_sq(rec.captures["mha"]), layers.layer_weighted_sum(rec.captures["mha"], torch.rand(4))
+    assert calls == [False]
+
+
+def test_a_causal_hint_without_a_mask_gets_the_layers_own_error():
+    from gradsift import layers
+
+    class Causal(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = nn.MultiheadAttention(6, 2, batch_first=True)
+
+        def forward(self, x):
+            return self.mha(x, x, x, is_causal=True, need_weights=False)[0].sum(1)
+
+    with pytest.raises(RuntimeError, match="attn_mask"):
+        layers.record(Causal(), lambda out, t: (out - t).square().sum(1), torch.randn(3, 4, 6), torch.randn(3, 6))
