@@ -104,6 +104,24 @@ class LSTMClassifier(nn.Module):
         return self.fc(out[:, -1])
 
 
+class TorchEncoder(nn.Module):
+    """Embedding(vocab, 128) -> nn.TransformerEncoder (2 layers, 4 heads, FF 512, no
+    dropout, ``nn.MultiheadAttention`` inside) with a key padding mask -> mean over the kept
+    tokens -> Linear(128, classes); inputs ``tokens [B, T]``, ``keep [B, T]`` (1 = token)."""
+
+    def __init__(self, vocab: int = 1000, dim: int = 128, classes: int = 2) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        layer = nn.TransformerEncoderLayer(dim, 4, 4 * dim, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, tokens: Tensor, keep: Tensor) -> Tensor:
+        h = self.enc(self.emb(tokens), src_key_padding_mask=keep == 0)
+        w = keep.to(h.dtype).unsqueeze(2)
+        return self.head((h * w).sum(1) / w.sum(1))
+
+
 # ---------------------------------------------------------------- HF transformers
 
 def _padding_mask(b: int, t: int, g: torch.Generator) -> Tensor:
@@ -152,6 +170,11 @@ def build(name: str, b: int, seed: int = 0) -> Built:
         return ResNet18GN(), torch.randn(b, 3, 32, 32, generator=g), torch.randint(0, 10, (b,), generator=g), CE
     if name == "lstm":
         return LSTMClassifier(), torch.randint(0, 1000, (b, 32), generator=g), torch.randint(0, 2, (b,), generator=g), CE
+    if name == "torch-encoder":
+        t = 64
+        keep = _padding_mask(b, t, g)
+        ids = torch.randint(1, 1000, (b, t), generator=g) * keep
+        return TorchEncoder(), {"tokens": ids, "keep": keep}, torch.randint(0, 2, (b,), generator=g), CE
     if name in ("bert-tiny", "gpt2-tiny"):
         model = bert_tiny() if name == "bert-tiny" else gpt2_tiny()
         t = 64

@@ -5,7 +5,9 @@
 
 Models (built locally with random weights, see :mod:`benchmarks.models`), B = 32:
 ResNet-18-GN on 3x32x32; BERT-tiny and GPT-2-tiny sequence classifiers on 64 tokens with
-right padding and an attention mask (inputs are a dict, called as ``model(**x)``); an
+right padding and an attention mask (inputs are a dict, called as ``model(**x)``); a
+``torch.nn.TransformerEncoder`` classifier (2 layers, d = 128, ``nn.MultiheadAttention``)
+on the same kind of padded 64 tokens (Opacus runs it with ``DPMultiheadAttention``); an
 LSTM classifier (Embedding 1000x64, LSTM 64->128, Linear) on 32 tokens.
 
 Per-example gradients: ``gs.per_example_gradients`` (auto), Opacus ``GradSampleModule``
@@ -40,7 +42,7 @@ from .per_example import make_vmap
 
 warnings.filterwarnings("ignore")
 
-MODELS = ("resnet18-gn", "bert-tiny", "gpt2-tiny", "lstm")
+MODELS = ("resnet18-gn", "bert-tiny", "gpt2-tiny", "torch-encoder", "lstm")
 BATCH = 32
 
 
@@ -64,7 +66,12 @@ def loop_grads(model, loss_fn):
 
 
 def opacus_model(name: str, model):
-    """The model Opacus runs: the same model, or for the LSTM one with Opacus's DPLSTM."""
+    """The model Opacus runs: the same model; for the LSTM one with Opacus's DPLSTM; for the
+    torch encoder the same weights with ``DPMultiheadAttention`` (``ModuleValidator.fix``)."""
+    if name == "torch-encoder":
+        from opacus.validators import ModuleValidator
+
+        return ModuleValidator.fix(copy.deepcopy(model))
     if name != "lstm":
         return copy.deepcopy(model)
     from opacus.layers import DPLSTM

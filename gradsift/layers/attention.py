@@ -10,9 +10,13 @@ parameters). Example ``i``'s gradients are, as for Linear layers over positions,
 position sums of ``dQ``/``dK``/``dV``/``d`` (biases) and ``dK``/``dV`` at the appended
 position (``bias_k``/``bias_v``).
 
-The rule gets ``dQ``, ``dK``, ``dV`` and ``O`` by re-running the attention on the
-recorded (batch-first) inputs and masks and back-propagating the recorded gradients of
-the output (and of the returned attention weights): one batched pass, exact. Handled:
+The rule gets ``dQ``, ``dK``, ``dV`` and ``O`` from the recording itself: its forward pass
+runs the attention written out (:meth:`AttentionRule.record_forward`) and its backward
+pass also takes the gradients of the projections, so nothing is run again. A layer
+recorded otherwise (unbatched, ``is_causal`` without a mask) has them by re-running the
+attention on the recorded (batch-first) inputs and masks and back-propagating the
+recorded gradients of the output (and of the returned attention weights): one batched
+pass, exact. Handled:
 ``batch_first`` either way, ``kdim``/``vdim``, ``add_bias_kv``, ``add_zero_attn``,
 ``key_padding_mask`` (bool or float, ``[B, S]``), ``attn_mask`` (``[T, S]`` shared, or
 ``[B * heads, T, S]`` traced to the inputs), ``need_weights`` and ``average_attn_weights``.

@@ -55,7 +55,9 @@ class Capture:
         extra_grads: per call, the gradients of a multi-output layer's other outputs
             (:attr:`LayerRule.multi_output`; e.g. an LSTM's ``h_n``, ``c_n``), batch first.
         replays: per call, what a rule's own recording forward (``record_forward``) kept
-            for it (``None`` when the layer ran its own forward).
+            for it (``None`` when the layer ran its own forward). A dict may list tensors
+            inside the layer under ``"grad_of"``: the recording's backward pass then puts
+            their gradients (``None`` where none) in its ``"grads"``.
     """
 
     module: nn.Module
