@@ -49,6 +49,11 @@ def _float_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return mask.to(dtype)
 
 
+def _same(a: Tensor, b: Tensor) -> bool:
+    """``a`` and ``b`` are views of the same values (query, key and value of self-attention)."""
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+
+
 def _get(args: tuple, kwargs: dict, pos: int, name: str, default: Any = None) -> Any:
     return args[pos] if len(args) > pos else kwargs.get(name, default)
 
@@ -253,31 +258,65 @@ class AttentionRule(LayerRule):
         for k in range(len(cap.inputs)):
             yield self._replay(cap.module, cap, k)
 
+    def _in_proj(self, r: dict[str, Tensor], out: Tensor | None = None) -> Tensor:
+        """Per-example ``in_proj_weight`` gradients ``[B, 3E, E]`` of one call (into ``out``):
+        one batched product when query, key and value are one tensor (self-attention)."""
+        q, k, v = r["q"], r["k"], r["v"]
+        if _same(q, k) and _same(q, v):
+            d = torch.cat([r["dQ"], r["dK"], r["dV"]], 2).transpose(1, 2)  # [B, 3E, T]
+            return torch.bmm(d, q) if out is None else torch.bmm(d, q, out=out)
+        g = torch.cat([torch.bmm(r[d].transpose(1, 2), r[a]) for d, a in (("dQ", "q"), ("dK", "k"), ("dV", "v"))], 1)
+        return g if out is None else out.copy_(g)
+
+    def _call_grads(self, m: nn.MultiheadAttention, own: dict[str, Tensor], r: dict[str, Tensor],
+                    in_proj: bool = True) -> Grads:
+        """One call's per-example gradients: local name -> ``[B, *param.shape]`` (without
+        ``in_proj_weight`` unless ``in_proj``)."""
+        g: Grads = {}
+
+        def add(n: str, value) -> None:
+            if n in own:
+                v = value()
+                g[n] = v.reshape(v.shape[0], *own[n].shape)
+
+        if m._qkv_same_embed_dim:
+            if in_proj:
+                add("in_proj_weight", lambda: self._in_proj(r))
+        else:
+            for (d, a), n in zip((("dQ", "q"), ("dK", "k"), ("dV", "v")), ("q_proj_weight", "k_proj_weight", "v_proj_weight")):
+                add(n, lambda d=d, a=a: torch.bmm(r[d].transpose(1, 2), r[a]))
+        add("in_proj_bias", lambda: torch.cat([r["dQ"].sum(1), r["dK"].sum(1), r["dV"].sum(1)], 1))
+        if "dbias_k" in r:
+            add("bias_k", lambda: r["dbias_k"])
+            add("bias_v", lambda: r["dbias_v"])
+        add("out_proj.weight", lambda: torch.bmm(r["d"].transpose(1, 2), r["O"]))
+        add("out_proj.bias", lambda: r["d"].sum(1))
+        return g
+
     def grads(self, cap: Capture) -> Grads:
         m = cap.module
         own = self.parameters(m)
         total: Grads = {}
-
-        def add(n: str, g: Tensor) -> None:
-            if n in own:
-                g = g.reshape(g.shape[0], *own[n].shape)
-                total[n] = total[n] + g if n in total else g
-
         for r in self._each_call(cap):
-            wq, wk, wv = (torch.einsum("bto,bti->boi", r[d], r[a]) for d, a in (("dQ", "q"), ("dK", "k"), ("dV", "v")))
-            if m._qkv_same_embed_dim:
-                add("in_proj_weight", torch.cat([wq, wk, wv], 1))
-            else:
-                add("q_proj_weight", wq)
-                add("k_proj_weight", wk)
-                add("v_proj_weight", wv)
-            add("in_proj_bias", torch.cat([r["dQ"].sum(1), r["dK"].sum(1), r["dV"].sum(1)], 1))
-            if "dbias_k" in r:
-                add("bias_k", r["dbias_k"])
-                add("bias_v", r["dbias_v"])
-            add("out_proj.weight", torch.einsum("bto,bti->boi", r["d"], r["O"]))
-            add("out_proj.bias", r["d"].sum(1))
+            for n, g in self._call_grads(m, own, r).items():
+                total[n] = total[n] + g if n in total else g
         return total
+
+    def grads_into(self, cap: Capture, out: Grads, accumulate: bool = False) -> set[str]:
+        """Writes ``in_proj_weight``'s per-example gradients with one ``bmm(..., out=)`` (one
+        call, not accumulating), else as :meth:`grads`."""
+        m = cap.module
+        own = self.parameters(m)
+        w = out.get("in_proj_weight")
+        if accumulate or len(cap.inputs) != 1 or not m._qkv_same_embed_dim or "in_proj_weight" not in own \
+                or w is None or not w.is_contiguous():
+            return super().grads_into(cap, out, accumulate)
+        r = next(self._each_call(cap))
+        self._in_proj(r, out=w)
+        rest = self._call_grads(m, own, r, in_proj=False)
+        for n, g in rest.items():
+            out[n].copy_(g)
+        return {"in_proj_weight", *rest}
 
     def weighted_sum(self, cap: Capture, weights: Tensor) -> Grads:
         """``sum_i w_i g_i`` as one matrix product per projection over all examples'
