@@ -104,20 +104,38 @@ class LSTMClassifier(nn.Module):
         return self.fc(out[:, -1])
 
 
+class EncoderBlock(nn.Module):
+    """Pre-norm transformer block on ``nn.MultiheadAttention`` with a bool key padding mask
+    (as ``nn.TransformerEncoderLayer(norm_first=True)``, whose float-converted mask Opacus's
+    ``DPMultiheadAttention`` does not take)."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.ff = nn.Sequential(nn.Linear(dim, 4 * dim), nn.ReLU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, h: Tensor, pad: Tensor) -> Tensor:
+        x = self.ln1(h)
+        h = h + self.attn(x, x, x, key_padding_mask=pad, need_weights=False)[0]
+        return h + self.ff(self.ln2(h))
+
+
 class TorchEncoder(nn.Module):
-    """Embedding(vocab, 128) -> nn.TransformerEncoder (2 layers, 4 heads, FF 512, no
-    dropout, ``nn.MultiheadAttention`` inside) with a key padding mask -> mean over the kept
-    tokens -> Linear(128, classes); inputs ``tokens [B, T]``, ``keep [B, T]`` (1 = token)."""
+    """Embedding(vocab, 128) -> 2 pre-norm blocks on ``nn.MultiheadAttention`` (4 heads, FF
+    512) with a key padding mask -> mean over the kept tokens -> Linear(128, classes);
+    inputs ``tokens [B, T]``, ``keep [B, T]`` (1 = token)."""
 
     def __init__(self, vocab: int = 1000, dim: int = 128, classes: int = 2) -> None:
         super().__init__()
         self.emb = nn.Embedding(vocab, dim)
-        layer = nn.TransformerEncoderLayer(dim, 4, 4 * dim, dropout=0.0, batch_first=True)
-        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.blocks = nn.ModuleList([EncoderBlock(dim, 4) for _ in range(2)])
         self.head = nn.Linear(dim, classes)
 
     def forward(self, tokens: Tensor, keep: Tensor) -> Tensor:
-        h = self.enc(self.emb(tokens), src_key_padding_mask=keep == 0)
+        h, pad = self.emb(tokens), keep == 0
+        for block in self.blocks:
+            h = block(h, pad)
         w = keep.to(h.dtype).unsqueeze(2)
         return self.head((h * w).sum(1) / w.sum(1))
 

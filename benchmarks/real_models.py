@@ -6,8 +6,9 @@
 Models (built locally with random weights, see :mod:`benchmarks.models`), B = 32:
 ResNet-18-GN on 3x32x32; BERT-tiny and GPT-2-tiny sequence classifiers on 64 tokens with
 right padding and an attention mask (inputs are a dict, called as ``model(**x)``); a
-``torch.nn.TransformerEncoder`` classifier (2 layers, d = 128, ``nn.MultiheadAttention``)
-on the same kind of padded 64 tokens (Opacus runs it with ``DPMultiheadAttention``); an
+transformer classifier of ``torch.nn`` layers (2 pre-norm blocks, d = 128,
+``nn.MultiheadAttention`` with a key padding mask) on the same kind of padded 64 tokens
+(Opacus runs it with ``DPMultiheadAttention``); an
 LSTM classifier (Embedding 1000x64, LSTM 64->128, Linear) on 32 tokens.
 
 Per-example gradients: ``gs.per_example_gradients`` (auto), Opacus ``GradSampleModule``
@@ -43,6 +44,8 @@ from .per_example import make_vmap
 warnings.filterwarnings("ignore")
 
 MODELS = ("resnet18-gn", "bert-tiny", "gpt2-tiny", "torch-encoder", "lstm")
+#: The models of issue 12's target "at least 2x faster than Opacus" (the others: ratios only).
+ISSUE_12_OPACUS = ("resnet18-gn", "bert-tiny", "gpt2-tiny")
 BATCH = 32
 
 
@@ -229,7 +232,7 @@ def run(threads: int, s: C.Settings, models: tuple[str, ...] = MODELS) -> C.Sect
         if name == "lstm":
             sec.targets.append(C.Target.of_ratio("12", "real models: LSTM per-example grads, loop / gradsift", t["loop"], g,
                                                  ">=", 3, threads, digits=0))
-        else:
+        elif name in ISSUE_12_OPACUS:
             why = f"; opacus {t[opk].error}" if t[opk].error else ""
             sec.targets.append(C.Target.of_ratio("12", f"real models: {name} per-example grads, opacus / gradsift", t[opk], g,
                                                  ">=", 2, threads, digits=0, note=why))
