@@ -236,6 +236,9 @@ def outer_norms_sq(d: Tensor, a: Tensor) -> Tensor:
         or by forming the ``[B, G, O, K]`` products, whichever costs less: multiply-adds
         plus :data:`WRITE_COST` per value written.
     """
+    if not (d.ndim == a.ndim and d.ndim in (3, 4) and d.shape[:-1] == a.shape[:-1]):
+        raise ValueError(f"outer_norms_sq: d {tuple(d.shape)} and a {tuple(a.shape)} must be [B, (G,) T, O] and "
+                         "[B, (G,) T, K], with the same leading axes")
     t, k, o = a.shape[-2], a.shape[-1], d.shape[-1]
     ghost = t * t * (k + o) + WRITE_COST * 2 * t * t
     formed = t * k * o + WRITE_COST * k * o

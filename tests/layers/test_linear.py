@@ -77,3 +77,14 @@ def test_outer_norms_sq_routes_are_both_taken(monkeypatch):
     base.outer_norms_sq(torch.randn(2, 3, 64), torch.randn(2, 3, 64))
     base.outer_norms_sq(torch.randn(2, 40, 2), torch.randn(2, 40, 2))
     assert calls == ["ghost"]
+
+
+def test_outer_norms_sq_names_bad_shapes():
+    import pytest
+
+    from gradsift.layers import outer_norms_sq
+
+    with pytest.raises(ValueError, match=r"d \(2, 3, 4\) and a \(2, 5, 4\)"):
+        outer_norms_sq(torch.randn(2, 3, 4), torch.randn(2, 5, 4))
+    with pytest.raises(ValueError, match="same leading axes"):
+        outer_norms_sq(torch.randn(2, 4), torch.randn(2, 4))
