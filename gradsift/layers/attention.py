@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import (Capture, Grads, LayerRule, outer_norms_sq, own_trainable, register_layer_rule,
-                   shared_or_batch)
+                   shared_or_batch, sum_of_squares)
 
 
 def _float_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -111,14 +111,13 @@ class AttentionRule(LayerRule):
 
     # ------------------------------------------------------------------ replay
 
-    def _inputs(self, m: nn.MultiheadAttention, cap: Capture, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """Query, key, value ``[B, T|S, d]`` and the additive score mask ``[B|1, H|1, T, S]``."""
+    def _inputs(self, m: nn.MultiheadAttention, cap: Capture, k: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Query, key, value ``[B, T|S, d]`` of call ``k``."""
         args, kwargs = cap.args[k], cap.kwargs[k]
-        q = cap.inputs[k]
         key, value = _get(args, kwargs, 1, "key"), _get(args, kwargs, 2, "value")
         if not m.batch_first:
             key, value = key.transpose(0, 1), value.transpose(0, 1)
-        return q, key, value, self._mask(m, args, kwargs, q, key)
+        return cap.inputs[k], key, value
 
     def _mask(self, m: nn.MultiheadAttention, args: tuple, kwargs: dict, q: Tensor, key: Tensor) -> Tensor | None:
         """The additive score mask ``[B|1, H|1, T, S]`` of a call (``q``, ``key`` batch first)."""
@@ -192,7 +191,7 @@ class AttentionRule(LayerRule):
             ``O`` (heads' output ``[B, T, E]``), ``d`` (output gradient ``[B, T, E]``) and, with
             ``bias_k``, ``dbias_k``/``dbias_v`` ``[B, E]``.
         """
-        q, key, value, mask = self._inputs(m, cap, k)
+        q, key, value = self._inputs(m, cap, k)
         d_out = cap.grad_outputs[k]
         kept = cap.replays[k] if k < len(cap.replays) else None
         e, b = m.embed_dim, q.shape[0]
@@ -203,6 +202,7 @@ class AttentionRule(LayerRule):
         else:
             d_weights = cap.extra_grads[k][0] if cap.extra_grads and cap.extra_grads[k] else None
             average = _get(cap.args[k], cap.kwargs[k], 6, "average_attn_weights", True)
+            mask = self._mask(m, cap.args[k], cap.kwargs[k], q, key)
             with torch.enable_grad():
                 r = self._attend(m, q, key, value, mask, detach=True)
                 outs, grads = [r["out"]], [d_out]
@@ -258,122 +258,84 @@ class AttentionRule(LayerRule):
         for k in range(len(cap.inputs)):
             yield self._replay(cap.module, cap, k)
 
-    def _in_proj(self, r: dict[str, Tensor], out: Tensor | None = None) -> Tensor:
-        """Per-example ``in_proj_weight`` gradients ``[B, 3E, E]`` of one call (into ``out``):
-        one batched product when query, key and value are one tensor (self-attention)."""
-        q, k, v = r["q"], r["k"], r["v"]
-        if _same(q, k) and _same(q, v):
-            d = torch.cat([r["dQ"], r["dK"], r["dV"]], 2).transpose(1, 2)  # [B, 3E, T]
-            return torch.bmm(d, q) if out is None else torch.bmm(d, q, out=out)
-        g = torch.cat([torch.bmm(r[d].transpose(1, 2), r[a]) for d, a in (("dQ", "q"), ("dK", "k"), ("dV", "v"))], 1)
-        return g if out is None else out.copy_(g)
-
-    def _call_grads(self, m: nn.MultiheadAttention, own: dict[str, Tensor], r: dict[str, Tensor],
-                    in_proj: bool = True) -> Grads:
-        """One call's per-example gradients: local name -> ``[B, *param.shape]`` (without
-        ``in_proj_weight`` unless ``in_proj``)."""
-        g: Grads = {}
-
-        def add(n: str, value) -> None:
-            if n in own:
-                v = value()
-                g[n] = v.reshape(v.shape[0], *own[n].shape)
-
+    def _parts(self, m: nn.MultiheadAttention, own: dict[str, Tensor], r: dict[str, Tensor]
+               ) -> dict[str, list[tuple[Tensor, Tensor | None]]]:
+        """One call's parameters (those in ``own``) -> their parts ``(d [B, T, O], x [B, T, K])``:
+        example ``i``'s gradient is the parts' ``sum_t d_t x_t^T`` (``sum_t d_t`` where ``x`` is
+        None) concatenated along the output axis (``in_proj_weight``: the Q, K, V blocks)."""
+        blocks = [("dQ", "q"), ("dK", "k"), ("dV", "v")]
+        parts: dict[str, list[tuple[Tensor, Tensor | None]]] = {}
         if m._qkv_same_embed_dim:
-            if in_proj:
-                add("in_proj_weight", lambda: self._in_proj(r))
+            parts["in_proj_weight"] = [(r[d], r[a]) for d, a in blocks]
         else:
-            for (d, a), n in zip((("dQ", "q"), ("dK", "k"), ("dV", "v")), ("q_proj_weight", "k_proj_weight", "v_proj_weight")):
-                add(n, lambda d=d, a=a: torch.bmm(r[d].transpose(1, 2), r[a]))
-        add("in_proj_bias", lambda: torch.cat([r["dQ"].sum(1), r["dK"].sum(1), r["dV"].sum(1)], 1))
+            for (d, a), n in zip(blocks, ("q_proj_weight", "k_proj_weight", "v_proj_weight")):
+                parts[n] = [(r[d], r[a])]
+        parts["in_proj_bias"] = [(r[d], None) for d, _ in blocks]
         if "dbias_k" in r:
-            add("bias_k", lambda: r["dbias_k"])
-            add("bias_v", lambda: r["dbias_v"])
-        add("out_proj.weight", lambda: torch.bmm(r["d"].transpose(1, 2), r["O"]))
-        add("out_proj.bias", lambda: r["d"].sum(1))
-        return g
+            parts["bias_k"] = [(r["dbias_k"].unsqueeze(1), None)]
+            parts["bias_v"] = [(r["dbias_v"].unsqueeze(1), None)]
+        parts["out_proj.weight"] = [(r["d"], r["O"])]
+        parts["out_proj.bias"] = [(r["d"], None)]
+        return {n: p for n, p in parts.items() if n in own}
 
     def grads(self, cap: Capture) -> Grads:
         m = cap.module
         own = self.parameters(m)
         total: Grads = {}
         for r in self._each_call(cap):
-            for n, g in self._call_grads(m, own, r).items():
+            for n, terms in self._parts(m, own, r).items():
+                g = _per_example(terms)
+                g = g.reshape(g.shape[0], *own[n].shape)
                 total[n] = total[n] + g if n in total else g
         return total
 
     def grads_into(self, cap: Capture, out: Grads, accumulate: bool = False) -> set[str]:
-        """Writes ``in_proj_weight``'s per-example gradients with one ``bmm(..., out=)`` (one
-        call, not accumulating), else as :meth:`grads`."""
-        m = cap.module
-        own = self.parameters(m)
-        w = out.get("in_proj_weight")
-        if accumulate or len(cap.inputs) != 1 or not m._qkv_same_embed_dim or "in_proj_weight" not in own \
-                or w is None or not w.is_contiguous():
+        """Writes each parameter's per-example gradients straight into ``out`` (one call, not
+        accumulating; self-attention's ``in_proj_weight`` with one ``bmm``), else as
+        :meth:`grads`."""
+        if accumulate or len(cap.inputs) != 1 or not all(t.is_contiguous() for t in out.values()):
             return super().grads_into(cap, out, accumulate)
-        r = next(self._each_call(cap))
-        self._in_proj(r, out=w)
-        rest = self._call_grads(m, own, r, in_proj=False)
-        for n, g in rest.items():
-            out[n].copy_(g)
-        return {"in_proj_weight", *rest}
+        m = cap.module
+        parts = self._parts(m, self.parameters(m), next(self._each_call(cap)))
+        for n, terms in parts.items():
+            _per_example(terms, out=out[n].flatten(1) if terms[0][1] is None else out[n])
+        return set(parts)
 
     def weighted_sum(self, cap: Capture, weights: Tensor) -> Grads:
-        """``sum_i w_i g_i`` as one matrix product per projection over all examples'
-        positions (no ``[B, 3E, E]`` per-example gradients)."""
+        """``sum_i w_i g_i`` as one matrix product per part over all examples' positions (no
+        ``[B, 3E, E]`` per-example gradients)."""
         m = cap.module
         own = self.parameters(m)
         total: Grads = {}
-
-        def add(n: str, g: Tensor) -> None:
-            if n in own:
-                g = g.reshape(own[n].shape)
-                total[n] = total[n] + g if n in total else g
-
         for r in self._each_call(cap):
-            w = weights.to(r["d"].dtype)
-
-            def summed(d: Tensor, a: Tensor | None = None) -> Tensor:
-                wd = (d * w.view(-1, 1, 1)).flatten(0, 1)  # [B*T, O]
-                return wd.sum(0) if a is None else wd.T @ a.flatten(0, 1)
-
-            wq, wk, wv = (summed(r[d], r[a]) for d, a in (("dQ", "q"), ("dK", "k"), ("dV", "v")))
-            if m._qkv_same_embed_dim:
-                add("in_proj_weight", torch.cat([wq, wk, wv], 0))
-            else:
-                add("q_proj_weight", wq)
-                add("k_proj_weight", wk)
-                add("v_proj_weight", wv)
-            add("in_proj_bias", torch.cat([summed(r["dQ"]), summed(r["dK"]), summed(r["dV"])]))
-            if "dbias_k" in r:
-                add("bias_k", w @ r["dbias_k"])
-                add("bias_v", w @ r["dbias_v"])
-            add("out_proj.weight", summed(r["d"], r["O"]))
-            add("out_proj.bias", summed(r["d"]))
+            w = weights.to(r["d"].dtype).view(-1, 1, 1)
+            for n, terms in self._parts(m, own, r).items():
+                sums = []
+                for d, x in terms:
+                    wd = (d * w).flatten(0, 1)  # [B*T, O]
+                    sums.append(wd.sum(0) if x is None else wd.T @ x.flatten(0, 1))
+                g = torch.cat(sums, 0).reshape(own[n].shape)
+                total[n] = total[n] + g if n in total else g
         return total
 
     def norms_sq(self, cap: Capture) -> Grads:
+        """Ghost norms where cheaper (:func:`~gradsift.layers.base.outer_norms_sq`) of one
+        call's parts; several calls take the default (their gradients add up first)."""
         m = cap.module
-        own = self.parameters(m)
         if len(cap.inputs) != 1:
             return super().norms_sq(cap)
-        r = next(self._each_call(cap))
-        blocks = {"dQ": "q", "dK": "k", "dV": "v"}
-        out: Grads = {}
-        if m._qkv_same_embed_dim:
-            if "in_proj_weight" in own:
-                out["in_proj_weight"] = sum(outer_norms_sq(r[d], r[a]) for d, a in blocks.items())
-        else:
-            for (d, a), n in zip(blocks.items(), ("q_proj_weight", "k_proj_weight", "v_proj_weight")):
-                if n in own:
-                    out[n] = outer_norms_sq(r[d], r[a])
-        if "in_proj_bias" in own:
-            out["in_proj_bias"] = sum(r[d].sum(1).square().sum(1) for d in blocks)
-        for n in ("bias_k", "bias_v"):
-            if n in own:
-                out[n] = r["d" + n].square().sum(1)
-        if "out_proj.weight" in own:
-            out["out_proj.weight"] = outer_norms_sq(r["d"], r["O"])
-        if "out_proj.bias" in own:
-            out["out_proj.bias"] = r["d"].sum(1).square().sum(1)
-        return out
+        parts = self._parts(m, self.parameters(m), next(self._each_call(cap)))
+        return {n: sum(sum_of_squares(d.sum(1), 1) if x is None else outer_norms_sq(d, x) for d, x in terms)
+                for n, terms in parts.items()}
+
+
+def _per_example(terms: list[tuple[Tensor, Tensor | None]], out: Tensor | None = None) -> Tensor:
+    """Example ``i``'s gradient from a parameter's parts (see :meth:`AttentionRule._parts`):
+    ``[B, sum O, K]`` (``[B, sum O]`` for a bias), into ``out`` when given. Parts that share
+    one input (self-attention's Q, K, V) take one batched product of their stacked ``d``."""
+    x0 = terms[0][1]
+    if x0 is not None and all(x is not None and _same(x, x0) for _, x in terms):
+        d = torch.cat([d for d, _ in terms], 2) if len(terms) > 1 else terms[0][0]
+        return torch.bmm(d.transpose(1, 2), x0) if out is None else torch.bmm(d.transpose(1, 2), x0, out=out)
+    g = torch.cat([d.sum(1) if x is None else torch.bmm(d.transpose(1, 2), x) for d, x in terms], 1)
+    return g if out is None else out.copy_(g)

@@ -261,6 +261,14 @@ def _lstm_bptt(
     return _lstm_backward(module, saved, d_out, d_states[0], d_states[1], masks)[0]
 
 
+def _per_example(d: Tensor, x: Tensor | None, out: Tensor | None = None) -> Tensor:
+    """``sum_t d_t x_t^T`` per example (``d [B, T, O]``, ``x [B, T, K]`` -> ``[B, O, K]``), or
+    ``sum_t d_t`` (``[B, O]``) for a bias (``x`` None); into ``out`` when given."""
+    if x is None:
+        return d.sum(1) if out is None else torch.sum(d, 1, out=out)
+    return torch.bmm(d.transpose(1, 2), x) if out is None else torch.bmm(d.transpose(1, 2), x, out=out)
+
+
 class _RecordedLSTM(torch.autograd.Function):
     """The LSTM of a recording pass: :func:`_lstm_forward`, and a backward that keeps the
     per-step gate gradients for the rule (so the layer is not run again)."""
@@ -473,20 +481,10 @@ class RecurrentRule(LayerRule):
         not accumulating), else adds :meth:`grads`."""
         if accumulate or len(cap.inputs) != 1 or not all(t.is_contiguous() for t in out.values()):
             return super().grads_into(cap, out, accumulate)
-        own = own_trainable(cap.module)
-        written: set[str] = set()
-        for sfx, (a, dgi, prev, dgh, unit, dhp) in next(self._calls(cap)).items():
-            pairs = {"weight_ih": (dgi, a), "weight_hh": (dgh, prev), "weight_hr": (dhp, unit)}
-            for base, (d, x) in pairs.items():
-                n = base + sfx
-                if n in own:
-                    torch.bmm(d.transpose(1, 2), x, out=out[n])
-                    written.add(n)
-            for n, d in (("bias_ih" + sfx, dgi), ("bias_hh" + sfx, dgh)):
-                if n in own:
-                    torch.sum(d, 1, out=out[n])
-                    written.add(n)
-        return written
+        products = self._products(cap)
+        for n, [(d, x)] in products.items():  # one call: one term each
+            _per_example(d, x, out=out[n])
+        return set(products)
 
     def _products(self, cap: Capture) -> dict[str, list[tuple[Tensor, Tensor | None]]]:
         """Parameter name -> per call and direction ``(d [B, T, O], x [B, T, K])``, its
@@ -528,19 +526,9 @@ class RecurrentRule(LayerRule):
         return out
 
     def grads(self, cap: Capture) -> Grads:
-        own = own_trainable(cap.module)
         total: Grads = {}
-        for replayed in self._calls(cap):
-            for sfx, (a, dgi, prev, dgh, unit, dhp) in replayed.items():
-                terms = {
-                    "weight_ih" + sfx: lambda: torch.bmm(dgi.transpose(1, 2), a),
-                    "bias_ih" + sfx: lambda: dgi.sum(1),
-                    "weight_hh" + sfx: lambda: torch.bmm(dgh.transpose(1, 2), prev),
-                    "bias_hh" + sfx: lambda: dgh.sum(1),
-                    "weight_hr" + sfx: lambda: torch.bmm(dhp.transpose(1, 2), unit),
-                }
-                for n, term in terms.items():
-                    if n in own:
-                        g = term()
-                        total[n] = total[n] + g if n in total else g
+        for n, terms in self._products(cap).items():
+            for d, x in terms:
+                g = _per_example(d, x)
+                total[n] = total[n] + g if n in total else g
         return total

@@ -105,16 +105,16 @@ def check_per_example(
         total = per_example_norms(model, loss_fn, x, targets, method=method, chunk_size=chunk_size)
         torch.testing.assert_close(total, ref_total.sqrt(), atol=atol, rtol=1e-6)
     if "hooks" in methods and len(targets) > 0:
-        check_gram(model, loss_fn, x, targets, ref, atol=atol)
-        check_weighted_sum(model, loss_fn, x, targets, ref, atol=atol)
+        check_layer_results(model, loss_fn, x, targets, ref, atol=atol)
     return ref
 
 
-def check_weighted_sum(model: nn.Module, loss_fn: Callable, x: Any, targets: Tensor, ref: dict, *,
-                       atol: float) -> None:
-    """Each rule's :meth:`~gradsift.layers.LayerRule.weighted_sum` and norms equal
-    ``sum_i w_i g_i`` and ``|g_i|^2`` of the loop's gradients (a parameter shared by layers:
-    the sum of its layers' weighted sums)."""
+def check_layer_results(model: nn.Module, loss_fn: Callable, x: Any, targets: Tensor, ref: dict, *,
+                        atol: float) -> None:
+    """Each rule's :meth:`~gradsift.layers.LayerRule.gram`, norms and
+    :meth:`~gradsift.layers.LayerRule.weighted_sum` equal ``G G^T``, ``|g_i|^2`` and
+    ``sum_i w_i g_i`` of the loop's gradients (a parameter shared by layers: only the sum of
+    its layers' weighted sums)."""
     rec = layers.record(model, loss_fn, x, targets)
     names = layers.parameter_names(model, {n: c.module for n, c in rec.captures.items()})
     counts: dict[str, int] = {}
@@ -126,29 +126,16 @@ def check_weighted_sum(model: nn.Module, loss_fn: Callable, x: Any, targets: Ten
         for local, s in layers.layer_weighted_sum(cap, w).items():
             name = names[(lname, local)]
             summed[name] = summed[name] + s if name in summed else s
-        for local, v in layers.layer_norms_sq(cap).items():
-            name = names[(lname, local)]
-            if counts[name] == 1:
-                torch.testing.assert_close(v, ref[name].flatten(1).square().sum(1), atol=atol, rtol=1e-6,
-                                           msg=lambda m: f"layer norms {name}: {m}")
+        for kind, got, want in (("gram", layers.layer_gram(cap), lambda f: f @ f.T),
+                                ("layer norms", layers.layer_norms_sq(cap), lambda f: f.square().sum(1))):
+            for local, v in got.items():
+                name = names[(lname, local)]
+                if counts[name] == 1:
+                    torch.testing.assert_close(v, want(ref[name].flatten(1)), atol=atol, rtol=1e-6,
+                                               msg=lambda m: f"{kind} {name}: {m}")
     for name, s in summed.items():
         torch.testing.assert_close(s, torch.tensordot(w, ref[name], dims=1), atol=atol, rtol=1e-6,
                                    msg=lambda m: f"weighted sum {name}: {m}")
-
-
-def check_gram(model: nn.Module, loss_fn: Callable, x: Any, targets: Tensor, ref: dict, *, atol: float) -> None:
-    """Each rule's :meth:`~gradsift.layers.LayerRule.gram` equals ``G G^T`` of the loop's gradients."""
-    rec = layers.record(model, loss_fn, x, targets)
-    names = layers.parameter_names(model, {n: c.module for n, c in rec.captures.items()})
-    counts: dict[str, int] = {}
-    for n in names.values():
-        counts[n] = counts.get(n, 0) + 1
-    for lname, cap in rec.captures.items():
-        for local, gram in layers.layer_gram(cap).items():
-            name = names[(lname, local)]
-            if counts[name] == 1:
-                flat = ref[name].flatten(1)
-                torch.testing.assert_close(gram, flat @ flat.T, atol=atol, rtol=1e-6, msg=lambda m: f"gram {name}: {m}")
 
 
 def check_path(model: nn.Module, x: Any, targets: Tensor | None = None, *, loss_fn: Callable = probe_loss) -> str:

@@ -111,6 +111,18 @@ def test_transformer_encoder_with_padding_mask(batch_first, train):
     check_per_example(model, (tokens, pad), methods=("hooks", "auto"))
 
 
+class SelfAttention(nn.Module):
+    """``mha(x, x, x, **options)``'s output, ``[B, T, 6]``."""
+
+    def __init__(self, **options):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(6, 2, batch_first=True)
+        self.options = options
+
+    def forward(self, x):
+        return self.mha(x, x, x, **self.options)[0]
+
+
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_recording_keeps_the_projection_gradients(batch_first, monkeypatch):
     """The recording runs the attention written out and takes its projections' gradients in
@@ -138,14 +150,6 @@ def test_recording_keeps_the_projection_gradients(batch_first, monkeypatch):
         layers.layer_norms_sq(cap), layers.layer_weighted_sum(cap, torch.rand(4)), layers.layer_grads(cap)
     assert calls == [False, False]
 
-    class SelfAttention(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.mha = nn.MultiheadAttention(6, 2, batch_first=True)
-
-        def forward(self, x):
-            return self.mha(x, x, x)[0]
-
     calls.clear()
     rec = layers.record(SelfAttention(), lambda out, t: (out - t).square().sum((1, 2)), torch.randn(4, 5, 6),
                         torch.randn(4, 5, 6))
@@ -156,13 +160,6 @@ def test_recording_keeps_the_projection_gradients(batch_first, monkeypatch):
 def test_a_causal_hint_without_a_mask_gets_the_layers_own_error():
     from gradsift import layers
 
-    class Causal(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.mha = nn.MultiheadAttention(6, 2, batch_first=True)
-
-        def forward(self, x):
-            return self.mha(x, x, x, is_causal=True, need_weights=False)[0].sum(1)
-
+    causal = SelfAttention(is_causal=True, need_weights=False)
     with pytest.raises(RuntimeError, match="attn_mask"):
-        layers.record(Causal(), lambda out, t: (out - t).square().sum(1), torch.randn(3, 4, 6), torch.randn(3, 6))
+        layers.record(causal, lambda out, t: (out - t).square().sum((1, 2)), torch.randn(3, 4, 6), torch.randn(3, 4, 6))
